@@ -1,0 +1,151 @@
+"""The `polygon-streamer` command: builds the Config and hands it over; no logic beyond that."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from typing import Callable
+
+import click
+
+from . import __version__, logs
+from .config import SETTINGS, Config, ConfigError, build_config
+
+# Settings the demo sets itself.
+_DEMO_FIXED = ("api_key", "api_key_file", "ws_url", "feed")
+DEMO_DEFAULTS = {"cluster": "stocks", "subscription": "T.*,Q.*"}
+
+
+def setting_options(skip: tuple[str, ...] = ()) -> Callable:
+    """One click option per setting of config.py, each also read from its environment variable."""
+
+    def decorate(command: Callable) -> Callable:
+        for setting in reversed(SETTINGS):
+            if setting.field in skip:
+                continue
+            envvar = [setting.env, "RUST_LOG"] if setting.field == "log_level" else setting.env
+            default_text = f"default: {setting.default}" if setting.default not in (None, "") else "default: unset"
+            command = click.option(setting.flag, setting.field, envvar=envvar, default=None, type=str,
+                                   show_envvar=True, metavar="VALUE",
+                                   help=f"{setting.help} [{default_text}]")(command)
+        return command
+
+    return decorate
+
+
+def _settings(values: dict) -> dict[str, str | None]:
+    return {setting.field: values.get(setting.field) for setting in SETTINGS}
+
+
+def _start_logging(config: Config) -> None:
+    logs.setup(config.log_level)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="polygon-streamer")
+def cli() -> None:
+    """Stream Polygon.io / Massive market data into stdout, NDJSON files and ZeroMQ."""
+
+
+@cli.command()
+@setting_options()
+def run(**values) -> int:
+    """Connect to the cluster and stream until SIGTERM/SIGINT."""
+    config = build_config(_settings(values))
+    _start_logging(config)
+    from .service import run_service
+
+    return run_service(config)
+
+
+@cli.command("config")
+@setting_options()
+def show_config(**values) -> int:
+    """Print the effective configuration (key redacted) and exit."""
+    config = build_config(_settings(values), require_key=False)
+    click.echo(logs.dumps(config.redacted()))
+    return 0
+
+
+@cli.command()
+@setting_options(skip=_DEMO_FIXED)
+@click.option("--rate", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="events per second from the local server (0: as fast as possible)")
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True, help="events per frame")
+@click.option("--max-events", type=click.IntRange(min=0), default=0, show_default=True,
+              help="stop cleanly after delivering this many events (0: run until Ctrl-C)")
+def demo(rate: float, batch: int, max_events: int, **values) -> int:
+    """Run the whole pipeline against the built-in local Polygon server: no API key, no network."""
+    from .mockserver import MockOptions, MockServer
+
+    key = secrets.token_hex(16)
+    raw = _settings(values)
+    server = MockServer(options=MockOptions(api_key=key, rate=rate, batch=batch, count=max_events)).start()
+    try:
+        cluster = build_config(raw, require_key=False, defaults=DEMO_DEFAULTS).cluster
+        raw.update(api_key=key, ws_url=server.url(cluster))
+        config = build_config(raw, defaults=DEMO_DEFAULTS)
+        _start_logging(config)
+        from .service import run_service
+
+        return run_service(config, stop_after_events=max_events or None)
+    finally:
+        server.stop()
+
+
+@cli.command("mock-server")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: a free port")
+@click.option("--key", default=None, help="the only API key accepted (default: any)")
+@click.option("--rate", type=click.FloatRange(min=0), default=100.0, show_default=True,
+              help="events per second per connection (0: as fast as the client reads)")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="events per frame")
+@click.option("--count", type=click.IntRange(min=0), default=0, show_default=True,
+              help="events per connection, then silence (0: unlimited)")
+@click.option("--reject-auth", is_flag=True, help="answer every auth with auth_failed")
+@click.option("--max-connections", is_flag=True, help="evict every connection after subscribe")
+@click.option("--drop-after", type=click.IntRange(min=0), default=0, help="abort each connection after N events")
+@click.option("--bad-json-every", type=click.IntRange(min=0), default=0, help="every Nth frame is not JSON")
+@click.option("--odd-events-every", type=click.IntRange(min=0), default=0,
+              help="every Nth frame carries odd events too")
+@click.option("--hang-upgrade", is_flag=True, help="accept TCP and never answer the WebSocket upgrade")
+def mock_server(host: str, port: int, key: str | None, **options) -> int:
+    """Serve the Polygon protocol locally for every cluster (ws://HOST:PORT/stocks, /crypto, ...)."""
+    import signal
+    import threading
+
+    from .mockserver import MockOptions, MockServer
+
+    server = MockServer(host, port, MockOptions(api_key=key, **options)).start()
+    click.echo(f"listening on ws://{server.host}:{server.port}/{{stocks,options,futures,crypto,forex,indices}}",
+               err=True)
+    click.echo(f"ws://{server.host}:{server.port}")
+    sys.stdout.flush()
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    while not done.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: a config error is one line on stderr and exit status 2, before anything connects."""
+    try:
+        status = cli.main(args=argv, prog_name="polygon-streamer", standalone_mode=False)
+    except ConfigError as exc:
+        click.echo(f"polygon-streamer: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

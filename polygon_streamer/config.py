@@ -1,0 +1,356 @@
+"""Every setting declared once: its variable, flag, parser, default and help; built into one frozen Config."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from . import protocol
+
+
+class ConfigError(ValueError):
+    """A setting that does not parse or is out of range; the message is one line for the operator."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsers: raw string -> typed value, or ValueError with the "expected ..." part of the message.
+
+
+def _int(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError(f"expected an integer >= {minimum}") from None
+        if value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected a number of seconds {bound}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number of seconds {bound}")
+        if value < minimum or (not inclusive and value == minimum):
+            raise ValueError(f"expected a number of seconds {bound}")
+        return value
+
+    return parse
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError("expected true or false (also 1/0, yes/no, on/off)")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        word = raw.strip().lower()
+        if word not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return word
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _nonempty(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("expected a non-empty value")
+    return raw.strip()
+
+
+def _sinks(raw: str) -> tuple[str, ...]:
+    names = [part.strip().lower() for part in raw.split(",") if part.strip()]
+    accepted = ", ".join(SINK_NAMES)
+    if not names:
+        raise ValueError(f"expected one or more of {accepted}, comma separated")
+    for name in names:
+        if name not in SINK_NAMES:
+            raise ValueError(f"expected one or more of {accepted}, comma separated")
+    if len(set(names)) != len(names):
+        raise ValueError("expected each sink at most once")
+    return tuple(names)
+
+
+def _subscription(raw: str) -> str:
+    params = raw.strip()
+    topics = [topic.strip() for topic in params.split(",")]
+    for topic in topics:
+        code, dot, ticker = topic.partition(".")
+        if not dot or not code or not ticker or not code.isalnum() or " " in topic:
+            raise ValueError("expected comma separated topics CODE.TICKER, e.g. T.*,Q.AAPL")
+    return ",".join(topics)
+
+
+def _addr(raw: str) -> tuple[str, int]:
+    text = raw.strip()
+    expected = "expected host:port, e.g. 127.0.0.1:9898 or [::1]:9898"
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
+    if not match:
+        raise ValueError(expected)
+    host = match.group(1) or match.group(3) or ""
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise ValueError(expected + " (port 0-65535)")
+    if match.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(expected) from None
+    elif host and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+        raise ValueError(expected)
+    return host, port
+
+
+def _ws_url(raw: str) -> str:
+    url = raw.strip()
+    if not re.fullmatch(r"wss?://[^/\s]+(/\S*)?", url):
+        raise ValueError("expected a ws:// or wss:// URL, e.g. ws://127.0.0.1:8765/stocks")
+    return url
+
+
+def _zmq_endpoint(raw: str) -> str:
+    endpoint = raw.strip()
+    if not re.fullmatch(r"(tcp|ipc|inproc|pgm|epgm|ws|wss)://\S+", endpoint):
+        raise ValueError("expected a ZeroMQ endpoint such as tcp://127.0.0.1:5556 or ipc:///run/polygon.sock")
+    return endpoint
+
+
+def _include(raw: str) -> tuple[str, ...]:
+    patterns = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for pattern in patterns:
+        code, colon, symbol = pattern.partition(":")
+        if not colon or not code or not symbol or ("*" in code and code != "*") or "*" in symbol[:-1]:
+            raise ValueError("expected comma separated TYPE:SYMBOL patterns (TYPE a code or *, "
+                             "SYMBOL exact, PREFIX* or *), e.g. T:AAPL,Q:MSFT*,AM:*")
+    return patterns
+
+
+def _log_level(raw: str) -> str:
+    from .logs import parse_directives
+
+    parse_directives(raw)
+    return raw.strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The declarations.
+
+SINK_NAMES = ("stdout", "ndjson", "zmq")
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str
+    env: str
+    default: str | None
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("api_key", "POLYGON_API_KEY", None, _nonempty, "API key (prefer POLYGON_API_KEY_FILE)", secret=True),
+    Setting("api_key_file", "POLYGON_API_KEY_FILE", None, _nonempty,
+            "read the API key from this file; wins over POLYGON_API_KEY"),
+    Setting("cluster", "POLYGON_CLUSTER", "futures", _choice(*protocol.CLUSTERS), "market cluster"),
+    Setting("feed", "POLYGON_FEED", "realtime", _choice(*protocol.FEEDS), "realtime or delayed host"),
+    Setting("ws_url", "POLYGON_WS_URL", None, _ws_url, "full WebSocket URL (overrides cluster and feed host)"),
+    Setting("subscription", "SUBSCRIPTION", "T.*", _subscription, "subscribe params, e.g. T.*,Q.AAPL"),
+    Setting("channel_cap", "CHANNEL_CAP", "1024", _int(1), "inbound queue capacity in frames"),
+    Setting("backoff_initial_secs", "BACKOFF_INITIAL_SECS", "1", _seconds(0, False), "first reconnect delay"),
+    Setting("backoff_max_secs", "BACKOFF_MAX_SECS", "60", _seconds(0, False), "reconnect delay ceiling"),
+    Setting("read_timeout_secs", "READ_TIMEOUT_SECS", "60", _seconds(0, False),
+            "reconnect after this long without a frame"),
+    Setting("heartbeat_interval_secs", "HEARTBEAT_INTERVAL_SECS", "30", _seconds(0, True),
+            "WebSocket ping interval; 0 disables"),
+    Setting("metrics_addr", "METRICS_ADDR", "127.0.0.1:9898", _addr, "host:port for /metrics, /health, /ready"),
+    Setting("stats_interval_secs", "STATS_INTERVAL_SECS", "60", _seconds(0, True),
+            "polygon_stats log interval; 0 disables"),
+    Setting("bp_warn_interval_secs", "BP_WARN_INTERVAL_SECS", "5", _seconds(0, True),
+            "at most one inbound backpressure warning per interval"),
+    Setting("sink", "SINK", None, _sinks, "stdout, ndjson, zmq or a comma list (default stdout)"),
+    Setting("emit_ndjson", "EMIT_NDJSON", "false", _bool, "legacy: SINK=ndjson when SINK is unset"),
+    Setting("ndjson_dest", "NDJSON_DEST", "stdout", _nonempty, "stdout or a file path"),
+    Setting("ndjson_channel_cap", "NDJSON_CHANNEL_CAP", "2048", _int(1), "NDJSON queue capacity in frames"),
+    Setting("ndjson_warn_interval_secs", "NDJSON_WARN_INTERVAL_SECS", "5", _seconds(0, True),
+            "NDJSON backpressure warning interval"),
+    Setting("ndjson_flush_every", "NDJSON_FLUSH_EVERY", "100", _int(1), "flush after N events"),
+    Setting("ndjson_flush_interval_ms", "NDJSON_FLUSH_INTERVAL_MS", "1000", _int(1),
+            "flush at least this often while data is buffered"),
+    Setting("ndjson_max_bytes", "NDJSON_MAX_BYTES", None, _int(1), "rotate at this size (unset: off)"),
+    Setting("ndjson_rotate_secs", "NDJSON_ROTATE_SECS", None, _seconds(0, False), "rotate every N s (unset: off)"),
+    Setting("ndjson_gzip", "NDJSON_GZIP", "false", _bool, "gzip rotated files"),
+    Setting("ndjson_no_reopen", "NDJSON_NO_REOPEN", "false", _bool, "ignore SIGHUP instead of reopening"),
+    Setting("ndjson_include", "NDJSON_INCLUDE", "", _include, "TYPE:SYMBOL patterns to keep (every sink)"),
+    Setting("ndjson_sample_quotes", "NDJSON_SAMPLE_QUOTES", "1", _int(1), "keep 1 quote in N (every sink)"),
+    Setting("ndjson_split_per_type", "NDJSON_SPLIT_PER_TYPE", "false", _bool, "one file per event kind"),
+    Setting("zmq_endpoint", "ZMQ_ENDPOINT", "tcp://127.0.0.1:5556", _zmq_endpoint, "ZeroMQ PUB endpoint"),
+    Setting("zmq_bind", "ZMQ_BIND", "false", _bool, "bind instead of connect"),
+    Setting("zmq_channel_cap", "ZMQ_CHANNEL_CAP", "4096", _int(1), "ZeroMQ queue capacity in frames"),
+    Setting("zmq_warn_interval_secs", "ZMQ_WARN_INTERVAL_SECS", "5", _seconds(0, True),
+            "ZeroMQ backpressure warning interval"),
+    Setting("zmq_snd_hwm", "ZMQ_SND_HWM", None, _int(0), "ZeroMQ SNDHWM in messages (unset: libzmq default)"),
+    Setting("zmq_topic_prefix", "ZMQ_TOPIC_PREFIX", "", _text, "prepended to every topic frame"),
+    Setting("ready_min_messages", "READY_MIN_MESSAGES", "1", _int(0), "data events after subscribe before READY"),
+    Setting("ready_delay_ms", "READY_DELAY_MS", "0", _int(0), "and at least this long after subscribe"),
+    Setting("log_level", "LOG_LEVEL", "info", _log_level,
+            "level or directives, e.g. warn,polygon_events=info (RUST_LOG if unset)"),
+    Setting("shutdown_timeout_secs", "SHUTDOWN_TIMEOUT_SECS", "10", _seconds(0, False),
+            "drain and flush deadline on SIGTERM/SIGINT"),
+)
+
+SETTINGS_BY_FIELD = {setting.field: setting for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration, built once at start and passed down; nothing reads os.environ later."""
+
+    api_key: str = dataclasses.field(repr=False)
+    cluster: str
+    feed: str
+    url: str
+    subscription: str
+    channel_cap: int
+    backoff_initial_secs: float
+    backoff_max_secs: float
+    read_timeout_secs: float
+    heartbeat_interval_secs: float
+    metrics_addr: tuple[str, int]
+    stats_interval_secs: float
+    bp_warn_interval_secs: float
+    sinks: tuple[str, ...]
+    ndjson_dest: str
+    ndjson_channel_cap: int
+    ndjson_warn_interval_secs: float
+    ndjson_flush_every: int
+    ndjson_flush_interval_ms: int
+    ndjson_max_bytes: int | None
+    ndjson_rotate_secs: float | None
+    ndjson_gzip: bool
+    ndjson_no_reopen: bool
+    ndjson_include: tuple[str, ...]
+    ndjson_sample_quotes: int
+    ndjson_split_per_type: bool
+    zmq_endpoint: str
+    zmq_bind: bool
+    zmq_channel_cap: int
+    zmq_warn_interval_secs: float
+    zmq_snd_hwm: int | None
+    zmq_topic_prefix: str
+    ready_min_messages: int
+    ready_delay_ms: int
+    log_level: str
+    shutdown_timeout_secs: float
+    api_key_file: str | None = None
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration as plain JSON-able values, the key replaced by a marker."""
+        out: dict[str, Any] = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.name == "api_key":
+                value = "<redacted>" if value else "<unset>"
+            elif item.name == "metrics_addr":
+                value = format_addr(value)
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            out[item.name] = value
+        return out
+
+
+def format_addr(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _describe(setting: Setting) -> str:
+    return f"{setting.env} ({setting.flag})"
+
+
+def parse_setting(setting: Setting, raw: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except ValueError as exc:
+        shown = "<redacted>" if setting.secret else raw
+        raise ConfigError(f"invalid {_describe(setting)} {shown!r}: {exc}") from None
+
+
+def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
+                 defaults: Mapping[str, str] | None = None) -> Config:
+    """raw maps each setting's field to its string from the command line or environment (None: unset)."""
+    overrides = dict(defaults or {})
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        text = raw.get(setting.field)
+        if text is None:
+            text = overrides.get(setting.field, setting.default)
+        values[setting.field] = None if text is None else parse_setting(setting, text)
+
+    api_key = values["api_key"]
+    if values["api_key_file"] is not None:
+        api_key = _read_key_file(values["api_key_file"])
+    if require_key and not api_key:
+        raise ConfigError("missing POLYGON_API_KEY (--api-key) or POLYGON_API_KEY_FILE: the API key is required")
+
+    if values["backoff_max_secs"] < values["backoff_initial_secs"]:
+        raise ConfigError(
+            f"invalid BACKOFF_MAX_SECS (--backoff-max-secs) {raw.get('backoff_max_secs') or values['backoff_max_secs']!r}"
+            f": expected a number of seconds >= BACKOFF_INITIAL_SECS ({values['backoff_initial_secs']:g})")
+
+    sinks = values["sink"]
+    if sinks is None:
+        sinks = ("ndjson",) if values["emit_ndjson"] else ("stdout",)
+    if "stdout" in sinks and "ndjson" in sinks and values["ndjson_dest"] == "stdout":
+        raise ConfigError("invalid SINK (--sink) 'stdout,ndjson' with NDJSON_DEST=stdout: both would write to "
+                          "stdout; set NDJSON_DEST to a file path or drop one sink")
+    if values["ndjson_split_per_type"] and values["ndjson_dest"] == "stdout":
+        raise ConfigError("invalid NDJSON_SPLIT_PER_TYPE (--ndjson-split-per-type) 'true' with NDJSON_DEST=stdout: "
+                          "splitting needs a file path in NDJSON_DEST")
+
+    url = values["ws_url"] or protocol.feed_url(values["feed"], values["cluster"])
+    fields = {f.name for f in dataclasses.fields(Config)}
+    kwargs = {name: value for name, value in values.items() if name in fields}
+    kwargs.update(api_key=api_key or "", url=url, sinks=tuple(sinks))
+    return Config(**kwargs)
+
+
+def _read_key_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            key = handle.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"invalid POLYGON_API_KEY_FILE (--api-key-file) {path!r}: cannot read it "
+                          f"({exc.strerror or exc})") from None
+    if not key:
+        raise ConfigError(f"invalid POLYGON_API_KEY_FILE (--api-key-file) {path!r}: the file is empty")
+    return key
+

@@ -1,0 +1,105 @@
+"""JSON log records on stderr and LOG_LEVEL directives (`warn,polygon_events=info`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+import ujson
+
+TARGETS = ("polygon_events", "polygon_stats", "polygon_config", "polygon_conn", "polygon_ndjson", "polygon_zmq",
+           "polygon_streamer")
+
+OFF = logging.CRITICAL + 10
+TRACE = 5
+_LEVELS = {"off": OFF, "error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING,
+           "info": logging.INFO, "debug": logging.DEBUG, "trace": TRACE}
+_NAMES = {logging.ERROR: "ERROR", logging.WARNING: "WARN", logging.INFO: "INFO", logging.DEBUG: "DEBUG",
+          TRACE: "TRACE", logging.CRITICAL: "ERROR"}
+
+
+def parse_directives(text: str) -> tuple[int, dict[str, int]]:
+    """'warn,polygon_events=info' -> (default level, {target: level}). Raises ValueError with what is accepted."""
+    default = logging.INFO
+    per_target: dict[str, int] = {}
+    expected = ("expected a level (off, error, warn, info, debug, trace) or directives like "
+                "warn,polygon_events=info")
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ValueError(expected)
+    for part in parts:
+        target, eq, level = part.partition("=")
+        if not eq:
+            target, level = "", target
+        level_value = _LEVELS.get(level.strip().lower())
+        if level_value is None or (eq and not target.strip()):
+            raise ValueError(expected)
+        if target:
+            per_target[target.strip()] = level_value
+        else:
+            default = level_value
+    return default, per_target
+
+
+def iso_timestamp(epoch_seconds: float) -> str:
+    whole = int(epoch_seconds)
+    micros = int((epoch_seconds - whole) * 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
+
+
+def dumps(value: Any) -> str:
+    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, default=str)
+
+
+class JsonFormatter(logging.Formatter):
+    """{"timestamp", "level", "target", "fields": {"message", ...extra fields}} on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {"message": record.getMessage()}
+        extra = getattr(record, "fields", None)
+        if extra:
+            fields.update(extra)
+        if record.exc_info:
+            fields["error"] = self.formatException(record.exc_info)
+        return dumps({"timestamp": iso_timestamp(record.created), "level": _NAMES.get(record.levelno, "INFO"),
+                      "target": record.name, "fields": fields})
+
+
+def setup(directives: str, stream: TextIO | None = None) -> None:
+    """Configure every target from LOG_LEVEL directives; records go to stderr as JSON lines."""
+    default, per_target = parse_directives(directives)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(default)
+    for name in set(TARGETS) | set(per_target):
+        logging.getLogger(name).setLevel(per_target.get(name, default))
+
+
+def get(target: str) -> logging.Logger:
+    return logging.getLogger(target)
+
+
+class RateLimitedWarning:
+    """At most one warning per interval; counts what happened in between so nothing is hidden."""
+
+    def __init__(self, logger: logging.Logger, interval_secs: float):
+        self._logger = logger
+        self._interval = interval_secs
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warn(self, message: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._next = now + self._interval
+        fields["suppressed_since_last"] = self._suppressed
+        self._suppressed = 0
+        self._logger.warning(message, extra={"fields": fields})

@@ -1,0 +1,239 @@
+"""Every metric declared once, and the HTTP server for /metrics, /health and /ready.
+
+The hot path only bumps plain integers owned by its thread (reader, dispatcher, sinks); a collector turns them into
+Prometheus families at scrape time, on a private registry. Nothing here takes a lock per event.
+"""
+
+from __future__ import annotations
+
+import bisect
+import platform
+import socket
+import threading
+from http.server import ThreadingHTTPServer
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import MetricsHandler
+
+from . import __version__, logs, protocol
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BAD_EVENT_REASONS = ("not_an_event", "unencodable")
+ANOMALY_REASONS = ("unknown_code", "missing_symbol", "bad_symbol", "bad_time")
+
+
+class LatencyHistogram:
+    """Ingest time minus event time, observed once per frame (its newest event) by the dispatcher thread."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        counts = list(self.counts)
+        out = []
+        running = 0
+        for bound, count in zip(self.bounds + (float("inf"),), counts):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+
+def _counter(name: str, documentation: str, value: float | None = None,
+             labels: Iterable[str] = (), samples: dict | None = None) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, value=value, labels=list(labels) or None)
+    for key, amount in (samples or {}).items():
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], amount)
+    return family
+
+
+def _gauge(name: str, documentation: str, value: float | None = None,
+           labels: Iterable[str] = (), samples: dict | None = None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, value=value, labels=list(labels) or None)
+    for key, amount in (samples or {}).items():
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], amount)
+    return family
+
+
+def _with_zeros(known: Iterable[str], seen: dict[str, int]) -> dict[str, int]:
+    out = {name: 0 for name in known}
+    out.update(dict(seen))
+    return out
+
+
+class ServiceCollector:
+    """Reads the service's counters at scrape time. `service` is duck-typed: see service.Service."""
+
+    def __init__(self, service):
+        self._service = service
+        import websocket
+
+        self._build_labels = {"version": __version__, "python": platform.python_version(),
+                              "websocket_client": getattr(websocket, "__version__", "unknown"),
+                              "cluster": service.config.cluster}
+
+    def collect(self):
+        service = self._service
+        reader = service.reader.stats
+        normalizer = service.normalizer
+        shapes = protocol.SHAPES[service.config.cluster]
+
+        build = GaugeMetricFamily("polygon_build_info", "Build information; the value is always 1",
+                                  labels=list(self._build_labels))
+        build.add_metric(list(self._build_labels.values()), 1)
+        yield build
+
+        yield _counter("polygon_messages_received_total", "WebSocket data messages (frames) received",
+                       reader.messages_received)
+        by_type = dict(normalizer.events_by_type)
+        known_types = sorted(shapes)
+        yield _counter("polygon_events_total", "Normalized events offered to the sinks, by event code",
+                       labels=["type"], samples=_with_zeros(known_types, by_type))
+        by_kind: dict[str, int] = {}
+        for code, count in by_type.items():
+            kind = shapes.get(code, protocol.OTHER).kind
+            by_kind[kind] = by_kind.get(kind, 0) + count
+        yield _counter("polygon_trades_total", "Trade events (T, XT)", by_kind.get("trade", 0))
+        yield _counter("polygon_quotes_total", "Quote events (Q, XQ, C), before sampling",
+                       by_kind.get("quote", 0) + normalizer.sampled_out)
+        yield _counter("polygon_status_total", "Status messages received, by status", labels=["status"],
+                       samples=_with_zeros(protocol.KNOWN_STATUSES, reader.statuses))
+        yield _counter("polygon_parse_errors_total", "Frames skipped because they were not a JSON array",
+                       normalizer.parse_errors)
+        yield _counter("polygon_bad_events_total", "Events skipped (the rest of their frame kept), by reason",
+                       labels=["reason"], samples=_with_zeros(BAD_EVENT_REASONS, normalizer.bad_events))
+        yield _counter("polygon_event_anomalies_total",
+                       "Events delivered with an oddity (symbol \"\" or ts null where unusable), by reason",
+                       labels=["reason"], samples=_with_zeros(ANOMALY_REASONS, normalizer.anomalies))
+        yield _counter("polygon_filtered_events_total", "Events not offered to sinks by choice, by reason",
+                       labels=["reason"], samples={"include": normalizer.filtered, "sample": normalizer.sampled_out})
+        yield _counter("polygon_reconnects_total", "Connection attempts after the first", reader.reconnects)
+        yield _counter("polygon_reconnect_success_total", "Reconnects that reached subscribe", reader.reconnect_success)
+        yield _counter("polygon_reconnect_failure_total", "Reconnects that failed before subscribe",
+                       reader.reconnect_failure)
+        yield _counter("polygon_read_timeouts_total", "Connections dropped after READ_TIMEOUT_SECS without a frame",
+                       reader.read_timeouts)
+        yield _counter("polygon_heartbeats_sent_total", "WebSocket pings sent", reader.heartbeats_sent)
+        yield _counter("polygon_errors_total",
+                       "Connection errors and error statuses (auth_failed, max_connections, error)", reader.errors)
+        yield _counter("polygon_channel_drops_total", "Events dropped because the inbound queue was full",
+                       reader.channel_drops)
+        yield _counter("polygon_channel_dropped_frames_total", "Frames dropped because the inbound queue was full",
+                       reader.channel_dropped_frames)
+        yield _gauge("polygon_connected", "1 while authenticated to the server", 1 if reader.connected else 0)
+
+        depth = {"inbound": service.inbound.qsize()}
+        capacity = {"inbound": service.config.channel_cap}
+        written, dropped = {}, {}
+        for sink_queue in service.sink_queues:
+            depth[sink_queue.name] = sink_queue.queue.qsize()
+            capacity[sink_queue.name] = sink_queue.capacity
+            written[sink_queue.name] = sink_queue.stats.written
+            dropped[sink_queue.name] = sink_queue.stats.dropped
+        yield _gauge("polygon_queue_depth", "Batches (frames) waiting in each queue", labels=["queue"], samples=depth)
+        yield _gauge("polygon_queue_capacity", "Capacity of each queue in batches (frames)", labels=["queue"],
+                     samples=capacity)
+        yield _counter("polygon_sink_written_total", "Events handed to each sink", labels=["sink"], samples=written)
+        yield _counter("polygon_sink_drops_total", "Events dropped because a sink's queue was full",
+                       labels=["sink"], samples=dropped)
+        for sink in service.sinks:
+            yield from sink_metrics(sink)
+
+        latency = service.latency
+        histogram = HistogramMetricFamily("polygon_event_latency_seconds",
+                                          "Ingest time minus event time, per frame (its newest event)",
+                                          buckets=latency.cumulative(), sum_value=latency.sum)
+        yield histogram
+
+
+def sink_metrics(sink) -> Iterable:
+    """The metrics a sink declares for itself (polygon_ndjson_*, polygon_zmq_*)."""
+    describe = getattr(sink, "describe_metrics", None)
+    if describe is None:
+        return ()
+    return [_counter(name, documentation, value) for name, documentation, value in describe()]
+
+
+class _Handler(MetricsHandler):
+    health: Callable[[], tuple[bool, str]]
+    ready: Callable[[], tuple[bool, str]]
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            super().do_GET()
+        elif path == "/health":
+            self._plain(*self.health())
+        elif path == "/ready":
+            self._plain(*self.ready())
+        else:
+            self._send(404, "not found: try /metrics, /health or /ready\n")
+
+    def _plain(self, ok: bool, text: str) -> None:
+        self._send(200 if ok else 503, text + "\n")
+
+    def _send(self, status: int, text: str) -> None:
+        body = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], handler):
+        host = addr[0]
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__(addr, handler)
+
+
+class MetricsServer:
+    """/metrics from a private registry, /health and /ready from the service; 404 otherwise."""
+
+    def __init__(self, addr: tuple[str, int], registry: CollectorRegistry,
+                 health: Callable[[], tuple[bool, str]], ready: Callable[[], tuple[bool, str]]):
+        handler = type("PolygonHandler", (_Handler,), {
+            "registry": registry, "health": staticmethod(health), "ready": staticmethod(ready)})
+        # Binding here, before any connection, turns a port in use into a config error (exit 2).
+        self._server = _Server(addr, handler)
+        self.address = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._serve, name="polygon-metrics-http", daemon=True)
+        self.crashed: BaseException | None = None
+
+    def _serve(self) -> None:
+        try:
+            self._server.serve_forever(poll_interval=0.25)
+        except BaseException as exc:
+            self.crashed = exc
+            logs.get("polygon_streamer").error("metrics server crashed: %s", exc, exc_info=True)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def make_registry(service) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(service))
+    return registry

@@ -1,0 +1,470 @@
+"""A local Polygon-protocol WebSocket server for the demo, the benchmark and the tests.
+
+It speaks protocol.md for every cluster (the URL path picks it): `connected`, auth with a key check, subscribe with
+acks (codes, symbols, `*` and `PREFIX*`), then a stream of realistic events shaped like shared/fixtures, with a
+per-(code, symbol) sequence in `q`, at a chosen rate and batch size. Fault modes reproduce what the real service does
+to clients (rejected auth, eviction, drops, silence, garbage frames, odd events, a hung upgrade).
+Threads and blocking sockets; wsproto for the upgrade and for what the client sends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ujson
+
+try:
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, Request,
+                                TextMessage)
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError("the local Polygon server needs wsproto: pip install 'polygon-streamer[mockserver]' "
+                      "or apt install python3-wsproto") from exc
+
+SYMBOLS = {
+    "stocks": ["AAPL", "MSFT", "AMZN", "NVDA", "GOOGL", "META", "TSLA", "BRK.A", "SPY", "QQQ", "AMD", "NFLX",
+               "INTC", "JPM", "XOM", "KO"],
+    "options": ["O:SPY241220P00720000", "O:AAPL250117C00200000", "O:TSLA250321P00150000", "O:QQQ241231C00500000"],
+    "futures": ["ESZ4", "NQZ4", "GCJ5", "CLF5", "ZNH5"],
+    "crypto": ["BTC-USD", "ETH-USD", "SOL-USD", "DOGE-USD"],
+    "forex": ["EUR/USD", "USD/JPY", "GBP/USD", "USD/CNH"],
+    "indices": ["I:SPX", "I:NDX", "I:DJI", "I:VIX"],
+}
+
+
+def _trade(symbol, seq, now, price):
+    return {"ev": "T", "sym": symbol, "x": 4, "i": str(seq * 7 + 11), "z": 3, "p": price, "s": 100,
+            "c": [14, 41], "t": now, "q": seq}
+
+
+def _quote(symbol, seq, now, price):
+    return {"ev": "Q", "sym": symbol, "bx": 4, "bp": round(price - 0.01, 4), "bs": 2, "ax": 7,
+            "ap": round(price + 0.01, 4), "as": 3, "c": 0, "i": [604], "t": now, "q": seq, "z": 3}
+
+
+def _agg(code):
+    def make(symbol, seq, now, price):
+        start = now - now % 1000 if code == "A" else now - now % 60000
+        return {"ev": code, "sym": symbol, "v": 200, "av": 8642007 + seq, "op": price, "vw": price, "o": price,
+                "c": price, "h": round(price + 0.05, 4), "l": round(price - 0.05, 4), "a": price, "z": 50,
+                "s": start, "e": start + (1000 if code == "A" else 60000), "q": seq}
+    return make
+
+
+# (cluster, code) -> maker(symbol, seq, now_ms, price) -> event dict. Shapes follow shared/fixtures.
+TEMPLATES: dict[str, dict[str, Callable]] = {
+    "stocks": {
+        "T": _trade, "Q": _quote, "A": _agg("A"), "AM": _agg("AM"),
+        "LULD": lambda s, q, now, p: {"ev": "LULD", "T": s, "h": round(p * 1.05, 2), "l": round(p * 0.95, 2),
+                                      "i": [21], "z": 3, "t": now * 1_000_000 + 683_746, "q": q},
+        "NOI": lambda s, q, now, p: {"ev": "NOI", "T": s, "t": now * 1_000_000 + 223_013, "at": 930, "a": "M",
+                                     "i": q, "x": 10, "o": 480, "p": 440, "b": p, "q": q},
+        "FMV": lambda s, q, now, p: {"ev": "FMV", "fmv": p, "sym": s, "t": now, "q": q},
+    },
+    "options": {
+        "T": lambda s, q, now, p: {"ev": "T", "sym": s, "x": 65, "p": round(p / 100, 2), "s": 1, "c": [233],
+                                   "t": now, "q": q},
+        "Q": lambda s, q, now, p: {"ev": "Q", "sym": s, "bx": 302, "ax": 302, "bp": round(p / 100 - 0.05, 2),
+                                   "ap": round(p / 100 + 0.05, 2), "bs": 17, "as": 24, "t": now, "q": q},
+        "A": _agg("A"), "AM": _agg("AM"),
+        "FMV": lambda s, q, now, p: {"ev": "FMV", "fmv": round(p / 100, 2), "sym": s, "t": now * 1_000_000,
+                                     "q": q},
+    },
+    "futures": {
+        "T": lambda s, q, now, p: {"ev": "T", "sym": s, "p": p, "s": 2, "t": now, "q": q},
+        "Q": lambda s, q, now, p: {"ev": "Q", "sym": s, "bp": p - 0.25, "bs": 14, "bt": now - 3, "ap": p,
+                                   "as": 9, "at": now - 2, "t": now, "q": q},
+        "AM": lambda s, q, now, p: {"ev": "AM", "sym": s, "v": 312, "dv": round(p * 312, 2), "o": p, "c": p,
+                                    "h": p + 0.5, "l": p - 0.5, "n": 201, "s": now - now % 60000,
+                                    "e": now - now % 60000 + 60000, "q": q},
+    },
+    "crypto": {
+        "XT": lambda s, q, now, p: {"ev": "XT", "pair": s, "p": p, "t": now, "s": 0.01616617, "c": [2], "i": q,
+                                    "x": 3, "r": now + 12, "q": q},
+        "XQ": lambda s, q, now, p: {"ev": "XQ", "pair": s, "bp": p - 1, "bs": 0.48, "ap": p + 1, "as": 0.601,
+                                    "t": now, "x": 1, "r": now + 13, "q": q},
+        "XL2": lambda s, q, now, p: {"ev": "XL2", "pair": s, "t": now, "r": now + 13, "x": 1,
+                                     "b": [[p - 1, 0.18635], [p - 2, 0.134]], "a": [[p + 1, 3.5527483]], "q": q},
+        "XA": lambda s, q, now, p: {"ev": "XA", "pair": s, "v": 951.6112, "vw": p, "z": 73, "o": p, "c": p,
+                                    "h": p + 1, "l": p - 1, "s": now - now % 60000,
+                                    "e": now - now % 60000 + 60000, "q": q},
+        "XAS": lambda s, q, now, p: {"ev": "XAS", "pair": s, "v": 951.6112, "vw": p, "z": 73, "o": p, "c": p,
+                                     "h": p + 1, "l": p - 1, "s": now - now % 1000, "e": now - now % 1000 + 1000,
+                                     "q": q},
+    },
+    "forex": {
+        "C": lambda s, q, now, p: {"ev": "C", "p": s, "x": "44", "a": round(p / 100 + 0.0002, 5),
+                                   "b": round(p / 100, 5), "t": now, "q": q},
+        "CA": lambda s, q, now, p: {"ev": "CA", "pair": s, "o": p / 100, "c": p / 100, "h": p / 100, "l": p / 100,
+                                    "v": 20, "s": now - now % 60000, "q": q},
+        "CAS": lambda s, q, now, p: {"ev": "CAS", "pair": s, "o": p / 100, "c": p / 100, "h": p / 100,
+                                     "l": p / 100, "v": 20, "s": now - now % 1000, "q": q},
+    },
+    "indices": {
+        "V": lambda s, q, now, p: {"ev": "V", "val": p * 10, "T": s, "t": now, "q": q},
+        "A": lambda s, q, now, p: {"ev": "A", "sym": s, "op": p, "o": p, "c": p, "h": p, "l": p,
+                                   "s": now - 1000, "e": now, "q": q},
+        "AM": lambda s, q, now, p: {"ev": "AM", "sym": s, "op": p, "o": p, "c": p, "h": p, "l": p,
+                                    "s": now - 60000, "e": now, "q": q},
+    },
+}
+
+# Events that exercise a client's per-event isolation (protocol.md 8): the good ones among them must come out.
+ODD_EVENTS = [
+    {"ev": "ZZ", "sym": "ODD", "t": 1700000000000},            # unknown code
+    {"ev": "T", "x": 4, "p": 1.5, "s": 1, "t": 1700000000000},  # missing symbol
+    {"ev": "T", "sym": "ODD", "p": "abc", "s": "100", "t": "1700000000000"},  # strings where numbers belong
+    {"ev": "LULD", "T": "ODD", "h": 1.0, "l": 0.9, "t": 1788877046310003385},  # 19-digit ns time
+    {"ev": "A", "sym": "ODD", "z": 12.0, "v": 10**30, "e": 1700000000000},      # float int, huge int
+    {"sym": "NOEV"},                                                          # no ev: skipped
+    42,                                                                       # not an object: skipped
+]
+ODD_EVENTS_KEPT = 5
+
+
+@dataclass
+class MockOptions:
+    """What the server does; tests may change fields between connections."""
+
+    api_key: str | None = None         # None: any key is accepted
+    rate: float = 0.0                  # events per second per connection; 0: as fast as the client reads
+    batch: int = 1                     # events per frame
+    count: int = 0                     # events per connection, then silence; 0: unlimited
+    seed: int = 1
+    reject_auth: bool = False          # auth_failed, then an abrupt close (what the real server does)
+    auth_failed_message: str = "authentication failed"
+    max_connections: bool = False      # after the acks: max_connections status, then close 1008
+    not_authorized_codes: tuple[str, ...] = ()  # subscribe to these codes -> status error "not authorized"
+    drop_after: int = 0                # abrupt close after this many events on each connection
+    bad_json_every: int = 0            # every Nth data frame is not JSON
+    odd_events_every: int = 0          # every Nth data frame also carries ODD_EVENTS
+    binary_every: int = 0              # every Nth data frame is sent as a binary frame
+    huge_frame_every: int = 0          # every Nth data frame is padded past 10 MB with events
+    hang_upgrade: bool = False         # accept TCP and never answer the upgrade
+    record: bool = False               # keep (code, symbol, q) of every data event sent, in order
+
+
+@dataclass
+class MockStats:
+    connections: int = 0
+    auth_attempts: list = field(default_factory=list)     # monotonic times
+    subscribes: list = field(default_factory=list)        # params strings
+    events_sent: int = 0
+    frames_sent: int = 0
+    sent: list = field(default_factory=list)              # (code, symbol, q) when options.record
+    pings: int = 0
+    huge_frame_events: int = 0
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """An unmasked server frame (RFC 6455 5.2), FIN set."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x80 | opcode, length)
+    elif length < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+    return header + payload
+
+
+def _status(status: str, message: str) -> dict:
+    return {"ev": "status", "status": status, "message": message}
+
+
+class _Closed(Exception):
+    pass
+
+
+class EventGenerator:
+    """Round-robin over the subscribed (code, symbol) streams, each with its own sequence and price walk."""
+
+    def __init__(self, cluster: str, streams: list[tuple[str, str]], seed: int):
+        self._cluster = cluster
+        self._templates = TEMPLATES[cluster]
+        self._streams = streams
+        self._next = 0
+        self._seq: dict[tuple[str, str], int] = {}
+        self._price: dict[str, float] = {}
+        self._random = random.Random(seed)
+
+    def __bool__(self) -> bool:
+        return bool(self._streams)
+
+    def take(self, count: int) -> list[dict]:
+        now = time.time_ns() // 1_000_000
+        out = []
+        streams = self._streams
+        for _ in range(count):
+            code, symbol = streams[self._next]
+            self._next = (self._next + 1) % len(streams)
+            seq = self._seq.get((code, symbol), 0) + 1
+            self._seq[(code, symbol)] = seq
+            price = self._price.get(symbol) or (50 + self._random.random() * 400)
+            price = round(max(1.0, price + self._random.uniform(-0.05, 0.05)), 2)
+            self._price[symbol] = price
+            out.append(self._templates[code](symbol, seq, now, price))
+        return out
+
+
+def streams_for(cluster: str, params: str) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """Subscribe params -> ((code, symbol) streams, acked topics, topics with codes the cluster lacks)."""
+    templates = TEMPLATES[cluster]
+    symbols = SYMBOLS[cluster]
+    streams: list[tuple[str, str]] = []
+    acked, unknown = [], []
+    for topic in (part.strip() for part in params.split(",") if part.strip()):
+        code, _, ticker = topic.partition(".")
+        if code not in templates:
+            unknown.append(topic)
+            continue
+        acked.append(topic)
+        if ticker == "*":
+            chosen = symbols
+        elif ticker.endswith("*"):
+            chosen = [symbol for symbol in symbols if symbol.startswith(ticker[:-1])]
+        else:
+            chosen = [ticker]
+        for symbol in chosen:
+            if (code, symbol) not in streams:
+                streams.append((code, symbol))
+    return streams, acked, unknown
+
+
+class _Connection:
+    def __init__(self, server: "MockServer", sock: socket.socket):
+        self.server = server
+        self.options = dataclasses.replace(server.options)
+        self.sock = sock
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self.cluster = "stocks"
+        self.inbox: list[str] = []
+        self.sent_events = 0
+        self.data_frames = 0
+
+    # -- socket plumbing --------------------------------------------------------------------------------------
+
+    def _pump(self, timeout: float | None) -> None:
+        """Read what the client sent (waiting up to timeout) and handle control frames."""
+        if timeout is not None:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            if not ready:
+                return
+        data = self.sock.recv(65536)
+        if not data:
+            raise _Closed()
+        self.ws.receive_data(data)
+        for event in self.ws.events():
+            if isinstance(event, Request):
+                path = event.target.split("?", 1)[0].strip("/").split("/")[0]
+                if path in TEMPLATES:
+                    self.cluster = path
+                    self.sock.sendall(self.ws.send(AcceptConnection()))
+                else:
+                    self.sock.sendall(self.ws.send(RejectConnection(status_code=404)))
+                    raise _Closed()
+            elif isinstance(event, TextMessage):
+                self.inbox.append(event.data)
+            elif isinstance(event, BytesMessage):
+                self.inbox.append(bytes(event.data).decode("utf-8", "replace"))
+            elif isinstance(event, Ping):
+                self.server.stats.pings += 1
+                self.sock.sendall(self.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                try:
+                    self.sock.sendall(self.ws.send(event.response()))
+                except Exception:
+                    pass
+                raise _Closed()
+
+    def _next_message(self, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while not self.inbox:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.server.stopping.is_set():
+                return None
+            self._pump(min(remaining, 0.2))
+        try:
+            message = ujson.loads(self.inbox.pop(0))
+        except ValueError:
+            self.send([_status("error", "Invalid JSON")])
+            return {}
+        return message if isinstance(message, dict) else {}
+
+    def send(self, events: list, binary: bool = False) -> None:
+        self.sock.sendall(ws_frame(2 if binary else 1, ujson.dumps(events).encode("utf-8")))
+
+    def abort(self) -> None:
+        """Close without a close handshake, as the real server does after auth_failed."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        raise _Closed()
+
+    # -- the protocol -------------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        options = self.options
+        stats = self.server.stats
+        while not self.ws.state.name == "OPEN":
+            if options.hang_upgrade:
+                if self.server.stopping.wait(0.2):
+                    raise _Closed()
+                continue
+            self._pump(0.2)
+            if self.server.stopping.is_set():
+                raise _Closed()
+        self.send([_status("connected", "Connected Successfully")])
+        streams: list[tuple[str, str]] = []
+        authed = False
+        while True:
+            message = self._next_message(0.2 if authed and streams else 3600)
+            if message is None:
+                if self.server.stopping.is_set():
+                    raise _Closed()
+                if authed and streams:
+                    break
+                continue
+            action = message.get("action")
+            if action == "auth":
+                stats.auth_attempts.append(time.monotonic())
+                key_ok = options.api_key is None or message.get("params") == options.api_key
+                if options.reject_auth or not key_ok:
+                    self.send([_status("auth_failed", options.auth_failed_message)])
+                    self.abort()
+                authed = True
+                self.send([_status("auth_success", "authenticated")])
+            elif action == "subscribe":
+                if not authed:
+                    self.send([_status("auth_required", "authentication required")])
+                    continue
+                params = str(message.get("params", ""))
+                stats.subscribes.append(params)
+                new_streams, acked, _unknown = streams_for(self.cluster, params)
+                refused = [t for t in acked if t.partition(".")[0] in options.not_authorized_codes]
+                acks = [_status("success", f"subscribed to: {t}") for t in acked if t not in refused]
+                if refused:
+                    acks.append(_status("error", "not authorized"))
+                if acks:
+                    self.send(acks)
+                streams += [s for s in new_streams if s[0] not in options.not_authorized_codes and s not in streams]
+                if options.max_connections:
+                    self.send([_status("max_connections", "Maximum number of websocket connections exceeded. ")])
+                    self.sock.sendall(self.ws.send(CloseConnection(code=1008, reason="max connections")))
+                    raise _Closed()
+        self._stream(EventGenerator(self.cluster, streams, options.seed + stats.connections))
+
+    def _stream(self, generator: EventGenerator) -> None:
+        options = self.options
+        stats = self.server.stats
+        batch = max(1, options.batch)
+        limit = options.count
+        if options.drop_after and (not limit or options.drop_after < limit):
+            limit = options.drop_after
+        interval = batch / options.rate if options.rate > 0 else 0.0
+        next_send = time.monotonic()
+        while not self.server.stopping.is_set():
+            if limit and self.sent_events >= limit:
+                if options.drop_after and self.sent_events >= options.drop_after:
+                    self.abort()
+                self._pump(0.2)  # silence: keep answering pings and closes
+                continue
+            if interval:
+                wait = next_send - time.monotonic()
+                if wait > 0:
+                    self._pump(wait)
+                    continue
+                next_send += interval
+            else:
+                self._pump(0)
+            size = batch if not limit else min(batch, limit - self.sent_events)
+            events = generator.take(size)
+            self.data_frames += 1
+            n = self.data_frames
+            if options.record:
+                stats.sent.extend((e["ev"], e.get("sym") or e.get("pair") or e.get("T") or e.get("p"), e["q"])
+                                  for e in events)
+            if options.bad_json_every and n % options.bad_json_every == 0:
+                self.sock.sendall(ws_frame(1, b"this is not json {"))
+            if options.huge_frame_every and n % options.huge_frame_every == 0:
+                filler = generator.take(1)[0]
+                filler_text = ujson.dumps(filler)
+                copies = 10 * 1024 * 1024 // len(filler_text) + 1
+                self.sock.sendall(ws_frame(1, ("[" + ",".join([filler_text] * copies) + "]").encode()))
+                stats.frames_sent += 1
+                stats.huge_frame_events += copies
+            payload = events
+            if options.odd_events_every and n % options.odd_events_every == 0:
+                payload = events[:1] + ODD_EVENTS + events[1:]
+            self.send(payload, binary=bool(options.binary_every and n % options.binary_every == 0))
+            self.sent_events += len(events)
+            stats.events_sent += len(events)
+            stats.frames_sent += 1
+
+
+class MockServer:
+    """Listens on host:port (0: a free port) until stop()."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, options: MockOptions | None = None):
+        self.options = options or MockOptions()
+        self.stats = MockStats()
+        self.stopping = threading.Event()
+        self._listener = socket.create_server((host, port), reuse_port=False)
+        self._listener.settimeout(0.2)
+        self.host, self.port = self._listener.getsockname()[:2]
+        self._thread = threading.Thread(target=self._accept_loop, name="mock-polygon-accept", daemon=True)
+        self._connections: list[threading.Thread] = []
+
+    def url(self, cluster: str = "stocks") -> str:
+        return f"ws://{self.host}:{self.port}/{cluster}"
+
+    def start(self) -> "MockServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._thread.join(2)
+        for thread in self._connections:
+            thread.join(2)
+        self._listener.close()
+
+    def __enter__(self) -> "MockServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _accept_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.stats.connections += 1
+            thread = threading.Thread(target=self._serve, args=(sock,), name="mock-polygon-conn", daemon=True)
+            self._connections = [t for t in self._connections if t.is_alive()] + [thread]
+            thread.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        connection = _Connection(self, sock)
+        try:
+            connection.serve()
+        except (_Closed, OSError):
+            pass
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+

@@ -1,0 +1,210 @@
+"""Frame bytes -> normalized records (schema.md), with the include filter, quote sampling and seq. No I/O.
+
+A record is a plain tuple, built once per event and shared by every sink:
+    (seq, type, symbol, kind, ts, line)
+where line is the schema.md record as one compact JSON object without a trailing newline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterable
+
+import ujson
+
+from . import protocol
+
+_MS_LIMIT = 10**14  # up to 14 digits: milliseconds (13 digits until the year 2286)
+_US_LIMIT = 10**17  # up to 17 digits: microseconds
+_NS_LIMIT = 10**20  # up to 20 digits: nanoseconds
+
+_IDENTITY_CACHE_LIMIT = 200_000
+
+
+class FrameError(ValueError):
+    """The frame as a whole is unusable (not JSON, not an array)."""
+
+
+def parse_frame(data: bytes | str) -> list:
+    """A frame is a JSON array of event objects. ujson first; the stdlib parses what ujson refuses
+    (integers beyond 64 bits on old ujson), so a frame that is valid JSON is never lost to a parser limit."""
+    try:
+        events = ujson.loads(data)
+    except ValueError:
+        try:
+            events = json.loads(data)
+        except ValueError as exc:
+            raise FrameError(f"not JSON: {exc}") from None
+    if not isinstance(events, list):
+        raise FrameError(f"not a JSON array but {type(events).__name__}")
+    return events
+
+
+def time_to_ms(value) -> int | None:
+    """A feed time in ms, µs or ns (told apart by magnitude) -> ms; None if it is not a usable time."""
+    if type(value) is float:
+        if not math.isfinite(value):
+            return None
+        value = int(value)
+    elif type(value) is not int:
+        return None
+    if value < 0:
+        return None
+    if value < _MS_LIMIT:
+        return value
+    if value < _US_LIMIT:
+        return value // 1_000
+    if value < _NS_LIMIT:
+        return value // 1_000_000
+    return None
+
+
+def _json_str(text: str) -> str:
+    return ujson.dumps(text, ensure_ascii=False, escape_forward_slashes=False)
+
+
+class IncludeFilter:
+    """NDJSON_INCLUDE: TYPE:SYMBOL patterns, TYPE a code or *, SYMBOL exact, PREFIX* or *."""
+
+    def __init__(self, patterns: Iterable[str]):
+        self._rules: dict[str, tuple[set[str], tuple[str, ...], bool]] = {}
+        for pattern in patterns:
+            code, _, symbol = pattern.partition(":")
+            exact, prefixes, everything = self._rules.get(code, (set(), (), False))
+            if symbol == "*":
+                everything = True
+            elif symbol.endswith("*"):
+                prefixes = prefixes + (symbol[:-1],)
+            else:
+                exact.add(symbol)
+            self._rules[code] = (exact, prefixes, everything)
+
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+    def matches(self, code: str, symbol: str) -> bool:
+        for key in (code, "*"):
+            rule = self._rules.get(key)
+            if rule is None:
+                continue
+            exact, prefixes, everything = rule
+            if everything or symbol in exact or (prefixes and symbol.startswith(prefixes)):
+                return True
+        return False
+
+
+class FrameNormalizer:
+    """Turns frames into records. One instance per dispatcher thread: it holds the seq, the sampling counter
+    and the counters that metrics.py exports (single writer, read at scrape time)."""
+
+    def __init__(self, cluster: str, hostname: str, app_version: str,
+                 include: Iterable[str] = (), sample_quotes: int = 1):
+        self.cluster = cluster
+        self._shapes = protocol.SHAPES[cluster]
+        self._include = IncludeFilter(include)
+        self._sample_quotes = sample_quotes
+        self._quote_counter = 0
+        self._feed_json = _json_str(cluster)
+        self._tail = (f',"hostname":{_json_str(hostname)},"app_version":{_json_str(app_version)},'
+                      f'"schema_version":1,"seq":')
+        # (code, symbol) -> (identity JSON fragment, kind, included)
+        self._identities: dict[tuple[str, str], tuple[str, str, bool]] = {}
+        self.seq = 0
+        # Counters exported by metrics.py.
+        self.events_by_type: dict[str, int] = {}
+        self.bad_events: dict[str, int] = {}
+        self.anomalies: dict[str, int] = {}
+        self.parse_errors = 0
+        self.filtered = 0
+        self.sampled_out = 0
+
+    def _count(self, table: dict[str, int], key: str, amount: int = 1) -> None:
+        table[key] = table.get(key, 0) + amount
+
+    def _identity(self, code: str, symbol: str) -> tuple[str, str, bool]:
+        if len(self._identities) >= _IDENTITY_CACHE_LIMIT:
+            self._identities.clear()
+        kind = self._shapes.get(code, protocol.OTHER).kind
+        fragment = (f'"type":{_json_str(code)},"kind":"{kind}","symbol":{_json_str(symbol)},'
+                    f'"topic":{_json_str(code + ":" + symbol)},"feed":{self._feed_json},"ts":')
+        included = not self._include or self._include.matches(code, symbol)
+        entry = (fragment, kind, included)
+        self._identities[(code, symbol)] = entry
+        return entry
+
+    def _locate(self, event: dict, code: str) -> tuple[str, int | None]:
+        """The symbol and ms time of one event; oddities are counted, never fatal."""
+        shape = self._shapes.get(code)
+        if shape is None:
+            self._count(self.anomalies, "unknown_code")
+            shape = protocol.OTHER
+        symbol = ""
+        for key in shape.symbol_keys:
+            if key in event:
+                symbol = event[key]
+                if type(symbol) is not str:
+                    self._count(self.anomalies, "bad_symbol")
+                    symbol = ""
+                break
+        else:
+            self._count(self.anomalies, "missing_symbol")
+        ts = None
+        for key in shape.time_keys:
+            if key in event:
+                ts = time_to_ms(event[key])
+                if ts is None:
+                    self._count(self.anomalies, "bad_time")
+                break
+        return symbol, ts
+
+    def normalize(self, data: bytes | str, ingest_ms: int) -> tuple[list[tuple], int | None]:
+        """Records of one frame, and the newest event time in it (ms) for the latency histogram.
+        Raises FrameError for a frame that is not a JSON array (counted in parse_errors)."""
+        try:
+            events = parse_frame(data)
+        except FrameError:
+            self.parse_errors += 1
+            raise
+        records: list[tuple] = []
+        newest = None
+        head = f'{{"ingest_ts":{ingest_ms},'
+        tail = self._tail
+        identities = self._identities
+        dumps = ujson.dumps
+        seq = self.seq
+        by_type = self.events_by_type
+        for event in events:
+            try:
+                code = event["ev"]
+            except (TypeError, KeyError, IndexError):
+                self._count(self.bad_events, "not_an_event")
+                continue
+            if code == "status" or type(code) is not str:
+                if code != "status":
+                    self._count(self.bad_events, "not_an_event")
+                continue
+            symbol, ts = self._locate(event, code)
+            identity = identities.get((code, symbol)) or self._identity(code, symbol)
+            fragment, kind, included = identity
+            if not included:
+                self.filtered += 1
+                continue
+            if kind == "quote" and self._sample_quotes > 1:
+                self._quote_counter += 1
+                if (self._quote_counter - 1) % self._sample_quotes:
+                    self.sampled_out += 1
+                    continue
+            try:
+                payload = dumps(event, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
+            except (OverflowError, ValueError, TypeError, UnicodeError):
+                self._count(self.bad_events, "unencodable")
+                continue
+            seq += 1
+            records.append((seq, code, symbol, kind, ts,
+                            f'{head}{fragment}{"null" if ts is None else ts},"payload":{payload}{tail}{seq}}}'))
+            by_type[code] = by_type.get(code, 0) + 1
+            if ts is not None and (newest is None or ts > newest):
+                newest = ts
+        self.seq = seq
+        return records, newest

@@ -1,0 +1,324 @@
+"""The one thread that owns the WebSocket: connect, auth, subscribe, recv, backoff, reconnect; and its heartbeat."""
+
+from __future__ import annotations
+
+import queue
+import random
+import time
+from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import websocket
+
+from . import logs, protocol
+from .config import Config
+from .normalize import FrameError, parse_frame
+from .threads import ServiceThread
+
+_log = logs.get("polygon_conn")
+
+# A session that stayed subscribed this long resets the backoff. Not on auth_success: a max_connections
+# eviction arrives right after it, and resetting there makes two processes on one key evict each other in a loop.
+HEALTHY_SESSION_SECS = 10.0
+# How often a blocked recv wakes up to look at the stop flag and the read deadline.
+TICK_SECS = 0.25
+# Cap on the TCP connect + WebSocket upgrade, so a server that accepts and never answers cannot hang us.
+CONNECT_TIMEOUT_SECS = 10.0
+EV_MARKER = b'"ev":'
+STATUS_MARKER = b'"status"'
+
+
+def public_url(url: str) -> str:
+    """The URL without query or credentials, for logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class Backoff:
+    """Exponential backoff with jitter, never below the initial delay nor above the ceiling."""
+
+    def __init__(self, initial: float, ceiling: float, uniform: Callable[[float, float], float] = random.uniform):
+        self.initial = initial
+        self.ceiling = ceiling
+        self._uniform = uniform
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        base = min(self.ceiling, self.initial * (2 ** min(self.attempt, 62)))
+        self.attempt += 1
+        return min(self.ceiling, max(self.initial, self._uniform(base / 2, base)))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class SessionEnd(Exception):
+    """Why a connection ended; status is the Polygon status that ended it, if any."""
+
+    def __init__(self, reason: str, status: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class ReaderStats:
+    """Counters written by the reader (and heartbeat) threads only; metrics.py reads them at scrape time."""
+
+    def __init__(self) -> None:
+        self.messages_received = 0
+        self.channel_drops = 0
+        self.channel_dropped_frames = 0
+        self.reconnects = 0
+        self.reconnect_success = 0
+        self.reconnect_failure = 0
+        self.read_timeouts = 0
+        self.errors = 0
+        self.heartbeats_sent = 0
+        self.statuses: dict[str, int] = {}
+        self.connected = False
+        self.sessions = 0
+
+
+class Reader(ServiceThread):
+    def __init__(self, config: Config, inbound: queue.Queue):
+        super().__init__("polygon-reader")
+        self._config = config
+        self._inbound = inbound
+        self.stats = ReaderStats()
+        self._backoff = Backoff(config.backoff_initial_secs, config.backoff_max_secs)
+        self._bp_warning = logs.RateLimitedWarning(_log, config.bp_warn_interval_secs)
+        self._url_for_logs = public_url(config.url)
+        self.ws: websocket.WebSocket | None = None
+        # Readiness, read by the HTTP thread.
+        self.subscribed_at: float | None = None
+        self.events_since_subscribe = 0
+
+    # -- the reconnect loop -------------------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        attempt = 0
+        while not self.stopping.is_set():
+            attempt += 1
+            if attempt > 1:
+                self.stats.reconnects += 1
+            started = time.monotonic()
+            end = self._session(attempt)
+            if self.stopping.is_set():
+                break
+            healthy = self.subscribed_at is not None and time.monotonic() - self.subscribed_at >= HEALTHY_SESSION_SECS
+            reached_subscribe = self.subscribed_at is not None
+            if attempt > 1:
+                if reached_subscribe:
+                    self.stats.reconnect_success += 1
+                else:
+                    self.stats.reconnect_failure += 1
+            self.subscribed_at = None
+            if healthy:
+                self._backoff.reset()
+            delay = self._backoff.next_delay()
+            if end.status == protocol.MAX_CONNECTIONS:
+                # Another connection on this key and cluster took our slot: cool down for the ceiling.
+                delay = self._backoff.ceiling
+            _log.warning("disconnected: %s; reconnecting in %.2fs", end.reason, delay,
+                         extra={"fields": {"reason": end.reason, "status": end.status, "delay_secs": round(delay, 3),
+                                           "session_secs": round(time.monotonic() - started, 3),
+                                           "attempt": attempt, "url": self._url_for_logs}})
+            self.stopping.wait(delay)
+
+    def _session(self, attempt: int) -> SessionEnd:
+        _log.info("connecting to %s", self._url_for_logs, extra={"fields": {"url": self._url_for_logs,
+                                                                            "attempt": attempt}})
+        try:
+            ws = websocket.create_connection(
+                self._config.url,
+                timeout=min(CONNECT_TIMEOUT_SECS, self._config.read_timeout_secs),
+                skip_utf8_validation=True,
+                enable_multithread=True,
+            )
+        except Exception as exc:
+            self.stats.errors += 1
+            reason = f"connect failed: {type(exc).__name__}: {exc}"
+            _log.error(reason, extra={"fields": {"url": self._url_for_logs}})
+            return SessionEnd(reason)
+        ws.settimeout(min(TICK_SECS, self._config.read_timeout_secs))
+        self.stats.sessions += 1
+        self.ws = ws
+        try:
+            self._handshake(ws)
+            self._stream(ws)
+            return SessionEnd("stopped")
+        except SessionEnd as end:
+            return end
+        except websocket.WebSocketConnectionClosedException as exc:
+            return SessionEnd(f"connection closed by the server without a close frame ({exc})")
+        except Exception as exc:
+            self.stats.errors += 1
+            return SessionEnd(f"connection error: {type(exc).__name__}: {exc}")
+        finally:
+            self.ws = None
+            self.stats.connected = False
+            self._close(ws)
+
+    def _close(self, ws: websocket.WebSocket) -> None:
+        """Say goodbye with a close frame where the socket still allows it (protocol.md 4)."""
+        try:
+            if ws.connected:
+                ws.close(timeout=1)
+        except Exception:
+            pass
+        try:
+            ws.shutdown()
+        except Exception:
+            pass
+
+    # -- protocol -----------------------------------------------------------------------------------------------
+
+    def _recv(self, ws: websocket.WebSocket, deadline: float) -> tuple[int, bytes]:
+        """One data frame; SessionEnd on stop, close or silence past the deadline."""
+        while True:
+            try:
+                opcode, frame = ws.recv_data()
+            except websocket.WebSocketTimeoutException:
+                if self.stopping.is_set():
+                    raise SessionEnd("stopped") from None
+                if time.monotonic() >= deadline:
+                    self.stats.read_timeouts += 1
+                    raise SessionEnd(f"read timeout: no frame for {self._config.read_timeout_secs:g}s") from None
+                continue
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                code = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else None
+                reason = frame.data[2:].decode("utf-8", "replace")
+                raise SessionEnd(f"closed by the server (code {code}{', ' + reason if reason else ''})")
+            self.stats.messages_received += 1
+            return opcode, frame
+
+    def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
+        deadline = time.monotonic() + self._config.read_timeout_secs
+        while True:
+            _, data = self._recv(ws, deadline)
+            try:
+                events = parse_frame(data)
+            except FrameError as exc:
+                self.stats.errors += 1
+                raise SessionEnd(f"unexpected frame while waiting for {step}: {exc}") from None
+            for event in events:
+                status = self._handle_status(event) if isinstance(event, dict) and event.get("ev") == "status" \
+                    else None
+                if status in wanted:
+                    return
+                if status in protocol.TERMINAL_STATUSES:
+                    raise SessionEnd(f"{status} while waiting for {step}: {event.get('message', '')!s}".strip(),
+                                     status)
+
+    def _handshake(self, ws: websocket.WebSocket) -> None:
+        # The spec's own example shows "success" for the connect event; the server sends "connected".
+        self._await_status(ws, (protocol.CONNECTED, protocol.SUCCESS), "connected")
+        ws.send(protocol.auth_message(self._config.api_key))
+        self._await_status(ws, (protocol.AUTH_SUCCESS,), "auth_success")
+        self.stats.connected = True
+        ws.send(protocol.subscribe_message(self._config.subscription))
+        self.events_since_subscribe = 0
+        self.subscribed_at = time.monotonic()
+        _log.info("subscribing to %s", self._config.subscription,
+                  extra={"fields": {"params": self._config.subscription, "cluster": self._config.cluster}})
+
+    def _handle_status(self, event: dict) -> str:
+        """Log and count one status object; returns its status."""
+        status = str(event.get("status", ""))
+        message = event.get("message", "")
+        self.stats.statuses[status] = self.stats.statuses.get(status, 0) + 1
+        fields = {"status": status, "server_message": message, "cluster": self._config.cluster,
+                  "url": self._url_for_logs}
+        if status in (protocol.AUTH_FAILED, protocol.MAX_CONNECTIONS, protocol.ERROR, protocol.AUTH_TIMEOUT) \
+                or status in protocol.TERMINAL_STATUSES:
+            self.stats.errors += 1
+            hint = {
+                protocol.AUTH_FAILED: "check POLYGON_API_KEY and that the plan includes this cluster and feed",
+                protocol.MAX_CONNECTIONS: "another connection uses this key and cluster; cooling down",
+                protocol.ERROR: "the server refused a request (often a topic outside the plan)",
+            }.get(status, "")
+            if hint:
+                fields["hint"] = hint
+            _log.error("status %s: %s", status, message, extra={"fields": fields})
+        elif status == protocol.SUCCESS:
+            _log.info("status %s: %s", status, message, extra={"fields": fields})
+        elif status in (protocol.CONNECTED, protocol.AUTH_SUCCESS):
+            _log.info("status %s: %s", status, message, extra={"fields": fields})
+        else:
+            _log.warning("status %s: %s", status, message, extra={"fields": fields})
+        return status
+
+    def _statuses_in(self, data: bytes) -> tuple[int, str | None]:
+        """Handle the status objects of a mid-stream frame; (status objects seen, terminal status or None)."""
+        try:
+            events = parse_frame(data)
+        except FrameError:
+            return 0, None  # the dispatcher counts it as a parse error
+        seen = 0
+        terminal = None
+        for event in events:
+            if isinstance(event, dict) and event.get("ev") == "status":
+                seen += 1
+                status = self._handle_status(event)
+                if status in protocol.TERMINAL_STATUSES:
+                    terminal = status
+        return seen, terminal
+
+    def _stream(self, ws: websocket.WebSocket) -> None:
+        """The hot loop: frames go to the inbound queue untouched; the reader never blocks on the queue."""
+        put = self._inbound.put_nowait
+        stats = self.stats
+        read_timeout = self._config.read_timeout_secs
+        clock = time.monotonic
+        wall = time.time_ns
+        stopping = self.stopping.is_set
+        deadline = clock() + read_timeout
+        while not stopping():
+            _, data = self._recv(ws, deadline)
+            ingest_ms = wall() // 1_000_000
+            deadline = clock() + read_timeout
+            events = data.count(EV_MARKER)
+            if STATUS_MARKER in data:
+                statuses, terminal = self._statuses_in(data)
+                events -= statuses
+                if terminal is not None:
+                    if events > 0:
+                        self._offer(put, ingest_ms, data, events)
+                    raise SessionEnd(f"server sent {terminal}", terminal)
+                if events <= 0 and statuses:
+                    continue
+            self.events_since_subscribe += events
+            self._offer(put, ingest_ms, data, events)
+
+    def _offer(self, put, ingest_ms: int, data: bytes, events: int) -> None:
+        try:
+            put((ingest_ms, data))
+        except queue.Full:
+            self.stats.channel_drops += events
+            self.stats.channel_dropped_frames += 1
+            self._bp_warning.warn("inbound queue full: dropping frames (CHANNEL_CAP)",
+                                  capacity_frames=self._config.channel_cap,
+                                  dropped_events_total=self.stats.channel_drops)
+
+
+class Heartbeat(ServiceThread):
+    """Sends a WebSocket ping every interval on the reader's socket (websocket-client's send lock makes it safe)."""
+
+    def __init__(self, reader: Reader, interval_secs: float):
+        super().__init__("polygon-heartbeat")
+        self._reader = reader
+        self._interval = interval_secs
+
+    def loop(self) -> None:
+        while not self.stopping.wait(self._interval):
+            ws = self._reader.ws
+            if ws is None or not self._reader.stats.connected:
+                continue
+            try:
+                ws.ping()
+                self._reader.stats.heartbeats_sent += 1
+            except Exception as exc:
+                _log.debug("ping failed: %s", exc)

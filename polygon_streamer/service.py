@@ -1,0 +1,277 @@
+"""Wires the threads (reader -> dispatcher -> sinks), relays signals, runs the graceful stop with a deadline."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from typing import Callable
+
+from . import __version__, logs
+from .config import Config, ConfigError, format_addr
+from .dispatch import Dispatcher, stop_inbound
+from .metrics import LatencyHistogram, MetricsServer, make_registry
+from .normalize import FrameNormalizer
+from .reader import Heartbeat, Reader
+from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread
+
+_log = logs.get("polygon_streamer")
+_stats_log = logs.get("polygon_stats")
+MAIN_TICK_SECS = 0.1
+
+
+def build_sinks(config: Config) -> list[tuple[Sink, SinkQueue]]:
+    built = []
+    for name in config.sinks:
+        if name == "stdout":
+            from .sinks.stdout import StdoutSink
+
+            # stdout has no capacity setting of its own: when it is slow the dispatcher waits, and the inbound
+            # queue (CHANNEL_CAP) is where drops happen and are counted.
+            built.append((StdoutSink(), SinkQueue("stdout", config.channel_cap, False, config.bp_warn_interval_secs)))
+        elif name == "ndjson":
+            from .sinks.ndjson import NdjsonSink
+
+            built.append((NdjsonSink(config), SinkQueue("ndjson", config.ndjson_channel_cap, True,
+                                                         config.ndjson_warn_interval_secs)))
+        elif name == "zmq":
+            from .sinks.zmq import ZmqSink
+
+            built.append((ZmqSink(config), SinkQueue("zmq", config.zmq_channel_cap, True,
+                                                      config.zmq_warn_interval_secs)))
+    return built
+
+
+class Service:
+    def __init__(self, config: Config, sinks: list[tuple[Sink, SinkQueue]] | None = None,
+                 stop_after_events: int | None = None):
+        self.config = config
+        self.stop_after_events = stop_after_events
+        self.inbound: queue.Queue = queue.Queue(config.channel_cap)
+        self.normalizer = FrameNormalizer(config.cluster, socket.gethostname(), __version__,
+                                          config.ndjson_include, config.ndjson_sample_quotes)
+        self.latency = LatencyHistogram()
+        built = build_sinks(config) if sinks is None else sinks
+        self.sinks = [sink for sink, _ in built]
+        self.sink_queues = [sink_queue for _, sink_queue in built]
+        self.reader = Reader(config, self.inbound)
+        self.dispatcher = Dispatcher(self.inbound, self.normalizer, self.sink_queues, self.latency,
+                                     config.bp_warn_interval_secs)
+        self.sink_threads = [SinkThread(sink, sink_queue) for sink, sink_queue in built]
+        self.heartbeat = Heartbeat(self.reader, config.heartbeat_interval_secs) \
+            if config.heartbeat_interval_secs > 0 else None
+        self.registry = make_registry(self)
+        self.metrics_server: MetricsServer | None = None
+        self._signals: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open sinks and bind the metrics port before connecting; problems there are config errors (exit 2)."""
+        logs.get("polygon_config").info("effective configuration", extra={"fields": self.config.redacted()})
+        opened: list[Sink] = []
+        try:
+            for sink in self.sinks:
+                sink.open()
+                opened.append(sink)
+            try:
+                self.metrics_server = MetricsServer(self.config.metrics_addr, self.registry, self.health, self.ready)
+            except OSError as exc:
+                raise ConfigError(f"invalid METRICS_ADDR (--metrics-addr) {format_addr(self.config.metrics_addr)!r}: "
+                                  f"cannot listen there ({exc.strerror or exc}); pick a free host:port") from None
+        except SinkConfigError as exc:
+            for sink in opened:
+                sink.close()
+            raise ConfigError(str(exc)) from None
+        except ConfigError:
+            for sink in opened:
+                sink.close()
+            raise
+        for thread in self.sink_threads:
+            thread.start()
+        self.dispatcher.start()
+        self.reader.start()
+        if self.heartbeat:
+            self.heartbeat.start()
+        self.metrics_server.start()
+        _log.info("started", extra={"fields": {"version": __version__, "cluster": self.config.cluster,
+                                               "sinks": ",".join(self.config.sinks),
+                                               "metrics": format_addr(self.metrics_server.address)}})
+
+    def install_signal_handlers(self) -> None:
+        """Handlers only record; the main thread acts (run())."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda number, _frame: self._signals.put_nowait(number))
+
+    def request_stop(self) -> None:
+        self._signals.put_nowait(signal.SIGTERM)
+
+    def run(self) -> int:
+        """The main thread's loop: signals, thread health, stats; returns the exit status."""
+        next_stats = time.monotonic() + self.config.stats_interval_secs
+        last = self._counts()
+        while True:
+            try:
+                signum = self._signals.get(timeout=MAIN_TICK_SECS)
+            except queue.Empty:
+                signum = None
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                return self.shutdown(f"received {signal.Signals(signum).name}")
+            if signum == signal.SIGHUP:
+                self._reopen()
+            dead = self.dead_threads()
+            if dead:
+                _log.error("stopping: thread(s) died: %s", ", ".join(dead), extra={"fields": {"threads": dead}})
+                self.shutdown("a thread died")
+                return 1
+            if self.stop_after_events is not None and self.normalizer.seq >= self.stop_after_events:
+                return self.shutdown(f"delivered {self.stop_after_events} events")
+            now = time.monotonic()
+            if self.config.stats_interval_secs > 0 and now >= next_stats:
+                last = self._log_stats(last, self.config.stats_interval_secs)
+                next_stats = now + self.config.stats_interval_secs
+
+    def _reopen(self) -> None:
+        if self.config.ndjson_no_reopen:
+            _log.info("SIGHUP ignored (NDJSON_NO_REOPEN)")
+            return
+        _log.info("SIGHUP: reopening files")
+        for thread in self.sink_threads:
+            thread.reopen_requested.set()
+
+    def shutdown(self, why: str) -> int:
+        """Stop reading, drain every queue, flush and close every sink, all within SHUTDOWN_TIMEOUT_SECS."""
+        self._stopping = True
+        deadline = time.monotonic() + self.config.shutdown_timeout_secs
+        _log.info("stopping (%s): draining queues", why,
+                  extra={"fields": {"reason": why, "inbound_frames": self.inbound.qsize(),
+                                    "deadline_secs": self.config.shutdown_timeout_secs}})
+        self.reader.stop()
+        if self.heartbeat:
+            self.heartbeat.stop()
+        # A reader stuck in a TCP connect has accepted nothing: do not let it eat the drain deadline.
+        self._join([self.reader], min(deadline, time.monotonic() + 2.0))
+        drained = stop_inbound(self.inbound, deadline) and self._join([self.dispatcher] + self.sink_threads, deadline)
+        if self.metrics_server:
+            self.metrics_server.stop()
+        counts = self._counts()
+        if drained:
+            _log.info("stopped: every accepted event was handed to the sinks and flushed",
+                      extra={"fields": counts})
+            return 0
+        unwritten = self.unwritten_events()
+        self.dispatcher.stop()
+        _log.error("stopped at the %gs deadline with %d event(s) not written",
+                   self.config.shutdown_timeout_secs, unwritten,
+                   extra={"fields": dict(counts, unwritten_events=unwritten)})
+        return 1
+
+    def _join(self, threads: list[threading.Thread], deadline: float) -> bool:
+        """Join with a deadline; a second SIGTERM/SIGINT meanwhile exits at once."""
+        for thread in threads:
+            while thread.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                thread.join(min(MAIN_TICK_SECS, remaining))
+                self._check_second_signal()
+        return True
+
+    def _check_second_signal(self) -> None:
+        try:
+            signum = self._signals.get_nowait()
+        except queue.Empty:
+            return
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            unwritten = self.unwritten_events()
+            _log.error("second %s: exiting now with %d event(s) not written", signal.Signals(signum).name,
+                       unwritten, extra={"fields": {"unwritten_events": unwritten}})
+            logging_shutdown()
+            os._exit(1)
+
+    def unwritten_events(self) -> int:
+        with self.inbound.mutex:
+            frames = [item[1] for item in self.inbound.queue if item is not None]
+        pending = sum(frame.count(b'"ev":') for frame in frames)
+        return pending + sum(thread.pending_events() for thread in self.sink_threads)
+
+    # -- health -------------------------------------------------------------------------------------------------
+
+    def threads(self) -> list[threading.Thread]:
+        threads: list[threading.Thread] = [self.reader, self.dispatcher, *self.sink_threads]
+        if self.heartbeat:
+            threads.append(self.heartbeat)
+        if self.metrics_server:
+            threads.append(self.metrics_server.thread)
+        return threads
+
+    def dead_threads(self) -> list[str]:
+        return [thread.name for thread in self.threads() if thread.ident is not None and not thread.is_alive()]
+
+    def health(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "STOPPING"
+        dead = self.dead_threads()
+        if dead:
+            return False, "UNHEALTHY: thread(s) not running: " + ", ".join(dead)
+        return True, "OK"
+
+    def ready(self) -> tuple[bool, str]:
+        reader = self.reader
+        subscribed_at = reader.subscribed_at
+        if self._stopping:
+            return False, "NOT READY: stopping"
+        if not reader.stats.connected or subscribed_at is None:
+            return False, "NOT READY: not subscribed"
+        if reader.events_since_subscribe < self.config.ready_min_messages:
+            return False, (f"NOT READY: {reader.events_since_subscribe} of {self.config.ready_min_messages} "
+                           "data events since subscribe")
+        waited_ms = (time.monotonic() - subscribed_at) * 1000
+        if waited_ms < self.config.ready_delay_ms:
+            return False, f"NOT READY: {waited_ms:.0f} of {self.config.ready_delay_ms} ms since subscribe"
+        return True, "READY"
+
+    # -- stats --------------------------------------------------------------------------------------------------
+
+    def _counts(self) -> dict:
+        reader = self.reader.stats
+        return {
+            "frames": reader.messages_received,
+            "events": self.normalizer.seq,
+            "channel_drops": reader.channel_drops,
+            "sink_drops": sum(q.stats.dropped for q in self.sink_queues),
+            "written": {q.name: q.stats.written for q in self.sink_queues},
+            "parse_errors": self.normalizer.parse_errors,
+            "bad_events": sum(self.normalizer.bad_events.values()),
+            "reconnects": reader.reconnects,
+        }
+
+    def _log_stats(self, last: dict, interval: float) -> dict:
+        counts = self._counts()
+        fields = dict(counts)
+        fields["events_per_sec"] = round((counts["events"] - last["events"]) / interval, 1)
+        fields["connected"] = self.reader.stats.connected
+        fields["queue_depth"] = {"inbound": self.inbound.qsize(),
+                                 **{q.name: q.queue.qsize() for q in self.sink_queues}}
+        _stats_log.info("stats", extra={"fields": fields})
+        return counts
+
+
+def logging_shutdown() -> None:
+    import logging
+
+    logging.shutdown()
+
+
+def run_service(config: Config, stop_after_events: int | None = None,
+                on_started: Callable[[Service], None] | None = None) -> int:
+    service = Service(config, stop_after_events=stop_after_events)
+    service.start()
+    service.install_signal_handlers()
+    if on_started:
+        on_started(service)
+    return service.run()

@@ -1,0 +1,136 @@
+"""Sinks behind one small interface, each fed by its own bounded queue and thread.
+
+A batch is the list of records of one frame (see normalize.py for the record tuple); STOP ends the stream.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from .. import logs
+from ..threads import ServiceThread
+
+STOP = None
+TICK_SECS = 0.1
+
+
+class Sink:
+    """What a sink does; all methods run on the sink's own thread."""
+
+    name = "sink"
+
+    def open(self) -> None:
+        """Acquire files/sockets. Raise SinkConfigError for a problem the operator must fix (exit 2)."""
+
+    def write(self, records: list[tuple]) -> None:
+        raise NotImplementedError
+
+    def tick(self, now: float) -> None:
+        """Called at least every TICK_SECS: time-based flushing and rotation."""
+
+    def reopen(self) -> None:
+        """SIGHUP: reopen files by path."""
+
+    def close(self) -> None:
+        """Flush everything and release resources."""
+
+
+class SinkConfigError(Exception):
+    """A sink cannot start with this configuration (missing directory, bad endpoint); exit 2."""
+
+
+class SinkStats:
+    def __init__(self) -> None:
+        self.written = 0
+        self.dropped = 0
+
+
+class SinkQueue:
+    """The dispatcher's side of one sink's queue. drop_when_full: the user chose a bounded queue, so a full queue
+    drops the batch and counts every event in it; otherwise the dispatcher waits (backpressure upstream)."""
+
+    def __init__(self, name: str, capacity: int, drop_when_full: bool, warn_interval_secs: float):
+        self.name = name
+        self.capacity = capacity
+        self.queue: queue.Queue = queue.Queue(capacity)
+        self.drop_when_full = drop_when_full
+        self.stats = SinkStats()
+        self._warning = logs.RateLimitedWarning(logs.get(f"polygon_{name}" if name in ("ndjson", "zmq")
+                                                         else "polygon_streamer"), warn_interval_secs)
+        self.consumer: threading.Thread | None = None
+
+    def offer(self, records: list[tuple]) -> None:
+        if self.drop_when_full:
+            try:
+                self.queue.put_nowait(records)
+            except queue.Full:
+                self._drop(records, "queue full")
+            return
+        while True:
+            try:
+                self.queue.put(records, timeout=TICK_SECS)
+                return
+            except queue.Full:
+                if self.consumer is not None and not self.consumer.is_alive():
+                    self._drop(records, "sink thread stopped")
+                    return
+
+    def _drop(self, records: list[tuple], why: str) -> None:
+        self.stats.dropped += len(records)
+        self._warning.warn(f"{self.name} sink: {why}, dropping events", sink=self.name,
+                           capacity_frames=self.capacity, dropped_events_total=self.stats.dropped)
+
+    def close(self, deadline: float) -> bool:
+        """Queue STOP behind everything already accepted; False if the sink did not make room by the deadline."""
+        while time.monotonic() < deadline:
+            try:
+                self.queue.put(STOP, timeout=TICK_SECS)
+                return True
+            except queue.Full:
+                if self.consumer is not None and not self.consumer.is_alive():
+                    return False
+        return False
+
+
+class SinkThread(ServiceThread):
+    """Drains one queue into one sink; reopens on request; flushes and closes on STOP."""
+
+    def __init__(self, sink: Sink, sink_queue: SinkQueue):
+        super().__init__(f"polygon-sink-{sink.name}")
+        self.sink = sink
+        self.sink_queue = sink_queue
+        self.reopen_requested = threading.Event()
+        sink_queue.consumer = self
+
+    def loop(self) -> None:
+        get = self.sink_queue.queue.get
+        stats = self.sink_queue.stats
+        sink = self.sink
+        next_tick = time.monotonic() + TICK_SECS
+        try:
+            while True:
+                try:
+                    batch = get(timeout=TICK_SECS)
+                except queue.Empty:
+                    batch = ()
+                if batch is STOP:
+                    break
+                if self.reopen_requested.is_set():
+                    self.reopen_requested.clear()
+                    sink.reopen()
+                if batch:
+                    sink.write(batch)
+                    stats.written += len(batch)
+                now = time.monotonic()
+                if now >= next_tick:
+                    sink.tick(now)
+                    next_tick = now + TICK_SECS
+        finally:
+            sink.close()
+
+    def pending_events(self) -> int:
+        """Events still queued (for the shutdown report)."""
+        with self.sink_queue.queue.mutex:
+            return sum(len(batch) for batch in self.sink_queue.queue.queue if batch)

@@ -1,0 +1,46 @@
+"""The stdout sink: each event as a structured log record (target polygon_events) on stdout, for jq and humans."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import BinaryIO
+
+from .. import logs
+from . import Sink
+
+PAYLOAD_START = ',"payload":'
+PAYLOAD_END = ',"hostname":'
+
+
+class StdoutSink(Sink):
+    name = "stdout"
+
+    def __init__(self, stream: BinaryIO | None = None):
+        self._stream = stream
+        self._enabled = False
+
+    def open(self) -> None:
+        if self._stream is None:
+            self._stream = sys.stdout.buffer
+        # schema.md: written only when the polygon_events target is enabled at info.
+        self._enabled = logs.get("polygon_events").isEnabledFor(logging.INFO)
+
+    def write(self, records: list[tuple]) -> None:
+        if not self._enabled:
+            return
+        head = f'{{"timestamp":"{logs.iso_timestamp(time.time())}","level":"INFO","target":"polygon_events","fields":'
+        dumps = logs.dumps
+        out = []
+        for seq, code, symbol, _kind, ts, line in records:
+            payload = line[line.index(PAYLOAD_START) + len(PAYLOAD_START):line.rindex(PAYLOAD_END)]
+            fields = {"message": "event", "type": code, "symbol": symbol, "ts": ts, "seq": seq,
+                      "line": f"{code}:{symbol} {payload}"}
+            out.append(f"{head}{dumps(fields)}}}\n")
+        self._stream.write("".join(out).encode("utf-8"))
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.flush()
