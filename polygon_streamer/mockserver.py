@@ -236,6 +236,9 @@ def streams_for(cluster: str, params: str) -> tuple[list[tuple[str, str]], list[
         for symbol in chosen:
             if (code, symbol) not in streams:
                 streams.append((code, symbol))
+    # Interleave codes per symbol (T:AAPL, Q:AAPL, T:MSFT, ...) the way a live mixed feed looks.
+    order = {symbol: index for index, symbol in enumerate(symbols)}
+    streams.sort(key=lambda stream: order.get(stream[1], len(order)))
     return streams, acked, unknown
 
 

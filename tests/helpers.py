@@ -1,0 +1,149 @@
+"""Shared test plumbing: free ports, polling with deadlines, and the real service as a child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import ujson
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TEST_KEY = "test-key-9f8e7d6c5b4a"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll until predicate() is truthy; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample, keyed by (name, sorted label items), parsed with prometheus_client's own parser."""
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def base_env(url: str, metrics_port: int, **settings) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("POLYGON_", "NDJSON_", "ZMQ_", "READY_")) and key not in (
+               "SINK", "SUBSCRIPTION", "LOG_LEVEL", "RUST_LOG", "CHANNEL_CAP", "EMIT_NDJSON")}
+    env.update({
+        "POLYGON_API_KEY": TEST_KEY,
+        "POLYGON_WS_URL": url,
+        "POLYGON_CLUSTER": url.rstrip("/").rsplit("/", 1)[-1],
+        "METRICS_ADDR": f"127.0.0.1:{metrics_port}",
+        "BACKOFF_INITIAL_SECS": "0.05",
+        "BACKOFF_MAX_SECS": "0.5",
+        "STATS_INTERVAL_SECS": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({key: str(value) for key, value in settings.items()})
+    return env
+
+
+class Streamer:
+    """`polygon-streamer run` (or another command) as a child process; stdout and stderr collected by threads."""
+
+    def __init__(self, env: dict[str, str], command: str = "run", args: tuple[str, ...] = ()):
+        self.metrics_url = f"http://{env.get('METRICS_ADDR', '127.0.0.1:9898')}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "polygon_streamer", command, *args], env=env,
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self._threads = [threading.Thread(target=self._collect, args=(self.proc.stdout, self.stdout_lines),
+                                          daemon=True),
+                         threading.Thread(target=self._collect, args=(self.proc.stderr, self.stderr_lines),
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _collect(stream, into: list[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            into.append(raw.decode("utf-8", "replace"))
+
+    def logs(self) -> list[dict]:
+        out = []
+        for line in list(self.stderr_lines):
+            try:
+                out.append(ujson.loads(line))
+            except ValueError:
+                out.append({"raw": line})
+        return out
+
+    def log_messages(self) -> list[str]:
+        return [record.get("fields", {}).get("message", record.get("raw", "")) for record in self.logs()]
+
+    def events(self) -> list[dict]:
+        return [ujson.loads(line) for line in list(self.stdout_lines)]
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        status, text = http_get(self.metrics_url + "/metrics")
+        assert status == 200, text
+        return parse_metrics(text)
+
+    def metric(self, name: str, **labels) -> float:
+        try:
+            return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+        except OSError:
+            return 0.0
+
+    def get(self, path: str) -> tuple[int, str]:
+        return http_get(self.metrics_url + path)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        def ready():
+            try:
+                return self.get("/ready")[0] == 200
+            except OSError:
+                return False
+        wait_for(ready, timeout, what="/ready 200")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"the service did not exit within {timeout}s of signal {signum}")
+        for thread in self._threads:
+            thread.join(5)
+        return code
+
+    def all_output(self) -> str:
+        return "".join(self.stdout_lines) + "".join(self.stderr_lines)

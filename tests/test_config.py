@@ -1,0 +1,113 @@
+"""Configuration: every bad value is one line naming the variable, exit 2, before any connection."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, TEST_KEY
+from polygon_streamer.config import SETTINGS, ConfigError, build_config
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS} | {"RUST_LOG"}}
+
+
+def run_cli(*args, env=None, timeout=30):
+    full_env = dict(CLEAN_ENV, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "polygon_streamer", *args], env=full_env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("CHANNEL_CAP", "abc", "expected an integer >= 1"),
+    ("CHANNEL_CAP", "0", "expected an integer >= 1"),
+    ("POLYGON_CLUSTER", "bonds", "expected one of stocks, options, futures, crypto, forex, indices"),
+    ("SINK", "kafka", "expected one or more of stdout, ndjson, zmq"),
+    ("METRICS_ADDR", "nohost", "expected host:port"),
+    ("READ_TIMEOUT_SECS", "-1", "expected a number of seconds > 0"),
+    ("NDJSON_GZIP", "maybe", "expected true or false"),
+    ("LOG_LEVEL", "loud", "expected a level"),
+    ("NDJSON_INCLUDE", "AAPL", "expected comma separated TYPE:SYMBOL patterns"),
+    ("SUBSCRIPTION", "T-AAPL", "expected comma separated topics CODE.TICKER"),
+    ("POLYGON_WS_URL", "http://x", "expected a ws:// or wss:// URL"),
+    ("ZMQ_ENDPOINT", "nohost:1", "expected a ZeroMQ endpoint"),
+])
+def test_bad_value_exits_2_with_one_line_naming_the_variable(variable, value, expected):
+    result = run_cli("run", env={"POLYGON_API_KEY": TEST_KEY, variable: value,
+                                 "POLYGON_WS_URL": "ws://127.0.0.1:9/stocks"} | {variable: value})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0] and repr(value) in lines[0] and expected in lines[0]
+    assert result.stdout == ""
+
+
+def test_flag_beats_variable_and_both_are_named_in_errors():
+    result = run_cli("config", "--channel-cap", "7", env={"CHANNEL_CAP": "9"})
+    assert result.returncode == 0 and '"channel_cap":7' in result.stdout
+    result = run_cli("run", "--channel-cap", "x", env={"POLYGON_API_KEY": TEST_KEY})
+    assert result.returncode == 2 and "CHANNEL_CAP (--channel-cap) 'x'" in result.stderr
+
+
+def test_missing_key_is_a_config_error():
+    result = run_cli("run")
+    assert result.returncode == 2
+    assert "POLYGON_API_KEY" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_key_file_wins_and_the_key_is_never_printed(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("file-key-123456\n")
+    key_file.chmod(0o600)
+    result = run_cli("config", env={"POLYGON_API_KEY": TEST_KEY, "POLYGON_API_KEY_FILE": str(key_file)})
+    assert result.returncode == 0
+    assert TEST_KEY not in result.stdout + result.stderr and "file-key-123456" not in result.stdout
+    assert '"api_key":"<redacted>"' in result.stdout
+    config = build_config({"api_key": TEST_KEY, "api_key_file": str(key_file)})
+    assert config.api_key == "file-key-123456" and TEST_KEY not in repr(config) and "file-key" not in repr(config)
+    missing = run_cli("run", env={"POLYGON_API_KEY_FILE": str(tmp_path / "absent")})
+    assert missing.returncode == 2 and "POLYGON_API_KEY_FILE" in missing.stderr
+
+
+def test_defaults_are_the_seeds_and_urls_follow_feed_and_cluster():
+    config = build_config({"api_key": "k"})
+    assert (config.cluster, config.subscription, config.channel_cap, config.sinks) == ("futures", "T.*", 1024,
+                                                                                         ("stdout",))
+    assert config.url == "wss://socket.massive.com/futures"
+    assert config.metrics_addr == ("127.0.0.1", 9898)
+    assert build_config({"api_key": "k", "feed": "delayed", "cluster": "stocks"}).url == \
+        "wss://delayed.massive.com/stocks"
+    assert build_config({"api_key": "k", "ws_url": "ws://127.0.0.1:1/x"}).url == "ws://127.0.0.1:1/x"
+    assert build_config({"api_key": "k", "emit_ndjson": "true"}).sinks == ("ndjson",)
+    assert build_config({"api_key": "k", "emit_ndjson": "true", "sink": "zmq"}).sinks == ("zmq",)
+    assert build_config({"api_key": "k", "metrics_addr": "[::1]:9"}).metrics_addr == ("::1", 9)
+
+
+def test_rust_log_is_the_fallback_for_log_level():
+    result = run_cli("config", env={"RUST_LOG": "warn,polygon_events=info"})
+    assert '"log_level":"warn,polygon_events=info"' in result.stdout
+    result = run_cli("config", env={"RUST_LOG": "warn", "LOG_LEVEL": "debug"})
+    assert '"log_level":"debug"' in result.stdout
+
+
+def test_cross_checks():
+    with pytest.raises(ConfigError, match="BACKOFF_MAX_SECS"):
+        build_config({"api_key": "k", "backoff_initial_secs": "5", "backoff_max_secs": "1"})
+    with pytest.raises(ConfigError, match="NDJSON_DEST"):
+        build_config({"api_key": "k", "sink": "stdout,ndjson"})
+    with pytest.raises(ConfigError, match="each sink at most once"):
+        build_config({"api_key": "k", "sink": "zmq,zmq"})
+
+
+def test_metrics_port_in_use_is_exit_2(mock_server):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("run", env={"POLYGON_API_KEY": TEST_KEY, "POLYGON_WS_URL": mock_server.url("stocks"),
+                                     "METRICS_ADDR": f"127.0.0.1:{port}"})
+    assert result.returncode == 2
+    assert f"METRICS_ADDR (--metrics-addr) '127.0.0.1:{port}'" in result.stderr
+    assert mock_server.stats.connections == 0, "a config error must stop the service before it connects"
