@@ -130,6 +130,55 @@ def mock_server(host: str, port: int, key: str | None, **options) -> int:
     return 0
 
 
+@cli.command("zmq-sub")
+@click.option("--endpoint", default="tcp://127.0.0.1:5556", show_default=True, envvar="ZMQ_ENDPOINT",
+              show_envvar=True)
+@click.option("--connect", "connect", is_flag=True,
+              help="connect to a streamer that binds (ZMQ_BIND=true); default: bind, for a streamer that connects")
+@click.option("--topic", "topics", multiple=True, help="topic prefix to receive, e.g. T:AAPL or Q: (repeatable)")
+@click.option("--count", "count_only", is_flag=True, help="print a count per second instead of the messages")
+@click.option("--max-messages", type=click.IntRange(min=0), default=0, help="exit after this many (0: never)")
+def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: bool, max_messages: int) -> int:
+    """A ZeroMQ subscriber: prints (or counts) what the zmq sink publishes, one `topic payload` line each."""
+    import signal
+    import time
+
+    import zmq
+
+    context = zmq.Context()
+    sock = context.socket(zmq.SUB)
+    for topic in topics or ("",):
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+    try:
+        sock.connect(endpoint) if connect else sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"invalid ZMQ_ENDPOINT (--endpoint) {endpoint!r}: {exc.strerror}") from None
+    stop = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.append(True))
+    received = 0
+    window = 0
+    next_report = time.monotonic() + 1.0
+    out = sys.stdout.buffer
+    while not stop and (not max_messages or received < max_messages):
+        if sock.poll(200):
+            topic, payload = sock.recv_multipart()
+            received += 1
+            window += 1
+            if not count_only:
+                out.write(topic + b" " + payload + b"\n")
+                out.flush()
+        if count_only and time.monotonic() >= next_report:
+            click.echo(f"{received} received ({window}/s)")
+            window = 0
+            next_report += 1.0
+    if count_only:
+        click.echo(f"{received} received")
+    sock.close(0)
+    context.term()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: a config error is one line on stderr and exit status 2, before anything connects."""
     try:

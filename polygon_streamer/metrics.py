@@ -143,8 +143,8 @@ class ServiceCollector:
         yield _counter("polygon_sink_written_total", "Events handed to each sink", labels=["sink"], samples=written)
         yield _counter("polygon_sink_drops_total", "Events dropped because a sink's queue was full",
                        labels=["sink"], samples=dropped)
-        for sink in service.sinks:
-            yield from sink_metrics(sink)
+        for sink, sink_queue in zip(service.sinks, service.sink_queues):
+            yield from sink_metrics(sink, sink_queue.stats)
 
         latency = service.latency
         histogram = HistogramMetricFamily("polygon_event_latency_seconds",
@@ -153,12 +153,12 @@ class ServiceCollector:
         yield histogram
 
 
-def sink_metrics(sink) -> Iterable:
+def sink_metrics(sink, queue_stats) -> Iterable:
     """The metrics a sink declares for itself (polygon_ndjson_*, polygon_zmq_*)."""
     describe = getattr(sink, "describe_metrics", None)
     if describe is None:
         return ()
-    return [_counter(name, documentation, value) for name, documentation, value in describe()]
+    return [_counter(name, documentation, value) for name, documentation, value in describe(queue_stats)]
 
 
 class _Handler(MetricsHandler):

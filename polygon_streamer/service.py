@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -72,7 +73,6 @@ class Service:
 
     def start(self) -> None:
         """Open sinks and bind the metrics port before connecting; problems there are config errors (exit 2)."""
-        logs.get("polygon_config").info("effective configuration", extra={"fields": self.config.redacted()})
         opened: list[Sink] = []
         try:
             for sink in self.sinks:
@@ -91,6 +91,7 @@ class Service:
             for sink in opened:
                 sink.close()
             raise
+        logs.get("polygon_config").info("effective configuration", extra={"fields": self.config.redacted()})
         for thread in self.sink_threads:
             thread.start()
         self.dispatcher.start()
@@ -190,7 +191,7 @@ class Service:
             unwritten = self.unwritten_events()
             _log.error("second %s: exiting now with %d event(s) not written", signal.Signals(signum).name,
                        unwritten, extra={"fields": {"unwritten_events": unwritten}})
-            logging_shutdown()
+            logging.shutdown()
             os._exit(1)
 
     def unwritten_events(self) -> int:
@@ -259,12 +260,6 @@ class Service:
                                  **{q.name: q.queue.qsize() for q in self.sink_queues}}
         _stats_log.info("stats", extra={"fields": fields})
         return counts
-
-
-def logging_shutdown() -> None:
-    import logging
-
-    logging.shutdown()
 
 
 def run_service(config: Config, stop_after_events: int | None = None,

@@ -1,0 +1,341 @@
+"""The NDJSON sink: one schema.md record a line, to stdout or files that ETL can trust.
+
+Files are written only from the sink thread, in whole-line chunks (a flush never splits a line between two files).
+Rotation renames the live file to a name that sorts by time and never collides; gzip runs on its own thread
+(`.gz.tmp`, rename when complete, then the plain file is removed), so a crash mid-gzip leaves the plain file.
+SIGHUP closes and reopens the path, which is what logrotate's create mode needs.
+Disk errors (ENOSPC, EIO) are counted and retried; what could not be written stays buffered (bounded: past the
+bound the thread stops taking batches, so the queue fills and drops are counted there) and goes out when the disk
+is back.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import os
+import queue
+import shutil
+import sys
+import time
+
+from .. import logs, protocol
+from ..config import Config
+from ..threads import ServiceThread
+from . import Sink, SinkConfigError, SinkStats
+
+_log = logs.get("polygon_ndjson")
+
+RETRY_SECS = 1.0
+MAX_BUFFERED_BYTES = 64 * 1024 * 1024
+
+
+def rotated_name(path: str, when: float, taken=os.path.exists) -> str:
+    """`dir/stocks.ndjson` -> `dir/stocks.20261124T093632.123Z.ndjson`; `_1`, `_2`, ... if taken (sorts after)."""
+    directory, base = os.path.split(path)
+    stem, dot, ext = base.rpartition(".")
+    if not dot or not stem:
+        stem, ext = base, ""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(when)) + f".{int(when * 1000) % 1000:03d}Z"
+    suffix = f".{ext}" if ext else ""
+    candidate = os.path.join(directory, f"{stem}.{stamp}{suffix}")
+    counter = 0
+    while taken(candidate) or taken(candidate + ".gz"):
+        counter += 1
+        candidate = os.path.join(directory, f"{stem}.{stamp}_{counter}{suffix}")
+    return candidate
+
+
+def split_path(path: str, kind: str) -> str:
+    """`dir/stocks.ndjson` -> `dir/stocks.trade.ndjson`."""
+    directory, base = os.path.split(path)
+    stem, dot, ext = base.rpartition(".")
+    if not dot or not stem:
+        return os.path.join(directory, f"{base}.{kind}")
+    return os.path.join(directory, f"{stem}.{kind}.{ext}")
+
+
+class Compressor(ServiceThread):
+    """Gzips rotated files off the writer's thread."""
+
+    def __init__(self) -> None:
+        super().__init__("polygon-ndjson-gzip")
+        self.jobs: queue.Queue = queue.Queue()
+        self.compressed = 0
+        self.errors = 0
+
+    def loop(self) -> None:
+        while True:
+            try:
+                path = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                if self.stopping.is_set():
+                    return
+                continue
+            self.compress(path)
+
+    def compress(self, path: str) -> None:
+        target = path + ".gz"
+        temporary = target + ".tmp"
+        try:
+            with open(path, "rb") as source, open(temporary, "wb") as raw:
+                with gzip.GzipFile(filename=os.path.basename(path), mode="wb", fileobj=raw, mtime=0) as packed:
+                    shutil.copyfileobj(source, packed, 1024 * 1024)
+                raw.flush()
+                os.fsync(raw.fileno())
+            shutil.copymode(path, temporary)
+            os.rename(temporary, target)
+            os.unlink(path)
+            self.compressed += 1
+        except OSError as exc:
+            self.errors += 1
+            _log.error("gzip of %s failed, the plain file is kept: %s", path, exc,
+                       extra={"fields": {"path": path}})
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+
+
+class _Output:
+    """One destination file: its handle, its size, when it was opened, and what is buffered for it."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.fd: int | None = None
+        self.size = 0
+        self.opened_at = 0.0
+        self.lines: list[str] = []
+        self.events = 0
+        self.carry = b""            # encoded bytes a failed write left behind (written first next time)
+        self.carry_events = 0
+        self.first_buffered_at = 0.0
+
+    @property
+    def buffered(self) -> bool:
+        return bool(self.lines or self.carry)
+
+
+class NdjsonSink(Sink):
+    name = "ndjson"
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._to_stdout = config.ndjson_dest == "stdout"
+        self._outputs: dict[str, _Output] = {}
+        self._flush_every = config.ndjson_flush_every
+        self._flush_interval = config.ndjson_flush_interval_ms / 1000.0
+        self._max_bytes = config.ndjson_max_bytes
+        self._rotate_secs = config.ndjson_rotate_secs
+        self._compressor = Compressor() if config.ndjson_gzip and not self._to_stdout else None
+        self._retry_at = 0.0
+        self._error_warning = logs.RateLimitedWarning(_log, 5.0)
+        self.written = 0
+        self.bytes = 0
+        self.rotations = 0
+        self.write_errors = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._to_stdout:
+            output = _Output(None)
+            output.fd = sys.stdout.fileno()
+            self._outputs[""] = output
+            return
+        path = self._config.ndjson_dest
+        directory = os.path.dirname(os.path.abspath(path))
+        where = f"invalid NDJSON_DEST (--ndjson-dest) {path!r}"
+        if not os.path.isdir(directory):
+            raise SinkConfigError(f"{where}: directory {directory} does not exist; create it or fix the path")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise SinkConfigError(f"{where}: directory {directory} is not writable by this user "
+                                  f"(uid {os.geteuid()}); fix its owner or mode")
+        paths = [split_path(path, kind) for kind in protocol.KINDS] if self._config.ndjson_split_per_type \
+            else [path]
+        for candidate in paths:
+            if os.path.exists(candidate) and not os.access(candidate, os.W_OK):
+                raise SinkConfigError(f"{where}: {candidate} exists and is not writable by this user")
+        if not self._config.ndjson_split_per_type:
+            output = _Output(path)
+            self._open_file(output)
+            self._outputs[""] = output
+        if self._compressor:
+            self._compressor.start()
+            self._queue_leftovers(paths)
+
+    def _queue_leftovers(self, paths: list[str]) -> None:
+        """Rotated files a crash left uncompressed are compressed now."""
+        for path in paths:
+            directory, base = os.path.split(path)
+            stem = base.rpartition(".")[0] or base
+            try:
+                names = os.listdir(directory or ".")
+            except OSError:
+                return
+            for name in sorted(names):
+                if name.startswith(stem + ".") and name != base and not name.endswith((".gz", ".tmp")) \
+                        and rotated_stamp(name[len(stem) + 1:]):
+                    self._compressor.jobs.put(os.path.join(directory, name))
+
+    def close(self) -> None:
+        for output in self._outputs.values():
+            self._flush(output, final=True)
+            if output.path is not None and output.fd is not None:
+                try:
+                    os.fsync(output.fd)
+                except OSError:
+                    pass
+                os.close(output.fd)
+                output.fd = None
+        if self._compressor:
+            self._compressor.stop()
+            self._compressor.join(30)
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    def _output_for(self, kind: str) -> _Output:
+        output = self._outputs.get(kind)
+        if output is None:
+            output = _Output(split_path(self._config.ndjson_dest, kind))
+            self._outputs[kind] = output
+        return output
+
+    def write(self, records: list[tuple]) -> None:
+        now = time.monotonic()
+        if self._config.ndjson_split_per_type:
+            for record in records:
+                output = self._output_for(record[3])
+                if not output.buffered:
+                    output.first_buffered_at = now
+                output.lines.append(record[5])
+                output.events += 1
+            touched = {record[3] for record in records}
+            outputs = [self._outputs[kind] for kind in touched]
+        else:
+            output = self._outputs[""]
+            if not output.buffered:
+                output.first_buffered_at = now
+            output.lines.extend([record[5] for record in records])
+            output.events += len(records)
+            outputs = [output]
+        for output in outputs:
+            if output.events + output.carry_events >= self._flush_every:
+                self._flush(output)
+        self._hold_while_failing()
+
+    def _hold_while_failing(self) -> None:
+        """While the disk refuses writes and too much is buffered, stop taking batches: the queue fills and its
+        drops are counted, instead of memory growing without bound."""
+        while self._retry_at and self._buffered_bytes() > MAX_BUFFERED_BYTES:
+            time.sleep(max(0.0, min(0.2, self._retry_at - time.monotonic())))
+            if time.monotonic() >= self._retry_at:
+                for output in self._outputs.values():
+                    self._flush(output)
+
+    def _buffered_bytes(self) -> int:
+        return sum(len(o.carry) + sum(len(line) + 1 for line in o.lines) for o in self._outputs.values())
+
+    def tick(self, now: float) -> None:
+        for output in list(self._outputs.values()):
+            if output.buffered and now - output.first_buffered_at >= self._flush_interval:
+                self._flush(output)
+            if self._rotate_secs and output.path is not None and output.fd is not None \
+                    and now - output.opened_at >= self._rotate_secs:
+                self._flush(output)
+                if output.size > 0 and not output.buffered:
+                    self._rotate(output)
+                else:
+                    output.opened_at = now
+
+    def _flush(self, output: _Output, final: bool = False) -> None:
+        if not output.buffered:
+            return
+        now = time.monotonic()
+        if self._retry_at and now < self._retry_at and not final:
+            return
+        if output.lines:
+            text = "\n".join(output.lines) + "\n"
+            output.carry += text.encode("utf-8")
+            output.carry_events += output.events
+            output.lines = []
+            output.events = 0
+        data = output.carry
+        done = 0
+        try:
+            if output.fd is None:
+                self._open_file(output)
+            if self._max_bytes and output.path is not None and output.size > 0 \
+                    and output.size + len(data) > self._max_bytes:
+                self._rotate(output)
+            view = memoryview(data)
+            while done < len(data):
+                written = os.write(output.fd, view[done:])
+                done += written
+                output.size += written
+                self.bytes += written
+        except OSError as exc:
+            output.carry = data[done:]
+            self.write_errors += 1
+            self._retry_at = now + RETRY_SECS
+            self._error_warning.warn(f"NDJSON write failed, will retry: {exc.strerror or exc}",
+                                     path=output.path or "stdout", errno=errno.errorcode.get(exc.errno, exc.errno),
+                                     buffered_bytes=self._buffered_bytes(), write_errors_total=self.write_errors)
+            return
+        if self._retry_at:
+            _log.info("NDJSON writes resumed", extra={"fields": {"path": output.path or "stdout"}})
+            self._retry_at = 0.0
+        self.written += output.carry_events
+        output.carry = b""
+        output.carry_events = 0
+
+    # -- files --------------------------------------------------------------------------------------------------
+
+    def _open_file(self, output: _Output) -> None:
+        output.fd = os.open(output.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        output.size = os.fstat(output.fd).st_size
+        output.opened_at = time.monotonic()
+
+    def _rotate(self, output: _Output) -> None:
+        target = rotated_name(output.path, time.time())
+        os.close(output.fd)
+        output.fd = None
+        os.rename(output.path, target)
+        self.rotations += 1
+        _log.info("rotated %s to %s", output.path, target,
+                  extra={"fields": {"path": output.path, "rotated": target}})
+        self._open_file(output)
+        if self._compressor:
+            self._compressor.jobs.put(target)
+
+    def reopen(self) -> None:
+        if self._to_stdout:
+            return
+        for output in self._outputs.values():
+            self._flush(output, final=True)
+            if output.fd is not None:
+                os.close(output.fd)
+                output.fd = None
+            try:
+                self._open_file(output)
+            except OSError as exc:
+                self.write_errors += 1
+                _log.error("reopen of %s failed, will retry on the next write: %s", output.path, exc)
+        _log.info("reopened NDJSON file(s) after SIGHUP",
+                  extra={"fields": {"paths": [o.path for o in self._outputs.values()]}})
+
+    def describe_metrics(self, queue_stats: SinkStats):
+        return [
+            ("polygon_ndjson_written_total", "Events written to NDJSON files (or stdout)", self.written),
+            ("polygon_ndjson_bytes_total", "Bytes written by the NDJSON sink", self.bytes),
+            ("polygon_ndjson_rotations_total", "NDJSON files rotated (size or time)", self.rotations),
+            ("polygon_ndjson_write_errors_total", "Failed NDJSON writes or reopens (retried)", self.write_errors),
+            ("polygon_ndjson_drops_total", "Events dropped because the NDJSON queue was full",
+             queue_stats.dropped),
+        ]
+
+
+def rotated_stamp(rest: str) -> bool:
+    """Does `rest` (what follows `stem.`) start with a rotation stamp such as 20261124T093632.123Z?"""
+    return len(rest) >= 20 and rest[:8].isdigit() and rest[8] == "T" and rest[9:15].isdigit() \
+        and rest[15] == "." and rest[16:19].isdigit() and rest[19] == "Z"

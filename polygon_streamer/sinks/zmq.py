@@ -1,0 +1,135 @@
+"""The ZeroMQ sink: every record as [topic, payload] for many subscribers, with every drop counted.
+
+A plain PUB drops silently at the high-water mark (ops.md C.3). This sink uses XPUB with XPUB_NODROP and
+non-blocking sends instead: a full pipe answers EAGAIN, and the message is dropped and counted here. The price is
+libzmq's rule that one full subscriber refuses the message for every subscriber that matches it; size SNDHWM so a
+healthy subscriber never reaches it (README, "ZeroMQ").
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import zmq
+
+from .. import logs
+from ..config import Config
+from . import Sink, SinkConfigError, SinkStats
+
+_log = logs.get("polygon_zmq")
+
+LINGER_MS = 1000
+_TOPIC_CACHE_LIMIT = 200_000
+
+
+class ZmqSink(Sink):
+    name = "zmq"
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._prefix = config.zmq_topic_prefix
+        self._context: zmq.Context | None = None
+        self._socket: zmq.Socket | None = None
+        self._topics: dict[tuple[str, str], bytes] = {}
+        self._drop_warning = logs.RateLimitedWarning(_log, config.zmq_warn_interval_secs)
+        self.sent = 0
+        self.socket_drops = 0
+
+    def open(self) -> None:
+        endpoint = self._config.zmq_endpoint
+        where = f"invalid ZMQ_ENDPOINT (--zmq-endpoint) {endpoint!r}"
+        self._check_host(endpoint, where)
+        self._context = zmq.Context()
+        sock = self._context.socket(zmq.XPUB)
+        try:
+            sock.setsockopt(zmq.XPUB_NODROP, 1)
+            sock.setsockopt(zmq.LINGER, LINGER_MS)
+            if self._config.zmq_snd_hwm is not None:
+                sock.setsockopt(zmq.SNDHWM, self._config.zmq_snd_hwm)  # before bind/connect, or it is ignored
+            if self._config.zmq_bind:
+                sock.bind(endpoint)
+            else:
+                sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            self._context.term()
+            verb = "bind" if self._config.zmq_bind else "connect"
+            raise SinkConfigError(f"{where}: cannot {verb}: {exc.strerror}") from None
+        self._socket = sock
+        _log.info("ZeroMQ %s %s", "bound to" if self._config.zmq_bind else "connecting to", endpoint,
+                  extra={"fields": {"endpoint": endpoint, "bind": self._config.zmq_bind,
+                                    "snd_hwm": self._config.zmq_snd_hwm}})
+
+    @staticmethod
+    def _check_host(endpoint: str, where: str) -> None:
+        """libzmq resolves tcp:// hosts later and retries forever; an unknown host is a config error now."""
+        match = re.fullmatch(r"tcp://(?:[^;]+;)?(\[[^\]]+\]|[^:]+):(\d+|\*)", endpoint)
+        if not endpoint.startswith("tcp://"):
+            return
+        if not match:
+            raise SinkConfigError(f"{where}: expected tcp://HOST:PORT")
+        host = match.group(1).strip("[]")
+        if host == "*":
+            return
+        try:
+            socket.getaddrinfo(host, None)
+        except socket.gaierror as exc:
+            raise SinkConfigError(f"{where}: cannot resolve host {host!r} ({exc.strerror})") from None
+
+    def write(self, records: list[tuple]) -> None:
+        send = self._socket.send
+        topics = self._topics
+        more = zmq.SNDMORE | zmq.NOBLOCK
+        last = zmq.NOBLOCK
+        dropped = 0
+        for _seq, code, symbol, _kind, _ts, line in records:
+            topic = topics.get((code, symbol))
+            if topic is None:
+                topic = self._topic(code, symbol)
+            try:
+                send(topic, more, copy=True)
+            except zmq.Again:
+                dropped += 1
+                continue
+            send(line.encode("utf-8"), last, copy=True)
+        self.sent += len(records) - dropped
+        if dropped:
+            self.socket_drops += dropped
+            self._drop_warning.warn("ZeroMQ subscriber(s) at the high-water mark: dropping events",
+                                    dropped_events_total=self.socket_drops, snd_hwm=self._config.zmq_snd_hwm)
+
+    def _topic(self, code: str, symbol: str) -> bytes:
+        if len(self._topics) >= _TOPIC_CACHE_LIMIT:
+            self._topics.clear()
+        topic = f"{self._prefix}{code}:{symbol}".encode("utf-8")
+        self._topics[(code, symbol)] = topic
+        return topic
+
+    def tick(self, now: float) -> None:
+        # XPUB hands subscription messages up to us; read them so they do not pile up.
+        while True:
+            try:
+                message = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if message[:1] in (b"\x00", b"\x01"):
+                _log.debug("subscriber %s %r", "joined" if message[:1] == b"\x01" else "left", message[1:])
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(LINGER_MS)
+            self._socket = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+    def describe_metrics(self, queue_stats: SinkStats):
+        return [
+            ("polygon_zmq_sent_total", "Events published on the ZeroMQ socket", self.sent),
+            ("polygon_zmq_drops_total",
+             "Events dropped for ZeroMQ: queue full or a subscriber at the high-water mark",
+             queue_stats.dropped + self.socket_drops),
+            ("polygon_zmq_socket_drops_total", "Events refused by the socket at the high-water mark",
+             self.socket_drops),
+        ]
