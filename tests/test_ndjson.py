@@ -1,0 +1,200 @@
+"""The NDJSON sink against real files, real rotation, real gzip and real signals to the child process."""
+
+import gzip
+import os
+import signal
+import subprocess
+
+import pytest
+import ujson
+
+from helpers import Streamer, base_env, free_port, wait_for
+from polygon_streamer.sinks.ndjson import rotated_name, split_path
+
+
+@pytest.fixture
+def start(mock_server):
+    started = []
+
+    def launch(dest, cluster="stocks", **settings):
+        env = base_env(mock_server.url(cluster), free_port(), SINK="ndjson", NDJSON_DEST=str(dest), **settings)
+        streamer = Streamer(env)
+        started.append(streamer)
+        return streamer
+
+    yield launch
+    for streamer in started:
+        if streamer.proc.poll() is None:
+            streamer.proc.kill()
+            streamer.proc.wait(5)
+
+
+def read_lines(path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        text = handle.read()
+    assert text == "" or text.endswith("\n"), f"{path} ends with a torn line"
+    return [ujson.loads(line) for line in text.splitlines()]
+
+
+def size_of(path):
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # between a size rotation's rename and the reopen
+        return 0
+
+
+def all_records(directory):
+    records = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".tmp"):
+            raise AssertionError(f"a temporary file was left behind: {name}")
+        records.extend(read_lines(directory / name))
+    return records
+
+
+def assert_exactly_once(records, count):
+    seqs = sorted(record["seq"] for record in records)
+    assert seqs == list(range(1, count + 1)), "every event must be in exactly one file"
+
+
+def test_every_event_lands_exactly_once_across_size_rotation_gzip_and_sighup(tmp_path, mock_server, start):
+    total = 30000
+    mock_server.options.rate = 10000  # a 3 s stream, so the renames below happen while it flows
+    mock_server.options.batch = 50
+    mock_server.options.count = total
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / "stocks.ndjson"
+    streamer = start(dest, NDJSON_MAX_BYTES=300_000, NDJSON_GZIP="true", NDJSON_CHANNEL_CAP="100000",
+                     CHANNEL_CAP="100000")
+    for round_number in range(5):
+        # logrotate's create mode: rename, then HUP.
+        wait_for(lambda: size_of(dest) > 0, what="a live file with data")
+        dest.rename(out / f"stocks.ndjson.{round_number + 1}")
+        streamer.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: dest.exists(), what="the reopened file")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= total, timeout=60, what="all events written")
+    assert streamer.metric("polygon_ndjson_rotations_total") >= 3
+    assert streamer.stop() == 0
+    names = os.listdir(out)
+    assert any(name.endswith(".ndjson.gz") for name in names), names
+    assert not any(name.endswith(".ndjson") and name != "stocks.ndjson" and ".2" in name for name in names), \
+        "a rotated plain file was not compressed"
+    assert_exactly_once(all_records(out), total)
+    for name in names:
+        if name.endswith(".gz"):
+            assert os.path.getsize(out / name) > 0
+            assert not os.path.exists(out / name[:-3]), "the plain file must go once its .gz is complete"
+
+
+def test_time_rotation_and_flush_fire_on_a_quiet_feed(tmp_path, mock_server, start):
+    mock_server.options.count = 7   # then silence
+    dest = tmp_path / "quiet.ndjson"
+    streamer = start(dest, NDJSON_FLUSH_EVERY=1000, NDJSON_FLUSH_INTERVAL_MS=200, NDJSON_ROTATE_SECS=1)
+    wait_for(lambda: dest.exists() and len(read_lines(dest)) == 7, what="the interval flush with no new event")
+    wait_for(lambda: len(os.listdir(tmp_path)) >= 2, timeout=5, what="a time rotation on a quiet feed")
+    rotated = [name for name in os.listdir(tmp_path) if name != "quiet.ndjson"]
+    assert rotated[0].startswith("quiet.") and rotated[0].endswith("Z.ndjson")
+    assert streamer.stop() == 0
+    assert_exactly_once(all_records(tmp_path), 7)
+
+
+def test_split_per_type_keeps_every_kind(tmp_path, mock_server, start):
+    mock_server.options.count = 600
+    streamer = start(tmp_path / "stocks.ndjson", SUBSCRIPTION="T.*,Q.*,A.*,AM.*,LULD.*,NOI.*,FMV.*",
+                     NDJSON_SPLIT_PER_TYPE="true")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 600, what="600 events written")
+    assert streamer.stop() == 0
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["stocks.agg_minute.ndjson", "stocks.agg_second.ndjson", "stocks.fmv.ndjson",
+                     "stocks.imbalance.ndjson", "stocks.luld.ndjson", "stocks.quote.ndjson",
+                     "stocks.trade.ndjson"]
+    for name in files:
+        kinds = {record["kind"] for record in read_lines(tmp_path / name)}
+        assert kinds == {name.split(".")[1]}
+    assert_exactly_once(all_records(tmp_path), 600)
+
+
+def test_sigterm_under_load_writes_every_accepted_event(tmp_path, mock_server, start):
+    mock_server.options.rate = 0
+    mock_server.options.batch = 100
+    dest = tmp_path / "load.ndjson"
+    streamer = start(dest, NDJSON_CHANNEL_CAP="100000", CHANNEL_CAP="100000", NDJSON_FLUSH_EVERY="5000")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 20000, timeout=30, what="a loaded stream")
+    assert streamer.stop(signal.SIGTERM) == 0
+    final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]
+    assert_exactly_once(read_lines(dest), final["fields"]["events"])
+
+
+def test_missing_directory_is_exit_2(tmp_path, mock_server):
+    env = base_env(mock_server.url("stocks"), free_port(), SINK="ndjson", NDJSON_DEST=str(tmp_path / "no" / "x"))
+    streamer = Streamer(env)
+    assert streamer.proc.wait(20) == 2
+    streamer.stop()
+    assert len(streamer.stderr_lines) == 1
+    assert "NDJSON_DEST" in streamer.stderr_lines[0] and "does not exist" in streamer.stderr_lines[0]
+    assert mock_server.stats.connections == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the child as another user")
+def test_unwritable_directory_is_exit_2(tmp_path, mock_server):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    os.chmod(tmp_path, 0o755)
+    env = base_env(mock_server.url("stocks"), free_port(), SINK="ndjson", NDJSON_DEST=str(locked / "x.ndjson"))
+    env["HOME"] = "/"
+    result = subprocess.run(["python3", "-m", "polygon_streamer", "run"], env=env, capture_output=True, text=True,
+                            timeout=30, user=65534, group=65534, cwd="/")
+    if "No module named" in result.stderr:
+        pytest.skip("the package is not importable by the unprivileged user here")
+    assert result.returncode == 2, result.stderr
+    assert "not writable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                                            str(mount_point)]).returncode != 0:
+        pytest.skip("needs root and tmpfs to fill a real filesystem")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)])
+
+
+def test_a_full_disk_is_survived_and_writing_resumes_when_space_returns(tiny_disk, mock_server, start):
+    filler = tiny_disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            handle.write(b"\0" * (900 * 1024))
+        except OSError:
+            pass
+    mock_server.options.rate = 2000
+    mock_server.options.count = 1500
+    dest = tiny_disk / "full.ndjson"
+    streamer = start(dest, NDJSON_FLUSH_EVERY=50)
+    wait_for(lambda: streamer.metric("polygon_ndjson_write_errors_total") >= 1, timeout=20, what="ENOSPC")
+    assert streamer.get("/health")[0] == 200, "the service keeps running"
+    before = streamer.metric("polygon_events_total", type="T") + streamer.metric("polygon_events_total", type="Q")
+    wait_for(lambda: streamer.metric("polygon_events_total", type="T") +
+             streamer.metric("polygon_events_total", type="Q") > before, what="the stream to go on")
+    filler.unlink()
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 1500, timeout=30, what="writes resuming")
+    assert streamer.stop() == 0
+    assert_exactly_once(read_lines(dest), 1500)
+    assert any("NDJSON write failed" in m for m in streamer.log_messages())
+
+
+def test_rotated_names_sort_by_time_and_never_collide(tmp_path):
+    live = str(tmp_path / "stocks.ndjson")
+    first = rotated_name(live, 1795555200.123)
+    assert os.path.basename(first) == "stocks.20261124T212000.123Z.ndjson"
+    open(first, "w").close()
+    second = rotated_name(live, 1795555200.123)
+    assert os.path.basename(second) == "stocks.20261124T212000.123Z_1.ndjson"
+    open(second + ".gz", "w").close()
+    third = rotated_name(live, 1795555200.123)
+    assert sorted([third, second, first]) == [first, second, third]
+    assert os.path.basename(split_path(live, "trade")) == "stocks.trade.ndjson"
+    assert os.path.basename(rotated_name(str(tmp_path / "plain"), 1795555200.0)) == "plain.20261124T212000.000Z"
