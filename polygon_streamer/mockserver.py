@@ -376,6 +376,10 @@ class _Connection:
         interval = batch / options.rate if options.rate > 0 else 0.0
         next_send = time.monotonic()
         while not self.server.stopping.is_set():
+            if not self.server.streaming.is_set():
+                self._pump(0.05)
+                next_send = time.monotonic()
+                continue
             if limit and self.sent_events >= limit:
                 if options.drop_after and self.sent_events >= options.drop_after:
                     self.abort()
@@ -421,6 +425,8 @@ class MockServer:
         self.options = options or MockOptions()
         self.stats = MockStats()
         self.stopping = threading.Event()
+        self.streaming = threading.Event()  # clear it to hold data events (handshakes still complete)
+        self.streaming.set()
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.settimeout(0.2)
         self.host, self.port = self._listener.getsockname()[:2]

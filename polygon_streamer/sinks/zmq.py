@@ -114,7 +114,8 @@ class ZmqSink(Sink):
             except zmq.Again:
                 return
             if message[:1] in (b"\x00", b"\x01"):
-                _log.debug("subscriber %s %r", "joined" if message[:1] == b"\x01" else "left", message[1:])
+                _log.debug("subscription %s", "added" if message[:1] == b"\x01" else "removed",
+                           extra={"fields": {"topic": message[1:].decode("utf-8", "replace")}})
 
     def close(self) -> None:
         if self._socket is not None:
