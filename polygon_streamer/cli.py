@@ -109,14 +109,21 @@ def demo(rate: float, batch: int, max_events: int, **values) -> int:
 @click.option("--odd-events-every", type=click.IntRange(min=0), default=0,
               help="every Nth frame carries odd events too")
 @click.option("--hang-upgrade", is_flag=True, help="accept TCP and never answer the WebSocket upgrade")
-def mock_server(host: str, port: int, key: str | None, **options) -> int:
+@click.option("--frame-pool", type=click.IntRange(min=0), default=0,
+              help="benchmarks: cycle N pre-rendered frames as fast as the client reads (ignores --rate)")
+@click.option("--hold", is_flag=True, help="complete handshakes but send no data until SIGUSR1")
+def mock_server(host: str, port: int, key: str | None, hold: bool, **options) -> int:
     """Serve the Polygon protocol locally for every cluster (ws://HOST:PORT/stocks, /crypto, ...)."""
     import signal
     import threading
 
     from .mockserver import MockOptions, MockServer
 
-    server = MockServer(host, port, MockOptions(api_key=key, **options)).start()
+    server = MockServer(host, port, MockOptions(api_key=key, **options))
+    if hold:
+        server.streaming.clear()
+        signal.signal(signal.SIGUSR1, lambda *_: server.streaming.set())
+    server.start()
     click.echo(f"listening on ws://{server.host}:{server.port}/{{stocks,options,futures,crypto,forex,indices}}",
                err=True)
     click.echo(f"ws://{server.host}:{server.port}")
@@ -177,6 +184,26 @@ def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: b
     sock.close(0)
     context.term()
     return 0
+
+
+@cli.command()
+@click.option("--events", type=click.IntRange(min=1), default=1_000_000, show_default=True)
+@click.option("--cluster", type=click.Choice(["stocks", "options", "futures", "crypto", "forex", "indices"]),
+              default="stocks", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True, help="events per frame")
+@click.option("--sink", "sinks", default="ndjson", show_default=True, help="ndjson, zmq or ndjson,zmq")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object instead of the table")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="a progress bar on stderr")
+def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, progress: bool) -> int:
+    """Measure ceilings and the service end to end on the local server; exit 1 if anything was lost."""
+    from . import bench as benchmark
+
+    chosen = [name.strip() for name in sinks.split(",") if name.strip()]
+    if not chosen or any(name not in ("ndjson", "zmq") for name in chosen):
+        raise ConfigError(f"invalid --sink {sinks!r}: expected ndjson, zmq or ndjson,zmq")
+    result = benchmark.run(events, cluster, batch, chosen, progress)
+    click.echo(benchmark.to_json(result) if as_json else benchmark.format_table(result))
+    return 0 if result.ok else 1
 
 
 def main(argv: list[str] | None = None) -> None:

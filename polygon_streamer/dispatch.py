@@ -60,7 +60,7 @@ class Dispatcher(ServiceThread):
                 observe((ingest_ms - newest) / 1000.0)
             if records:
                 for sink_queue in sink_queues:
-                    sink_queue.offer(records)
+                    sink_queue.offer(ingest_ms, records)
 
 
 def stop_inbound(inbound: queue.Queue, deadline: float) -> bool:

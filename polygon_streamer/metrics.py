@@ -20,21 +20,35 @@ from prometheus_client.exposition import MetricsHandler
 from . import __version__, logs, protocol
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+WRITE_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BAD_EVENT_REASONS = ("not_an_event", "unencodable")
 ANOMALY_REASONS = ("unknown_code", "missing_symbol", "bad_symbol", "bad_time")
 
 
 class LatencyHistogram:
-    """Ingest time minus event time, observed once per frame (its newest event) by the dispatcher thread."""
+    """A histogram written by one thread and read at scrape time: event latency (dispatcher, once per frame) and
+    receive-to-write latency (each sink, once per batch, weighted by its events)."""
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS):
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sum += seconds
+    def observe(self, seconds: float, count: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += count
+        self.sum += seconds * count
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding the q-quantile (what a reader of the buckets can know)."""
+        total = sum(self.counts)
+        if not total:
+            return float("nan")
+        running = 0
+        for bound, count in zip(self.bounds + (float("inf"),), self.counts):
+            running += count
+            if running >= q * total:
+                return bound
+        return float("inf")
 
     def cumulative(self) -> list[tuple[str, int]]:
         counts = list(self.counts)
@@ -147,10 +161,15 @@ class ServiceCollector:
             yield from sink_metrics(sink, sink_queue.stats)
 
         latency = service.latency
-        histogram = HistogramMetricFamily("polygon_event_latency_seconds",
-                                          "Ingest time minus event time, per frame (its newest event)",
-                                          buckets=latency.cumulative(), sum_value=latency.sum)
-        yield histogram
+        yield HistogramMetricFamily("polygon_event_latency_seconds",
+                                    "Ingest time minus event time, per frame (its newest event)",
+                                    buckets=latency.cumulative(), sum_value=latency.sum)
+        write_latency = HistogramMetricFamily("polygon_sink_write_latency_seconds",
+                                              "Frame received to its events written (NDJSON: flushed) per sink",
+                                              labels=["sink"])
+        for sink in service.sinks:
+            write_latency.add_metric([sink.name], sink.write_latency.cumulative(), sink.write_latency.sum)
+        yield write_latency
 
 
 def sink_metrics(sink, queue_stats) -> Iterable:

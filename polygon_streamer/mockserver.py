@@ -150,6 +150,7 @@ class MockOptions:
     huge_frame_every: int = 0          # every Nth data frame is padded past 10 MB with events
     hang_upgrade: bool = False         # accept TCP and never answer the upgrade
     record: bool = False               # keep (code, symbol, q) of every data event sent, in order
+    frame_pool: int = 0                # benchmarks: cycle this many pre-rendered frames, sent in large chunks
 
 
 @dataclass
@@ -364,7 +365,43 @@ class _Connection:
                     self.send([_status("max_connections", "Maximum number of websocket connections exceeded. ")])
                     self.sock.sendall(self.ws.send(CloseConnection(code=1008, reason="max connections")))
                     raise _Closed()
-        self._stream(EventGenerator(self.cluster, streams, options.seed + stats.connections))
+        generator = EventGenerator(self.cluster, streams, options.seed + stats.connections)
+        if options.frame_pool:
+            self._stream_pool(generator)
+        else:
+            self._stream(generator)
+
+    def _stream_pool(self, generator: EventGenerator) -> None:
+        """As fast as the socket takes it: pre-rendered frames, many per send, so the server outruns the client."""
+        options = self.options
+        stats = self.server.stats
+        batch = max(1, options.batch)
+        pool = [ws_frame(1, ujson.dumps(generator.take(batch)).encode()) for _ in range(options.frame_pool)]
+        limit = options.count
+        index = 0
+        while not self.server.streaming.wait(0.05):
+            self._pump(0)
+            if self.server.stopping.is_set():
+                return
+        while not self.server.stopping.is_set():
+            if limit and self.sent_events >= limit:
+                self._pump(0.2)
+                continue
+            chunk, size, events = [], 0, 0
+            while size < 256 * 1024 and not (limit and self.sent_events + events + batch > limit):
+                frame = pool[index]
+                index = (index + 1) % len(pool)
+                chunk.append(frame)
+                size += len(frame)
+                events += batch
+            if not chunk:  # a last, shorter frame
+                chunk = [ws_frame(1, ujson.dumps(generator.take(limit - self.sent_events)).encode())]
+                events = limit - self.sent_events
+            self.sock.sendall(b"".join(chunk))
+            self.sent_events += events
+            stats.events_sent += events
+            stats.frames_sent += len(chunk)
+            self._pump(0)
 
     def _stream(self, generator: EventGenerator) -> None:
         options = self.options

@@ -41,6 +41,28 @@ def parse_frame(data: bytes | str) -> list:
     return events
 
 
+_WHITESPACE = (b" ", b"\n", b"\t", b"\r")
+
+
+def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
+    """The text of each event of a compact frame `[{...},{...}]`, or None when it cannot be told safely.
+
+    Polygon sends compact JSON. When the frame has no whitespace and no escapes, every top-level boundary is
+    exactly `},{`, so the split is right when it yields one part per parsed element; any `},{` inside a string or
+    a nested object makes the count differ and the caller re-encodes instead. Taking the text as received keeps
+    the payload byte for byte (number spelling, key order) and saves an encode per event.
+    """
+    raw = data if isinstance(data, bytes) else data.encode("utf-8")
+    if not (raw[:2] == b"[{" and raw[-2:] == b"}]") or b"\\" in raw or any(ws in raw for ws in _WHITESPACE):
+        return None
+    try:
+        text = raw.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError:
+        return None
+    parts = text[2:-2].split("},{")
+    return parts if len(parts) == count else None
+
+
 def time_to_ms(value) -> int | None:
     """A feed time in ms, µs or ns (told apart by magnitude) -> ms; None if it is not a usable time."""
     if type(value) is float:
@@ -110,6 +132,8 @@ class FrameNormalizer:
                       f'"schema_version":1,"seq":')
         # (code, symbol) -> (identity JSON fragment, kind, included)
         self._identities: dict[tuple[str, str], tuple[str, str, bool]] = {}
+        # code -> (symbol key, time key) for the inlined common case of _locate
+        self._fast_keys = {code: (shape.symbol_keys[0], shape.time_keys[0]) for code, shape in self._shapes.items()}
         self.seq = 0
         # Counters exported by metrics.py.
         self.events_by_type: dict[str, int] = {}
@@ -159,7 +183,7 @@ class FrameNormalizer:
         return symbol, ts
 
     def normalize(self, data: bytes | str, ingest_ms: int) -> tuple[list[tuple], int | None]:
-        """Records of one frame, and the newest event time in it (ms) for the latency histogram.
+        """Records of one frame, and its last event's time (ms) for the latency histogram.
         Raises FrameError for a frame that is not a JSON array (counted in parse_errors)."""
         try:
             events = parse_frame(data)
@@ -167,44 +191,55 @@ class FrameNormalizer:
             self.parse_errors += 1
             raise
         records: list[tuple] = []
-        newest = None
+        append = records.append
         head = f'{{"ingest_ts":{ingest_ms},'
         tail = self._tail
         identities = self._identities
-        dumps = ujson.dumps
+        fast_keys = self._fast_keys
+        sampling = self._sample_quotes > 1
         seq = self.seq
         by_type = self.events_by_type
-        for event in events:
+        texts = raw_event_texts(data, len(events))
+        for event, text in zip(events, texts) if texts is not None else ((event, None) for event in events):
             try:
                 code = event["ev"]
+                keys = fast_keys.get(code)
             except (TypeError, KeyError, IndexError):
                 self._count(self.bad_events, "not_an_event")
                 continue
-            if code == "status" or type(code) is not str:
-                if code != "status":
-                    self._count(self.bad_events, "not_an_event")
+            if keys is not None:
+                symbol = event.get(keys[0])
+                ts = event.get(keys[1])
+                if type(symbol) is not str or type(ts) is not int or not 0 <= ts < _MS_LIMIT:
+                    symbol, ts = self._locate(event, code)
+            elif code == "status":
                 continue
-            symbol, ts = self._locate(event, code)
-            identity = identities.get((code, symbol)) or self._identity(code, symbol)
-            fragment, kind, included = identity
+            elif type(code) is not str:
+                self._count(self.bad_events, "not_an_event")
+                continue
+            else:
+                symbol, ts = self._locate(event, code)
+            fragment, kind, included = identities.get((code, symbol)) or self._identity(code, symbol)
             if not included:
                 self.filtered += 1
                 continue
-            if kind == "quote" and self._sample_quotes > 1:
+            if sampling and kind == "quote":
                 self._quote_counter += 1
                 if (self._quote_counter - 1) % self._sample_quotes:
                     self.sampled_out += 1
                     continue
-            try:
-                payload = dumps(event, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
-            except (OverflowError, ValueError, TypeError, UnicodeError):
-                self._count(self.bad_events, "unencodable")
-                continue
+            if text is None:
+                try:
+                    text = ujson.dumps(event, ensure_ascii=False, escape_forward_slashes=False,
+                                       allow_nan=False)[1:-1]
+                except (OverflowError, ValueError, TypeError, UnicodeError):
+                    self._count(self.bad_events, "unencodable")
+                    continue
             seq += 1
-            records.append((seq, code, symbol, kind, ts,
-                            f'{head}{fragment}{"null" if ts is None else ts},"payload":{payload}{tail}{seq}}}'))
+            append((seq, code, symbol, kind, ts,
+                    f'{head}{fragment}{"null" if ts is None else ts},"payload":{{{text}}}{tail}{seq}}}'))
             by_type[code] = by_type.get(code, 0) + 1
-            if ts is not None and (newest is None or ts > newest):
-                newest = ts
+        # The frame's last event stands for the frame in the latency histogram (feeds are time-ordered).
+        newest = records[-1][4] if records else None
         self.seq = seq
         return records, newest

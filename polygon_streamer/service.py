@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -22,6 +23,10 @@ from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread
 _log = logs.get("polygon_streamer")
 _stats_log = logs.get("polygon_stats")
 MAIN_TICK_SECS = 0.1
+# The hot path allocates millions of short-lived dicts and tuples that never form cycles; with the default
+# gen-0 threshold (700) the cyclic GC ran every few frames and its full passes walked every queued record
+# (8.7% of the dispatcher's time in a profile). Collections still run, just far less often.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def build_sinks(config: Config) -> list[tuple[Sink, SinkQueue]]:
@@ -92,6 +97,8 @@ class Service:
                 sink.close()
             raise
         logs.get("polygon_config").info("effective configuration", extra={"fields": self.config.redacted()})
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         for thread in self.sink_threads:
             thread.start()
         self.dispatcher.start()

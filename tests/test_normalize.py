@@ -152,3 +152,23 @@ def test_every_cluster_has_a_shape_table_and_unknown_codes_fall_back():
     for cluster in protocol.CLUSTERS:
         _, out, _ = normalize(cluster, '[{"ev":"NEW","pair":"X-Y","e":1700000000000}]')
         assert (out[0]["kind"], out[0]["symbol"], out[0]["ts"]) == ("other", "X-Y", 1700000000000)
+
+
+def test_compact_frames_keep_each_payload_byte_for_byte():
+    frame = b'[{"ev":"T","sym":"A","p":1.10,"t":1700000000000,"x":1e2},{"ev":"Q","sym":"B","t":1700000000001}]'
+    _, _, records = normalize("stocks", frame)
+    assert ',"payload":{"ev":"T","sym":"A","p":1.10,"t":1700000000000,"x":1e2},' in records[0][5]
+    assert ',"payload":{"ev":"Q","sym":"B","t":1700000000001},' in records[1][5]
+
+
+@pytest.mark.parametrize("frame", [
+    '[{"ev":"T","sym":"A","note":"x},{y","t":1}]',          # the separator inside a string
+    '[{"ev":"T","sym":"A","n":[{"a":1},{"b":2}],"t":1}]',   # nested objects
+    '[{"ev":"T", "sym":"A","t":1}]',                        # whitespace
+    '[{"ev":"T","sym":"A\\/B","t":1}]',                     # an escape
+])
+def test_frames_that_cannot_be_split_safely_are_re_encoded(frame):
+    _, out, records = normalize("stocks", frame)
+    assert len(records) == 1
+    assert out[0]["payload"] == ujson.loads(frame)[0]
+    assert "\\/" not in records[0][5]

@@ -1,6 +1,7 @@
 """Sinks behind one small interface, each fed by its own bounded queue and thread.
 
-A batch is the list of records of one frame (see normalize.py for the record tuple); STOP ends the stream.
+A batch is (ingest_ms, records): the records of one frame (see normalize.py) and when that frame was received;
+STOP ends the stream.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import threading
 import time
 
 from .. import logs
+from ..metrics import WRITE_LATENCY_BUCKETS, LatencyHistogram
 from ..threads import ServiceThread
 
 STOP = None
@@ -21,10 +23,17 @@ class Sink:
 
     name = "sink"
 
+    def __init__(self) -> None:
+        # Frame received -> its events handed to the OS; observed by the sink when that happens.
+        self.write_latency = LatencyHistogram(WRITE_LATENCY_BUCKETS)
+
+    def observe_written(self, ingest_ms: int, events: int) -> None:
+        self.write_latency.observe(time.time() - ingest_ms / 1000.0, events)
+
     def open(self) -> None:
         """Acquire files/sockets. Raise SinkConfigError for a problem the operator must fix (exit 2)."""
 
-    def write(self, records: list[tuple]) -> None:
+    def write(self, records: list[tuple], ingest_ms: int) -> None:
         raise NotImplementedError
 
     def tick(self, now: float) -> None:
@@ -61,16 +70,16 @@ class SinkQueue:
                                                          else "polygon_streamer"), warn_interval_secs)
         self.consumer: threading.Thread | None = None
 
-    def offer(self, records: list[tuple]) -> None:
+    def offer(self, ingest_ms: int, records: list[tuple]) -> None:
         if self.drop_when_full:
             try:
-                self.queue.put_nowait(records)
+                self.queue.put_nowait((ingest_ms, records))
             except queue.Full:
                 self._drop(records, "queue full")
             return
         while True:
             try:
-                self.queue.put(records, timeout=TICK_SECS)
+                self.queue.put((ingest_ms, records), timeout=TICK_SECS)
                 return
             except queue.Full:
                 if self.consumer is not None and not self.consumer.is_alive():
@@ -121,8 +130,9 @@ class SinkThread(ServiceThread):
                     self.reopen_requested.clear()
                     sink.reopen()
                 if batch:
-                    sink.write(batch)
-                    stats.written += len(batch)
+                    ingest_ms, records = batch
+                    sink.write(records, ingest_ms)
+                    stats.written += len(records)
                 now = time.monotonic()
                 if now >= next_tick:
                     sink.tick(now)
@@ -133,4 +143,4 @@ class SinkThread(ServiceThread):
     def pending_events(self) -> int:
         """Events still queued (for the shutdown report)."""
         with self.sink_queue.queue.mutex:
-            return sum(len(batch) for batch in self.sink_queue.queue.queue if batch)
+            return sum(len(batch[1]) for batch in self.sink_queue.queue.queue if batch)

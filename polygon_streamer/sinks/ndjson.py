@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import operator
 import os
 import queue
 import shutil
@@ -26,6 +27,7 @@ from . import Sink, SinkConfigError, SinkStats
 
 _log = logs.get("polygon_ndjson")
 
+LINE = operator.itemgetter(5)
 RETRY_SECS = 1.0
 MAX_BUFFERED_BYTES = 64 * 1024 * 1024
 
@@ -110,6 +112,7 @@ class _Output:
         self.carry = b""            # encoded bytes a failed write left behind (written first next time)
         self.carry_events = 0
         self.first_buffered_at = 0.0
+        self.arrivals: list[tuple[int, int]] = []  # (ingest_ms, events) of what is buffered, for write latency
 
     @property
     def buffered(self) -> bool:
@@ -120,6 +123,7 @@ class NdjsonSink(Sink):
     name = "ndjson"
 
     def __init__(self, config: Config):
+        super().__init__()
         self._config = config
         self._to_stdout = config.ndjson_dest == "stdout"
         self._outputs: dict[str, _Output] = {}
@@ -201,23 +205,29 @@ class NdjsonSink(Sink):
             self._outputs[kind] = output
         return output
 
-    def write(self, records: list[tuple]) -> None:
+    def write(self, records: list[tuple], ingest_ms: int) -> None:
         now = time.monotonic()
         if self._config.ndjson_split_per_type:
+            touched: dict[str, int] = {}
             for record in records:
                 output = self._output_for(record[3])
                 if not output.buffered:
                     output.first_buffered_at = now
                 output.lines.append(record[5])
                 output.events += 1
-            touched = {record[3] for record in records}
-            outputs = [self._outputs[kind] for kind in touched]
+                touched[record[3]] = touched.get(record[3], 0) + 1
+            outputs = []
+            for kind, events in touched.items():
+                output = self._outputs[kind]
+                output.arrivals.append((ingest_ms, events))
+                outputs.append(output)
         else:
             output = self._outputs[""]
             if not output.buffered:
                 output.first_buffered_at = now
-            output.lines.extend([record[5] for record in records])
+            output.lines.extend(map(LINE, records))
             output.events += len(records)
+            output.arrivals.append((ingest_ms, len(records)))
             outputs = [output]
         for output in outputs:
             if output.events + output.carry_events >= self._flush_every:
@@ -288,6 +298,9 @@ class NdjsonSink(Sink):
         self.written += output.carry_events
         output.carry = b""
         output.carry_events = 0
+        for arrived_ms, events in output.arrivals:
+            self.observe_written(arrived_ms, events)
+        output.arrivals = []
 
     # -- files --------------------------------------------------------------------------------------------------
 

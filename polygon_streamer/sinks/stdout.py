@@ -18,6 +18,7 @@ class StdoutSink(Sink):
     name = "stdout"
 
     def __init__(self, stream: BinaryIO | None = None):
+        super().__init__()
         self._stream = stream
         self._enabled = False
 
@@ -27,7 +28,7 @@ class StdoutSink(Sink):
         # schema.md: written only when the polygon_events target is enabled at info.
         self._enabled = logs.get("polygon_events").isEnabledFor(logging.INFO)
 
-    def write(self, records: list[tuple]) -> None:
+    def write(self, records: list[tuple], ingest_ms: int) -> None:
         if not self._enabled:
             return
         head = f'{{"timestamp":"{logs.iso_timestamp(time.time())}","level":"INFO","target":"polygon_events","fields":'
@@ -40,6 +41,7 @@ class StdoutSink(Sink):
             out.append(f"{head}{dumps(fields)}}}\n")
         self._stream.write("".join(out).encode("utf-8"))
         self._stream.flush()
+        self.observe_written(ingest_ms, len(records))
 
     def close(self) -> None:
         if self._stream is not None:

@@ -27,6 +27,7 @@ class ZmqSink(Sink):
     name = "zmq"
 
     def __init__(self, config: Config):
+        super().__init__()
         self._config = config
         self._prefix = config.zmq_topic_prefix
         self._context: zmq.Context | None = None
@@ -77,7 +78,7 @@ class ZmqSink(Sink):
         except socket.gaierror as exc:
             raise SinkConfigError(f"{where}: cannot resolve host {host!r} ({exc.strerror})") from None
 
-    def write(self, records: list[tuple]) -> None:
+    def write(self, records: list[tuple], ingest_ms: int) -> None:
         send = self._socket.send
         topics = self._topics
         more = zmq.SNDMORE | zmq.NOBLOCK
@@ -94,6 +95,7 @@ class ZmqSink(Sink):
                 continue
             send(line.encode("utf-8"), last, copy=True)
         self.sent += len(records) - dropped
+        self.observe_written(ingest_ms, len(records) - dropped)
         if dropped:
             self.socket_drops += dropped
             self._drop_warning.warn("ZeroMQ subscriber(s) at the high-water mark: dropping events",

@@ -1,0 +1,364 @@
+"""`polygon-streamer bench`: the service's end-to-end speed next to the ceilings of the same machine and feed.
+
+The local Polygon server runs in its own process (pinned to one core, frames pre-rendered) so it is not what is
+measured; the service runs as its own process pinned to the other core. In one run: the transport ceiling (a bare
+websocket-client recv loop), the parse ceiling (recv + ujson.loads), then the real service through the chosen sinks,
+with its CPU time, peak RSS, receive-to-write latency and a check by seq that nothing was lost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import ujson
+import websocket
+
+from . import __version__, logs, protocol
+from .metrics import WRITE_LATENCY_BUCKETS, LatencyHistogram
+
+SUBSCRIPTIONS = {"stocks": "T.*,Q.*", "options": "T.*,Q.*", "futures": "T.*,Q.*", "crypto": "XT.*,XQ.*",
+                 "forex": "C.*", "indices": "V.*"}
+BENCH_KEY = "bench-key"
+SERVER_CPU = 0
+SERVICE_CPU = 1
+
+
+@dataclass
+class BenchResult:
+    events: int
+    cluster: str
+    batch: int
+    sinks: str
+    versions: dict = field(default_factory=dict)
+    transport_events_per_sec: float = 0.0
+    parse_events_per_sec: float = 0.0
+    service_events_per_sec: float = 0.0
+    service_to_parse_ratio: float = 0.0
+    cpu_seconds_per_million: float = 0.0
+    peak_rss_mb: float = 0.0
+    write_latency_p50_ms: float = 0.0
+    write_latency_p99_ms: float = 0.0
+    written: dict = field(default_factory=dict)
+    dropped: dict = field(default_factory=dict)
+    lost: int = 0
+    ok: bool = False
+    problems: list = field(default_factory=list)
+
+
+def _pin(pid: int, cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
+        try:
+            os.sched_setaffinity(pid, {cpu})
+        except OSError:
+            pass
+
+
+def _python_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "polygon_streamer", *args]
+
+
+class _Server:
+    """`polygon-streamer mock-server` in its own process, holding data until release()."""
+
+    def __init__(self, events: int, batch: int):
+        self.proc = subprocess.Popen(
+            _python_command("mock-server", "--port", "0", "--key", BENCH_KEY, "--rate", "0", "--batch", str(batch),
+                            "--count", str(events), "--frame-pool", "1000", "--hold"),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        _pin(self.proc.pid, SERVER_CPU)
+        self.base_url = self.proc.stdout.readline().decode().strip()
+        if not self.base_url.startswith("ws://"):
+            raise RuntimeError("the local server did not start")
+
+    def release(self) -> None:
+        self.proc.send_signal(signal.SIGUSR1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _ceiling(events: int, batch: int, cluster: str, parse: bool) -> float:
+    """A bare websocket-client loop on the same frames: recv (and ujson.loads) only, counted."""
+    server = _Server(events, batch)
+    own = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    _pin(0, SERVICE_CPU)
+    try:
+        ws = websocket.create_connection(f"{server.base_url}/{cluster}", timeout=10, skip_utf8_validation=True)
+        ws.recv_data()
+        ws.send(protocol.auth_message(BENCH_KEY))
+        ws.recv_data()
+        ws.send(protocol.subscribe_message(SUBSCRIPTIONS[cluster]))
+        ws.recv_data()
+        server.release()
+        started = time.perf_counter()
+        received = 0
+        loads = ujson.loads
+        marker = b'"ev":'
+        while received < events:
+            _, data = ws.recv_data()
+            received += len(loads(data)) if parse else data.count(marker)
+        elapsed = time.perf_counter() - started
+        ws.close()
+        return received / elapsed
+    finally:
+        if own:
+            os.sched_setaffinity(0, own)
+        server.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _scrape(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _progress(done: int, total: int, started: float, enabled: bool) -> None:
+    if not enabled:
+        return
+    width = 30
+    fraction = min(1.0, done / total) if total else 1.0
+    rate = done / max(1e-9, time.perf_counter() - started)
+    sys.stderr.write(f"\r  [{'#' * int(width * fraction):<{width}}] {fraction:6.1%} {done:>12,} events "
+                     f"{rate:>10,.0f}/s")
+    sys.stderr.flush()
+
+
+def _check_seq(path: str, events: int) -> int:
+    """Events missing from the NDJSON file, checked by seq (no gap, no duplicate)."""
+    expected = 1
+    bad = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            seq = int(line[line.rindex(b'"seq":') + 6:-2])
+            if seq != expected:
+                bad += 1
+            expected = seq + 1
+    return max(bad, events - (expected - 1))
+
+
+def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool) -> None:
+    events, batch, cluster = result.events, result.batch, result.cluster
+    dest = os.path.join(workdir, "bench.ndjson")
+    zmq_endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    subscriber = None
+    if "zmq" in sinks:
+        subscriber = subprocess.Popen(
+            _python_command("zmq-sub", "--endpoint", zmq_endpoint, "--count", "--max-messages", str(events)),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        _pin(subscriber.pid, SERVER_CPU)
+    server = _Server(events, batch)
+    metrics_port = _free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("POLYGON_", "NDJSON_", "ZMQ_"))}
+    env.update(POLYGON_API_KEY=BENCH_KEY, POLYGON_WS_URL=f"{server.base_url}/{cluster}", POLYGON_CLUSTER=cluster,
+               SUBSCRIPTION=SUBSCRIPTIONS[cluster], SINK=",".join(sinks), NDJSON_DEST=dest,
+               ZMQ_ENDPOINT=zmq_endpoint, METRICS_ADDR=f"127.0.0.1:{metrics_port}", STATS_INTERVAL_SECS="0",
+               LOG_LEVEL="warn,polygon_zmq=debug", SHUTDOWN_TIMEOUT_SECS="60",
+               # The source runs at the transport ceiling, faster than any consumer: the inbound queue holds the
+               # whole run so the bench measures throughput, not the drop policy (the RSS reported includes it).
+               CHANNEL_CAP=str(events // batch + 16))
+    service = subprocess.Popen(_python_command("run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pin(service.pid, SERVICE_CPU)
+    joined = _watch_log(service, b"subscription added")
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                samples = _scrape(metrics_url)
+                if samples.get(("polygon_status_total", (("status", "success"),)), 0) >= 1:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or service.poll() is not None:
+                raise RuntimeError("the service did not subscribe within 30 s")
+            time.sleep(0.05)
+        if subscriber is not None and not joined.wait(max(0.0, deadline - time.monotonic())):
+            raise RuntimeError("the ZeroMQ subscriber did not join within 30 s")
+        cpu_before = _cpu_seconds(service.pid)
+        started = time.perf_counter()
+        server.release()
+        done = 0
+        while done < events:
+            time.sleep(0.05)
+            samples = _scrape(metrics_url)
+            done = min(_sink_done(samples, sink) for sink in sinks)
+            _progress(done, events, started, progress)
+            if time.perf_counter() - started > 600:
+                result.problems.append("gave up after 600 s")
+                break
+        elapsed = time.perf_counter() - started
+        if progress:
+            sys.stderr.write("\n")
+        cpu = _cpu_seconds(service.pid) - cpu_before
+        result.peak_rss_mb = round(_peak_rss_mb(service.pid), 1)
+        result.service_events_per_sec = round(events / elapsed)
+        result.cpu_seconds_per_million = round(cpu / events * 1_000_000, 2)
+        for sink in sinks:
+            result.written[sink] = int(_sink_written(samples, sink))
+            result.dropped[sink] = int(samples.get((f"polygon_{sink}_drops_total", ()), 0))
+        result.dropped["inbound"] = int(samples.get(("polygon_channel_drops_total", ()), 0))
+        latency = _write_latency(samples, sinks[0])
+        result.write_latency_p50_ms = latency.quantile(0.5) * 1000
+        result.write_latency_p99_ms = latency.quantile(0.99) * 1000
+        service.send_signal(signal.SIGTERM)
+        code = service.wait(90)
+        if code != 0:
+            result.problems.append(f"the service exited {code} on SIGTERM")
+        if "ndjson" in sinks:
+            result.lost = _check_seq(dest, events)
+        if subscriber is not None:
+            received = _zmq_received(subscriber, result.written.get("zmq", 0))
+            if received != result.written.get("zmq", 0):
+                result.problems.append(f"zmq: {received:,} received of {result.written.get('zmq', 0):,} sent")
+    finally:
+        for proc in (service, subscriber):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        server.stop()
+
+
+def _write_latency(samples: dict, sink: str) -> LatencyHistogram:
+    """The service's receive-to-write histogram for one sink, rebuilt from its cumulative buckets."""
+    histogram = LatencyHistogram(WRITE_LATENCY_BUCKETS)
+    previous = 0.0
+    for index, bound in enumerate(WRITE_LATENCY_BUCKETS + (float("inf"),)):
+        label = "+Inf" if bound == float("inf") else repr(bound)
+        cumulative = samples.get(("polygon_sink_write_latency_seconds_bucket", (("le", label), ("sink", sink))), 0)
+        histogram.counts[index] = int(cumulative - previous)
+        previous = cumulative
+    return histogram
+
+
+def _watch_log(proc: subprocess.Popen, needle: bytes):
+    """Drain the child's stderr (so it can never block on a full pipe); the event is set when needle shows up."""
+    import threading
+
+    seen = threading.Event()
+
+    def drain() -> None:
+        for line in iter(proc.stderr.readline, b""):
+            if needle in line:
+                seen.set()
+
+    threading.Thread(target=drain, name="bench-log-drain", daemon=True).start()
+    return seen
+
+
+def _sink_written(samples: dict, sink: str) -> float:
+    if sink == "zmq":
+        return samples.get(("polygon_zmq_sent_total", ()), 0)
+    return samples.get((f"polygon_{sink}_written_total", ()),
+                       samples.get(("polygon_sink_written_total", (("sink", sink),)), 0))
+
+
+def _sink_done(samples: dict, sink: str) -> float:
+    """Events the sink has finished with: written, or dropped and counted."""
+    drops = samples.get((f"polygon_{sink}_drops_total", ()), 0) + samples.get(("polygon_channel_drops_total", ()), 0)
+    return _sink_written(samples, sink) + drops
+
+
+def _zmq_received(subscriber: subprocess.Popen, sent: int) -> int:
+    try:
+        output, _ = subscriber.communicate(timeout=30 if sent else 1)
+    except subprocess.TimeoutExpired:
+        subscriber.send_signal(signal.SIGTERM)
+        output, _ = subscriber.communicate(timeout=10)
+    last = [line for line in output.decode().splitlines() if line.endswith(" received")]
+    return int(last[-1].split()[0]) if last else 0
+
+
+def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool) -> BenchResult:
+    import prometheus_client
+    import zmq
+
+    result = BenchResult(events=events, cluster=cluster, batch=batch, sinks=",".join(sinks))
+    result.versions = {"polygon_streamer": __version__, "python": sys.version.split()[0],
+                       "websocket_client": websocket.__version__, "ujson": ujson.__version__,
+                       "pyzmq": zmq.__version__, "prometheus_client": _version_of(prometheus_client)}
+    with tempfile.TemporaryDirectory(prefix="polygon-bench-") as workdir:
+        result.transport_events_per_sec = round(_ceiling(events, batch, cluster, parse=False))
+        result.parse_events_per_sec = round(_ceiling(events, batch, cluster, parse=True))
+        _service(result, sinks, workdir, progress)
+    result.service_to_parse_ratio = round(result.service_events_per_sec / result.parse_events_per_sec, 3)
+    dropped = sum(result.dropped.values())
+    result.ok = not result.problems and result.lost == 0 and dropped == 0
+    return result
+
+
+def _version_of(module) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module.__name__.replace("_", "-"))
+    except Exception:
+        return "unknown"
+
+
+def format_table(result: BenchResult) -> str:
+    rows = [
+        ("transport ceiling (websocket-client recv)", f"{result.transport_events_per_sec:,.0f} events/s"),
+        ("parse ceiling (recv + ujson.loads)", f"{result.parse_events_per_sec:,.0f} events/s"),
+        ("service end to end", f"{result.service_events_per_sec:,.0f} events/s"),
+        ("service / parse ceiling", f"{result.service_to_parse_ratio:.2f}"),
+        ("CPU per million events", f"{result.cpu_seconds_per_million:.2f} s"),
+        ("peak RSS", f"{result.peak_rss_mb:.1f} MB"),
+        ("receive -> write latency p50 / p99", f"<= {result.write_latency_p50_ms:g} ms / "
+                                                f"<= {result.write_latency_p99_ms:g} ms"),
+        ("written", ", ".join(f"{sink} {count:,}" for sink, count in result.written.items())),
+        ("dropped (counted)", ", ".join(f"{name} {count:,}" for name, count in result.dropped.items())),
+    ]
+    if result.ok:
+        verdict = f"OK: {result.events:,} events, seq complete, nothing dropped"
+    else:
+        verdict = "LOSS OR ERROR: " + "; ".join(result.problems + ([f"{result.lost:,} missing by seq"]
+                                                                   if result.lost else []) +
+                                                (["drops counted"] if sum(result.dropped.values()) else []))
+    rows.append(("loss check", verdict))
+    versions = " ".join(f"{name}={version}" for name, version in result.versions.items())
+    header = (f"polygon-streamer bench: {result.events:,} {result.cluster} events ({SUBSCRIPTIONS[result.cluster]}),"
+              f" batch {result.batch}, sinks {result.sinks}\n  {versions}")
+    width = max(len(name) for name, _ in rows)
+    return header + "\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def to_json(result: BenchResult) -> str:
+    return logs.dumps(result.__dict__)
