@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?= --max-events 40 --rate 20
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-debian12 install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +23,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/polygon-streamer bench $(BENCH_ARGS)
+
+# The same benchmark on the library versions Debian 12 packages (what the .deb runs on).
+.venv-deb12/.installed: setup.cfg setup.py
+	$(PYTHON) -m venv .venv-deb12
+	.venv-deb12/bin/python -m pip install --quiet websocket-client==1.2.3 ujson==5.7.0 pyzmq==24.0.1 \
+		prometheus-client==0.16.0 click==8.1.3 wsproto==1.2.0
+	.venv-deb12/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+bench-debian12: .venv-deb12/.installed
+	.venv-deb12/bin/polygon-streamer bench $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-deb12 build dist *.egg-info .pytest_cache

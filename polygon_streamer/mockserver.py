@@ -379,16 +379,25 @@ class _Connection:
         pool = [ws_frame(1, ujson.dumps(generator.take(batch)).encode()) for _ in range(options.frame_pool)]
         limit = options.count
         index = 0
+        # Paced (options.rate): chunks of about 2 ms of events; otherwise 256 KiB chunks, as fast as TCP takes them.
+        chunk_events = max(batch, int(options.rate / 500)) if options.rate > 0 else 0
         while not self.server.streaming.wait(0.05):
             self._pump(0)
             if self.server.stopping.is_set():
                 return
+        started = time.monotonic()
         while not self.server.stopping.is_set():
             if limit and self.sent_events >= limit:
                 self._pump(0.2)
                 continue
+            if chunk_events:
+                wait = started + self.sent_events / options.rate - time.monotonic()
+                if wait > 0:
+                    self._pump(wait)
+                    continue
             chunk, size, events = [], 0, 0
-            while size < 256 * 1024 and not (limit and self.sent_events + events + batch > limit):
+            while (events < chunk_events if chunk_events else size < 256 * 1024) \
+                    and not (limit and self.sent_events + events + batch > limit):
                 frame = pool[index]
                 index = (index + 1) % len(pool)
                 chunk.append(frame)

@@ -1,0 +1,23 @@
+"""The benchmark command works end to end and reports no loss (a smoke run, not a timed test)."""
+
+import subprocess
+import sys
+
+import ujson
+
+from helpers import ROOT
+
+
+def test_bench_runs_with_both_sinks_and_reports_no_loss():
+    result = subprocess.run([sys.executable, "-m", "polygon_streamer", "bench", "--events", "20000", "--batch", "50",
+                             "--sink", "ndjson,zmq", "--json", "--no-progress"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = ujson.loads(result.stdout)
+    assert report["ok"] is True and report["lost"] == 0
+    assert report["written"] == {"ndjson": 20000, "zmq": 20000}
+    assert sum(report["dropped"].values()) == 0
+    for key in ("transport_events_per_sec", "parse_events_per_sec", "service_events_per_sec",
+                "cpu_seconds_per_million", "peak_rss_mb"):
+        assert report[key] > 0, key
+    assert report["write_latency_p99_ms"] >= report["write_latency_p50_ms"] > 0
