@@ -1,5 +1,5 @@
 # make demo: install into .venv and run the whole pipeline against the built-in local Polygon server.
-# make test: install into .venv (with test extras) and run the test suite.
+# make test: install into .venv (with test extras) and run the test suite (and, in CI, the package test).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,8 +20,12 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/polygon-streamer demo $(DEMO_ARGS)
 
+# The Debian package test needs root and apt and changes the system (a package, a user): it runs in CI
+# (CI=true) or when asked (PACKAGE_TEST=1).
 test: install
 	$(BIN)/python -m pytest -q
+	@if [ "$${CI:-}" = true ] || [ -n "$${PACKAGE_TEST:-}" ]; then bash tests/debian_package.sh; \
+	else echo "Debian package test skipped: set PACKAGE_TEST=1 (needs root and apt)"; fi
 
 bench: install
 	$(BIN)/polygon-streamer bench $(BENCH_ARGS)

@@ -111,3 +111,9 @@ def test_metrics_port_in_use_is_exit_2(mock_server):
     assert result.returncode == 2
     assert f"METRICS_ADDR (--metrics-addr) '127.0.0.1:{port}'" in result.stderr
     assert mock_server.stats.connections == 0, "a config error must stop the service before it connects"
+
+
+def test_the_shipped_env_file_documents_every_variable():
+    text = (ROOT / "etc" / "polygon-streamer" / "example.env").read_text()
+    for setting in SETTINGS:
+        assert f"{setting.env}=" in text, setting.env
