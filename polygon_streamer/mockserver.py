@@ -147,6 +147,7 @@ class MockOptions:
     bad_json_every: int = 0            # every Nth data frame is not JSON
     odd_events_every: int = 0          # every Nth data frame also carries ODD_EVENTS
     binary_every: int = 0              # every Nth data frame is sent as a binary frame
+    not_array_every: int = 0           # every Nth data frame is a JSON object, not an array
     huge_frame_every: int = 0          # every Nth data frame is padded past 10 MB with events
     hang_upgrade: bool = False         # accept TCP and never answer the upgrade
     record: bool = False               # keep (code, symbol, q) of every data event sent, in order
@@ -448,6 +449,8 @@ class _Connection:
                                   for e in events)
             if options.bad_json_every and n % options.bad_json_every == 0:
                 self.sock.sendall(ws_frame(1, b"this is not json {"))
+            if options.not_array_every and n % options.not_array_every == 0:
+                self.sock.sendall(ws_frame(1, b'{"ev":"T","sym":"NOTARRAY","t":1700000000000}'))
             if options.huge_frame_every and n % options.huge_frame_every == 0:
                 filler = generator.take(1)[0]
                 filler_text = ujson.dumps(filler)

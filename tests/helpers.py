@@ -27,6 +27,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def report(case: str, **numbers) -> None:
+    """One line per fault case, shown by `pytest -rP`: the numbers README's reliability table quotes."""
+    print(f"{case}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     """Poll until predicate() is truthy; fail with `what` after the deadline."""
     deadline = time.monotonic() + timeout

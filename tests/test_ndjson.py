@@ -8,25 +8,16 @@ import subprocess
 import pytest
 import ujson
 
-from helpers import Streamer, base_env, free_port, wait_for
+from helpers import report, wait_for
 from polygon_streamer.sinks.ndjson import rotated_name, split_path
 
 
 @pytest.fixture
-def start(mock_server):
-    started = []
-
+def start(spawn):
     def launch(dest, cluster="stocks", **settings):
-        env = base_env(mock_server.url(cluster), free_port(), SINK="ndjson", NDJSON_DEST=str(dest), **settings)
-        streamer = Streamer(env)
-        started.append(streamer)
-        return streamer
+        return spawn(cluster, SINK="ndjson", NDJSON_DEST=str(dest), **settings)
 
-    yield launch
-    for streamer in started:
-        if streamer.proc.poll() is None:
-            streamer.proc.kill()
-            streamer.proc.wait(5)
+    return launch
 
 
 def read_lines(path):
@@ -125,11 +116,11 @@ def test_sigterm_under_load_writes_every_accepted_event(tmp_path, mock_server, s
     assert streamer.stop(signal.SIGTERM) == 0
     final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]
     assert_exactly_once(read_lines(dest), final["fields"]["events"])
+    report("SIGTERM under full load", events=final["fields"]["events"], losses=0)
 
 
-def test_missing_directory_is_exit_2(tmp_path, mock_server):
-    env = base_env(mock_server.url("stocks"), free_port(), SINK="ndjson", NDJSON_DEST=str(tmp_path / "no" / "x"))
-    streamer = Streamer(env)
+def test_missing_directory_is_exit_2(tmp_path, mock_server, start):
+    streamer = start(tmp_path / "no" / "x")
     assert streamer.proc.wait(20) == 2
     streamer.stop()
     assert len(streamer.stderr_lines) == 1
@@ -137,7 +128,7 @@ def test_missing_directory_is_exit_2(tmp_path, mock_server):
     assert mock_server.stats.connections == 0
 
 
-def test_unwritable_directory_is_exit_2(tmp_path, mock_server):
+def test_unwritable_directory_is_exit_2(tmp_path, start):
     locked = tmp_path / "locked"
     locked.mkdir()
     if os.geteuid() == 0:
@@ -147,8 +138,7 @@ def test_unwritable_directory_is_exit_2(tmp_path, mock_server):
     else:
         locked.chmod(0o555)
     try:
-        env = base_env(mock_server.url("stocks"), free_port(), SINK="ndjson", NDJSON_DEST=str(locked / "x.ndjson"))
-        streamer = Streamer(env)
+        streamer = start(locked / "x.ndjson")
         assert streamer.proc.wait(20) == 2
         streamer.stop()
     finally:

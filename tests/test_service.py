@@ -1,31 +1,12 @@
 """The real service as a child process against the local Polygon server, over loopback sockets."""
 
 import signal
-import time
 
-import pytest
 import ujson
 
-from helpers import TEST_KEY, Streamer, base_env, free_port, wait_for
+from helpers import Streamer, base_env, free_port, report, wait_for
 from polygon_streamer.mockserver import ODD_EVENTS_KEPT
 from polygon_streamer.reader import Backoff
-
-
-@pytest.fixture
-def streamers():
-    started = []
-
-    def start(server, cluster="stocks", command="run", args=(), **settings):
-        streamer = Streamer(base_env(server.url(cluster), free_port(), **settings), command, args)
-        started.append(streamer)
-        return streamer
-
-    yield start
-    for streamer in started:
-        if streamer.proc.poll() is None:
-            streamer.proc.kill()
-            streamer.proc.wait(5)
-        assert TEST_KEY not in streamer.all_output(), "the API key leaked into the output"
 
 
 def identities(events):
@@ -45,10 +26,10 @@ def received(streamer):
     return out
 
 
-def test_happy_path_streams_records_with_gapless_seq_and_exits_0(mock_server, streamers):
+def test_happy_path_streams_records_with_gapless_seq_and_exits_0(mock_server, spawn):
     mock_server.options.count = 500
     mock_server.options.record = True
-    streamer = streamers(mock_server, SUBSCRIPTION="T.*,Q.*", HEARTBEAT_INTERVAL_SECS="0.2")
+    streamer = spawn(SUBSCRIPTION="T.*,Q.*", HEARTBEAT_INTERVAL_SECS="0.2")
     wait_for(lambda: len(streamer.stdout_lines) >= 500, what="500 events on stdout")
     streamer.wait_ready()
     assert streamer.get("/health") == (200, "OK\n")
@@ -75,10 +56,10 @@ def test_happy_path_streams_records_with_gapless_seq_and_exits_0(mock_server, st
     assert "stopped: every accepted event was handed to the sinks and flushed" in streamer.log_messages()
 
 
-def test_ready_waits_for_min_messages_and_delay(mock_server, streamers):
+def test_ready_waits_for_min_messages_and_delay(mock_server, spawn):
     mock_server.options.rate = 20
     mock_server.options.batch = 1
-    streamer = streamers(mock_server, READY_MIN_MESSAGES="10", READY_DELAY_MS="300")
+    streamer = spawn(READY_MIN_MESSAGES="10", READY_DELAY_MS="300")
     wait_for(lambda: streamer.metric("polygon_connected") == 1, what="connected")
     status, text = streamer.get("/ready")
     assert status == 503 and text.startswith("NOT READY")
@@ -87,9 +68,9 @@ def test_ready_waits_for_min_messages_and_delay(mock_server, streamers):
     assert streamer.stop() == 0
 
 
-def test_ready_is_503_before_any_connection(streamers, mock_server):
+def test_ready_is_503_before_any_connection(spawn, mock_server):
     mock_server.options.hang_upgrade = True
-    streamer = streamers(mock_server)
+    streamer = spawn()
     wait_for(lambda: mock_server.stats.connections >= 1, what="a TCP connection")
     wait_for(lambda: streamer.get("/ready")[0] == 503, what="/ready 503")
     assert streamer.get("/ready")[1] == "NOT READY: not subscribed\n"
@@ -97,10 +78,10 @@ def test_ready_is_503_before_any_connection(streamers, mock_server):
     assert streamer.stop() == 0
 
 
-def test_reconnects_after_dropped_connections_and_loses_nothing_it_read(mock_server, streamers):
+def test_reconnects_after_dropped_connections_and_loses_nothing_it_read(mock_server, spawn):
     mock_server.options.drop_after = 60
     mock_server.options.record = True
-    streamer = streamers(mock_server, SUBSCRIPTION="T.*")
+    streamer = spawn(SUBSCRIPTION="T.*")
     wait_for(lambda: mock_server.stats.connections >= 4, timeout=20, what="4 connections")
     wait_for(lambda: streamer.metric("polygon_reconnect_success_total") >= 3, what="3 successful reconnects")
     assert streamer.stop() == 0
@@ -113,20 +94,23 @@ def test_reconnects_after_dropped_connections_and_loses_nothing_it_read(mock_ser
     assert any(m.startswith("disconnected: connection closed by the server") for m in messages), messages
 
 
-def test_read_timeout_reconnects_and_is_counted(mock_server, streamers):
+def test_read_timeout_reconnects_and_is_counted(mock_server, spawn):
     mock_server.options.count = 10  # then the server goes silent
-    streamer = streamers(mock_server, READ_TIMEOUT_SECS="0.5", HEARTBEAT_INTERVAL_SECS="0")
+    streamer = spawn(READ_TIMEOUT_SECS="0.5", HEARTBEAT_INTERVAL_SECS="0")
     wait_for(lambda: streamer.metric("polygon_read_timeouts_total") >= 1, what="a read timeout")
     wait_for(lambda: streamer.metric("polygon_reconnects_total") >= 1, what="a reconnect")
     wait_for(lambda: len(streamer.stdout_lines) >= 20, what="events from the second connection")
+    timeouts = streamer.metric("polygon_read_timeouts_total")
     assert streamer.stop() == 0
     assert any("read timeout" in m for m in streamer.log_messages())
+    assert [e["fields"]["seq"] for e in streamer.events()] == list(range(1, len(streamer.stdout_lines) + 1))
+    report("server goes silent", read_timeouts=int(timeouts), events=len(streamer.stdout_lines), losses=0)
 
 
-def test_auth_failed_is_logged_with_the_server_message_and_retried_with_growing_backoff(mock_server, streamers):
+def test_auth_failed_is_logged_with_the_server_message_and_retried_with_growing_backoff(mock_server, spawn):
     mock_server.options.reject_auth = True
     mock_server.options.auth_failed_message = "Your plan doesn't include websocket access."
-    streamer = streamers(mock_server, BACKOFF_INITIAL_SECS="0.1", BACKOFF_MAX_SECS="0.8")
+    streamer = spawn(BACKOFF_INITIAL_SECS="0.1", BACKOFF_MAX_SECS="0.8")
     wait_for(lambda: len(mock_server.stats.auth_attempts) >= 5, timeout=15, what="5 auth attempts")
     assert streamer.get("/ready")[0] == 503
     times = list(mock_server.stats.auth_attempts)
@@ -139,38 +123,43 @@ def test_auth_failed_is_logged_with_the_server_message_and_retried_with_growing_
     mock_server.options.reject_auth = False
     streamer.wait_ready(timeout=10)
     assert streamer.metric("polygon_status_total", status="auth_failed") >= 5
+    report("auth_failed", attempts=len(times), gaps_s="/".join(f"{g:.2f}" for g in gaps), ready_meanwhile=503)
     assert streamer.stop() == 0
 
 
-def test_max_connections_cools_down_for_the_ceiling(mock_server, streamers):
+def test_max_connections_cools_down_for_the_ceiling(mock_server, spawn):
     mock_server.options.max_connections = True
-    streamer = streamers(mock_server, BACKOFF_INITIAL_SECS="0.05", BACKOFF_MAX_SECS="1")
+    streamer = spawn(BACKOFF_INITIAL_SECS="0.05", BACKOFF_MAX_SECS="1")
     wait_for(lambda: len(mock_server.stats.auth_attempts) >= 3, timeout=10, what="3 attempts")
     times = mock_server.stats.auth_attempts
     assert all(b - a >= 1.0 for a, b in zip(times, times[1:3]))
+    assert streamer.get("/ready")[0] == 503
     assert any(r["fields"].get("status") == "max_connections" and r["level"] == "ERROR" for r in streamer.logs())
     assert streamer.metric("polygon_status_total", status="max_connections") >= 2
+    report("max_connections", attempts=len(times), min_gap_s=round(min(b - a for a, b in zip(times, times[1:])), 2),
+           ready_meanwhile=503)
     assert streamer.stop() == 0
 
 
-def test_error_status_is_logged_and_counted_and_the_rest_streams(mock_server, streamers):
+def test_error_status_is_logged_and_counted_and_the_rest_streams(mock_server, spawn):
     mock_server.options.not_authorized_codes = ("Q",)
-    streamer = streamers(mock_server, SUBSCRIPTION="T.*,Q.*")
+    streamer = spawn(SUBSCRIPTION="T.*,Q.*")
     wait_for(lambda: len(streamer.stdout_lines) >= 50, what="trades")
     assert {e["fields"]["type"] for e in streamer.events()} == {"T"}
     assert streamer.metric("polygon_status_total", status="error") == 1
     assert streamer.metric("polygon_errors_total") >= 1
     assert any(r["fields"].get("server_message") == "not authorized" for r in streamer.logs())
     assert streamer.stop() == 0
+    report("error status (Q not authorized)", trade_events=len(streamer.stdout_lines), losses=0)
 
 
-def test_bad_frames_and_bad_events_are_counted_and_the_good_ones_all_come_out(mock_server, streamers):
+def test_bad_frames_and_bad_events_are_counted_and_the_good_ones_all_come_out(mock_server, spawn):
     mock_server.options.record = True
     mock_server.options.count = 400
     mock_server.options.bad_json_every = 3
     mock_server.options.odd_events_every = 2
     mock_server.options.binary_every = 5
-    streamer = streamers(mock_server)
+    streamer = spawn()
     frames = 400 // mock_server.options.batch
     expected_total = 400 + (frames // 2) * ODD_EVENTS_KEPT
     wait_for(lambda: len(streamer.stdout_lines) >= expected_total, what="every good event")
@@ -180,12 +169,14 @@ def test_bad_frames_and_bad_events_are_counted_and_the_good_ones_all_come_out(mo
     normal = [item for item in received(streamer) if item[1] != "ODD" and item[1] != ""]
     assert normal == sent_by_server(mock_server)
     assert streamer.stop() == 0
+    report("non-JSON, binary, odd events", events=expected_total, parse_errors=frames // 3,
+           bad_events=(frames // 2) * 2, losses=0)
 
 
-def test_sigterm_drains_everything_accepted(mock_server, streamers):
+def test_sigterm_drains_everything_accepted(mock_server, spawn):
     mock_server.options.rate = 0
     mock_server.options.batch = 100
-    streamer = streamers(mock_server, CHANNEL_CAP="100000")
+    streamer = spawn(CHANNEL_CAP="100000")
     wait_for(lambda: len(streamer.stdout_lines) >= 1000, what="a running stream")
     assert streamer.stop(signal.SIGTERM) == 0
     final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]
@@ -194,14 +185,14 @@ def test_sigterm_drains_everything_accepted(mock_server, streamers):
     assert [e["fields"]["seq"] for e in streamer.events()] == list(range(1, accepted + 1))
 
 
-def test_sigint_also_stops_cleanly(mock_server, streamers):
-    streamer = streamers(mock_server)
+def test_sigint_also_stops_cleanly(mock_server, spawn):
+    streamer = spawn()
     wait_for(lambda: len(streamer.stdout_lines) >= 10, what="events")
     assert streamer.stop(signal.SIGINT) == 0
 
 
-def test_log_level_directives_silence_events_but_not_warnings(mock_server, streamers):
-    streamer = streamers(mock_server, LOG_LEVEL="warn,polygon_conn=info")
+def test_log_level_directives_silence_events_but_not_warnings(mock_server, spawn):
+    streamer = spawn(LOG_LEVEL="warn,polygon_conn=info")
     wait_for(lambda: streamer.metric("polygon_sink_written_total", sink="stdout") >= 20, what="events")
     assert streamer.stdout_lines == []
     targets = {r.get("target") for r in streamer.logs()}
@@ -209,7 +200,7 @@ def test_log_level_directives_silence_events_but_not_warnings(mock_server, strea
     assert streamer.stop() == 0
 
 
-def test_demo_runs_with_no_key_and_stops_after_max_events(streamers, mock_server):
+def test_demo_runs_with_no_key_and_stops_after_max_events():
     port = free_port()
     env = base_env("ws://unused/stocks", port)
     del env["POLYGON_API_KEY"], env["POLYGON_WS_URL"]

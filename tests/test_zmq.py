@@ -6,7 +6,7 @@ import pytest
 import ujson
 import zmq
 
-from helpers import Streamer, base_env, free_port, wait_for
+from helpers import free_port, wait_for
 
 
 class Subscriber:
@@ -42,14 +42,11 @@ class Subscriber:
 
 
 @pytest.fixture
-def run(mock_server):
-    started, subscribers = [], []
+def run(spawn):
+    subscribers = []
 
     def launch(**settings):
-        env = base_env(mock_server.url("stocks"), free_port(), LOG_LEVEL="info,polygon_zmq=debug", **settings)
-        streamer = Streamer(env)
-        started.append(streamer)
-        return streamer
+        return spawn(LOG_LEVEL="info,polygon_zmq=debug", **settings)
 
     def subscribe(*args, **kwargs):
         subscriber = Subscriber(*args, **kwargs)
@@ -57,10 +54,6 @@ def run(mock_server):
         return subscriber
 
     yield launch, subscribe
-    for streamer in started:
-        if streamer.proc.poll() is None:
-            streamer.proc.kill()
-            streamer.proc.wait(5)
     for subscriber in subscribers:
         subscriber.close()
 
@@ -141,14 +134,14 @@ def test_a_stalled_subscriber_causes_counted_drops_while_ndjson_gets_everything(
     assert len(dest.read_text().splitlines()) == 30000
 
 
-def test_bad_endpoints_are_exit_2(mock_server):
+def test_bad_endpoints_are_exit_2(mock_server, spawn):
     busy = zmq.Context.instance().socket(zmq.PUB)
     port = busy.bind_to_random_port("tcp://127.0.0.1")
     try:
         for settings, expected in [({"ZMQ_ENDPOINT": "tcp://nohost:1"}, "cannot resolve host"),
                                    ({"ZMQ_ENDPOINT": f"tcp://127.0.0.1:{port}", "ZMQ_BIND": "true"},
                                     "Address already in use")]:
-            streamer = Streamer(base_env(mock_server.url("stocks"), free_port(), SINK="zmq", **settings))
+            streamer = spawn(SINK="zmq", **settings)
             assert streamer.proc.wait(20) == 2
             streamer.stop()
             assert len(streamer.stderr_lines) == 1 and "ZMQ_ENDPOINT" in streamer.stderr_lines[0]

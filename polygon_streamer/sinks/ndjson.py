@@ -308,6 +308,19 @@ class NdjsonSink(Sink):
         output.fd = os.open(output.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         output.size = os.fstat(output.fd).st_size
         output.opened_at = time.monotonic()
+        if output.size and not self._ends_with_newline(output.path):
+            # A crash (SIGKILL, power loss) can leave a torn last line: end it, so that it stays one bad line a
+            # reader can skip instead of gluing itself to the first line written now.
+            os.write(output.fd, b"\n")
+            output.size += 1
+            _log.warning("%s ended with a torn line (an earlier crash); terminated it", output.path,
+                         extra={"fields": {"path": output.path}})
+
+    @staticmethod
+    def _ends_with_newline(path: str) -> bool:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
 
     def _rotate(self, output: _Output) -> None:
         target = rotated_name(output.path, time.time())

@@ -1,0 +1,188 @@
+"""Fault suite: the real service under a hostile network, a stalled sink and operator signals.
+
+Each case checks that the service keeps working, loses nothing it accepted (or counts exactly what it dropped),
+and tells the operator. The cases not here live beside the feature they test: dropped connections, silence,
+auth_failed / max_connections / error statuses and odd events in test_service.py; SIGTERM under load and a full
+disk in test_ndjson.py; a stalled ZeroMQ subscriber in test_zmq.py.
+"""
+
+import os
+import signal
+import threading
+import time
+
+import ujson
+
+from helpers import report, wait_for
+
+
+def seqs_of(path):
+    return [ujson.loads(line)["seq"] for line in path.read_text().splitlines()]
+
+
+def test_a_connect_that_hangs_is_bounded_by_the_socket_timeout(mock_server, spawn):
+    mock_server.options.hang_upgrade = True
+    streamer = spawn(READ_TIMEOUT_SECS="1", BACKOFF_INITIAL_SECS="0.1", BACKOFF_MAX_SECS="0.2")
+    started = time.monotonic()
+    wait_for(lambda: streamer.metric("polygon_reconnect_failure_total") >= 2, timeout=10,
+             what="3 attempts against a hung upgrade")
+    assert time.monotonic() - started < 6, "each attempt must end at the 1 s socket timeout"
+    assert any(m.startswith("connect failed") and "timed out" in m for m in streamer.log_messages())
+    assert streamer.get("/ready")[0] == 503 and streamer.get("/health")[0] == 200
+    attempts = streamer.metric("polygon_reconnect_failure_total")
+    assert streamer.stop() == 0
+    report("hung upgrade", attempts=int(attempts), seconds=round(time.monotonic() - started, 1), events=0, losses=0)
+
+
+def test_dropped_every_n_events_for_a_whole_run_counters_match(mock_server, spawn, tmp_path):
+    mock_server.options.drop_after = 200
+    mock_server.options.record = True
+    dest = tmp_path / "drops.ndjson"
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), NDJSON_FLUSH_INTERVAL_MS="50")
+    wait_for(lambda: mock_server.stats.connections >= 6, timeout=30, what="6 connections")
+    assert streamer.stop() == 0
+    connections = mock_server.stats.connections
+    records = [ujson.loads(line) for line in dest.read_text().splitlines()]
+    got = [(r["type"], r["symbol"], r["payload"]["q"]) for r in records]
+    assert got == [tuple(sent) for sent in mock_server.stats.sent[:len(got)]], "every event, in order"
+    assert len(got) >= (connections - 1) * 200
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    reconnects = sum(1 for m in streamer.log_messages() if m.startswith("connecting to")) - 1
+    assert reconnects >= connections - 1 >= 5
+    report("dropped every 200 events", connections=connections, events=len(got), losses=0)
+
+
+def test_frames_that_are_not_arrays_and_10_mb_frames(mock_server, spawn, tmp_path):
+    mock_server.options.batch = 5
+    mock_server.options.count = 100
+    mock_server.options.not_array_every = 4
+    mock_server.options.huge_frame_every = 10
+    dest = tmp_path / "huge.ndjson"
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest))
+    wait_for(lambda: mock_server.stats.events_sent >= 100, timeout=30, what="the server to send everything")
+    expected = 100 + mock_server.stats.huge_frame_events
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= expected, timeout=60,
+             what="every event, the 10 MB frames' included")
+    assert streamer.metric("polygon_parse_errors_total") == 20 // 4
+    assert streamer.stop() == 0
+    assert seqs_of(dest) == list(range(1, expected + 1))
+    report("not arrays + 10 MB frames", events=expected, parse_errors=5, losses=0)
+
+
+class FifoReader:
+    """Reads the streamer's NDJSON FIFO; pause() stops reading (a stalled downstream), resume() goes on."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lines = []
+        self.running = threading.Event()
+        self.running.set()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        buffer = b""
+        with open(self.path, "rb", buffering=0) as fifo:
+            while True:
+                self.running.wait()
+                chunk = fifo.read(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+                *complete, buffer = buffer.split(b"\n")
+                self.lines.extend(complete)
+        self.closed.set()
+
+
+def test_a_sink_stalled_for_30_s_stays_bounded_counts_drops_exactly_and_recovers(mock_server, spawn, tmp_path):
+    fifo = tmp_path / "downstream.fifo"
+    os.mkfifo(fifo)
+    reader = FifoReader(fifo)
+    mock_server.options.rate = 2500
+    mock_server.options.batch = 10
+    mock_server.options.count = 100_000
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(fifo), NDJSON_CHANNEL_CAP="100", NDJSON_FLUSH_EVERY="10",
+                      NDJSON_WARN_INTERVAL_SECS="5")
+    wait_for(lambda: len(reader.lines) >= 2000, what="the stream to flow")
+    reader.running.clear()
+    stalled_at = time.monotonic()
+    peak_depth, peak_rss = 0, 0
+    while time.monotonic() - stalled_at < 30:
+        peak_depth = max(peak_depth, streamer.metric("polygon_queue_depth", queue="ndjson"))
+        with open(f"/proc/{streamer.proc.pid}/status") as status:
+            peak_rss = max(peak_rss, next(int(l.split()[1]) for l in status if l.startswith("VmRSS")))
+        time.sleep(0.5)
+    drops_during_stall = streamer.metric("polygon_ndjson_drops_total")
+    assert drops_during_stall > 30_000, "a 30 s stall at 2,500 events/s must overflow a 100-frame queue"
+    assert peak_depth <= 100 and streamer.metric("polygon_queue_depth", queue="inbound") <= 1024
+    assert peak_rss < 300 * 1024, f"RSS {peak_rss} kB"
+    assert streamer.metric("polygon_channel_drops_total") == 0, "the dispatcher never waits on a dropping sink"
+    assert any("ndjson sink: queue full" in m for m in streamer.log_messages())
+    reader.running.set()
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") + streamer.metric("polygon_ndjson_drops_total")
+             >= 100_000, timeout=60, what="the rest of the stream after the stall")
+    assert streamer.stop() == 0
+    reader.closed.wait(10)
+    seqs = [ujson.loads(line)["seq"] for line in reader.lines]
+    final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]["fields"]
+    assert final["events"] == 100_000 and final["sink_drops"] > 0
+    assert len(seqs) + final["sink_drops"] == 100_000, "events in = written + dropped, exactly"
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[-1] == 100_000
+    gaps = sum(b - a - 1 for a, b in zip(seqs, seqs[1:]))
+    assert gaps == final["sink_drops"], "every gap in seq is a counted drop"
+    report("sink stalled 30 s", events=100_000, written=len(seqs), counted_drops=final["sink_drops"],
+           peak_rss_mb=peak_rss // 1024, peak_sink_queue=int(peak_depth), uncounted=0)
+
+
+def test_fifty_sighups_during_a_heavy_stream_lose_and_tear_nothing(mock_server, spawn, tmp_path):
+    mock_server.options.rate = 20_000
+    mock_server.options.batch = 20
+    mock_server.options.count = 200_000
+    dest = tmp_path / "hup.ndjson"
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), NDJSON_CHANNEL_CAP="100000", CHANNEL_CAP="100000")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") > 0, what="the stream to start")
+    for hups in range(1, 51):
+        before = streamer.metric("polygon_ndjson_written_total")
+        streamer.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: sum(1 for m in streamer.log_messages() if m.startswith("reopened")) == hups,
+                 what=f"reopen #{hups}")
+        wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= before + 1000, what="the stream to go on")
+    assert streamer.metric("polygon_ndjson_written_total") < 200_000, "every SIGHUP came during the stream"
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 200_000, timeout=60, what="all events")
+    assert sum(1 for m in streamer.log_messages() if m.startswith("SIGHUP: reopening")) == 50
+    assert streamer.stop() == 0
+    assert seqs_of(dest) == list(range(1, 200_001))
+    report("50 SIGHUPs", events=200_000, reopens=50, losses=0, torn=0)
+
+
+def test_sigkill_leaves_a_file_valid_line_by_line_and_a_restart_appends_cleanly(mock_server, spawn, tmp_path):
+    mock_server.options.rate = 20_000
+    mock_server.options.batch = 20
+    dest = tmp_path / "kill.ndjson"
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), NDJSON_FLUSH_EVERY="1")
+    wait_for(lambda: dest.exists() and dest.stat().st_size > 200_000, what="a file being written")
+    streamer.proc.kill()
+    streamer.proc.wait(10)
+    lines = dest.read_bytes().split(b"\n")
+    complete, last = lines[:-1], lines[-1]
+    assert all(ujson.loads(line)["seq"] for line in complete)
+    assert [ujson.loads(line)["seq"] for line in complete] == list(range(1, len(complete) + 1))
+    with open(dest, "ab") as handle:
+        if not last:
+            handle.write(b'{"ingest_ts":17000000')  # the torn write a crash mid-line leaves
+    restarted = spawn(SINK="ndjson", NDJSON_DEST=str(dest))
+    wait_for(lambda: restarted.metric("polygon_ndjson_written_total") >= 500, what="the restarted stream")
+    assert restarted.stop() == 0
+    bad = []
+    good = 0
+    for line in dest.read_bytes().split(b"\n")[:-1]:
+        try:
+            ujson.loads(line)
+            good += 1
+        except ValueError:
+            bad.append(line)
+    assert len(bad) == 1 and bad[0].startswith(b'{"ingest_ts":'), "exactly one torn line, on a line of its own"
+    assert good >= len(complete) + 500
+    assert any("torn line" in m for m in restarted.log_messages())
+    report("SIGKILL + restart", lines_before_kill=len(complete), lines_after=good, torn_lines=len(bad))
