@@ -378,6 +378,7 @@ class _Connection:
         stats = self.server.stats
         batch = max(1, options.batch)
         pool = [ws_frame(1, ujson.dumps(generator.take(batch)).encode()) for _ in range(options.frame_pool)]
+        self.server.primed.set()
         limit = options.count
         index = 0
         # Paced (options.rate): chunks of about 2 ms of events; otherwise 256 KiB chunks, as fast as TCP takes them.
@@ -414,6 +415,7 @@ class _Connection:
             self._pump(0)
 
     def _stream(self, generator: EventGenerator) -> None:
+        self.server.primed.set()
         options = self.options
         stats = self.server.stats
         batch = max(1, options.batch)
@@ -476,6 +478,7 @@ class MockServer:
         self.stopping = threading.Event()
         self.streaming = threading.Event()  # clear it to hold data events (handshakes still complete)
         self.streaming.set()
+        self.primed = threading.Event()  # a subscribed connection has its data ready (frame pool rendered)
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.settimeout(0.2)
         self.host, self.port = self._listener.getsockname()[:2]
