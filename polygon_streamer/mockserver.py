@@ -420,8 +420,9 @@ class _Connection:
         stats = self.server.stats
         batch = max(1, options.batch)
         limit = options.count
-        if options.drop_after and (not limit or options.drop_after < limit):
-            limit = options.drop_after
+        drop_after = options.drop_after  # fixed for this connection; a test may change it for the next one
+        if drop_after and (not limit or drop_after < limit):
+            limit = drop_after
         interval = batch / options.rate if options.rate > 0 else 0.0
         next_send = time.monotonic()
         while not self.server.stopping.is_set():
@@ -430,7 +431,7 @@ class _Connection:
                 next_send = time.monotonic()
                 continue
             if limit and self.sent_events >= limit:
-                if options.drop_after and self.sent_events >= options.drop_after:
+                if drop_after and self.sent_events >= drop_after:
                     self.abort()
                 self._pump(0.2)  # silence: keep answering pings and closes
                 continue

@@ -109,12 +109,8 @@ class Reader(ServiceThread):
             if self.stopping.is_set():
                 break
             healthy = self.subscribed_at is not None and time.monotonic() - self.subscribed_at >= HEALTHY_SESSION_SECS
-            reached_subscribe = self.subscribed_at is not None
-            if attempt > 1:
-                if reached_subscribe:
-                    self.stats.reconnect_success += 1
-                else:
-                    self.stats.reconnect_failure += 1
+            if attempt > 1 and self.subscribed_at is None:
+                self.stats.reconnect_failure += 1  # a success is counted as it subscribes (_session)
             self.subscribed_at = None
             if healthy:
                 self._backoff.reset()
@@ -148,6 +144,8 @@ class Reader(ServiceThread):
         self.ws = ws
         try:
             self._handshake(ws)
+            if attempt > 1:
+                self.stats.reconnect_success += 1
             self._stream(ws)
             return SessionEnd("stopped")
         except SessionEnd as end:

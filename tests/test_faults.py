@@ -40,16 +40,28 @@ def test_dropped_every_n_events_for_a_whole_run_counters_match(mock_server, spaw
     dest = tmp_path / "drops.ndjson"
     streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), NDJSON_FLUSH_INTERVAL_MS="50")
     wait_for(lambda: mock_server.stats.connections >= 6, timeout=30, what="6 connections")
-    assert streamer.stop() == 0
+    mock_server.options.drop_after = 0  # the connection after the current one stays up: the counters settle
+    wait_for(lambda: mock_server.stats.connections >= 7 and streamer.metric("polygon_connected") == 1
+             and streamer.metric("polygon_reconnect_success_total") == mock_server.stats.connections - 1,
+             timeout=20, what="the last reconnect")
     connections = mock_server.stats.connections
+    assert streamer.metric("polygon_reconnects_total") == connections - 1
+    assert streamer.metric("polygon_reconnect_failure_total") == 0
+    assert len(mock_server.stats.subscribes) == connections, "re-subscribed after every reconnect"
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= (connections - 1) * 200 + 100,
+             what="events of the last connection")
+    assert streamer.stop() == 0
+    # Backoff: the k-th reconnect waits at least half of min(BACKOFF_MAX_SECS, BACKOFF_INITIAL_SECS * 2**k).
+    attempts = mock_server.stats.auth_attempts
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert all(gap >= min(0.5, 0.05 * 2 ** k) / 2 for k, gap in enumerate(gaps)), gaps
     records = [ujson.loads(line) for line in dest.read_text().splitlines()]
     got = [(r["type"], r["symbol"], r["payload"]["q"]) for r in records]
     assert got == [tuple(sent) for sent in mock_server.stats.sent[:len(got)]], "every event, in order"
-    assert len(got) >= (connections - 1) * 200
+    assert len(got) >= (connections - 1) * 200 + 100
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-    reconnects = sum(1 for m in streamer.log_messages() if m.startswith("connecting to")) - 1
-    assert reconnects >= connections - 1 >= 5
-    report("dropped every 200 events", connections=connections, events=len(got), losses=0)
+    report("dropped every 200 events", connections=connections, reconnects=connections - 1, events=len(got),
+           losses=0)
 
 
 def test_frames_that_are_not_arrays_and_10_mb_frames(mock_server, spawn, tmp_path):
