@@ -4,6 +4,7 @@ import gzip
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import ujson
@@ -111,12 +112,15 @@ def test_sigterm_under_load_writes_every_accepted_event(tmp_path, mock_server, s
     mock_server.options.rate = 0
     mock_server.options.batch = 100
     dest = tmp_path / "load.ndjson"
-    streamer = start(dest, NDJSON_CHANNEL_CAP="100000", CHANNEL_CAP="100000", NDJSON_FLUSH_EVERY="5000")
+    streamer = start(dest, NDJSON_CHANNEL_CAP="100000", CHANNEL_CAP="100000", NDJSON_FLUSH_EVERY="5000",
+                     SHUTDOWN_TIMEOUT_SECS="5")
     wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 20000, timeout=30, what="a loaded stream")
-    assert streamer.stop(signal.SIGTERM) == 0
+    signalled = time.monotonic()
+    assert streamer.stop(signal.SIGTERM, timeout=5.0) == 0, "exit 0 within SHUTDOWN_TIMEOUT_SECS"
     final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]
     assert_exactly_once(read_lines(dest), final["fields"]["events"])
-    report("SIGTERM under full load", events=final["fields"]["events"], losses=0)
+    report("SIGTERM under full load", events=final["fields"]["events"],
+           exit_secs=round(time.monotonic() - signalled, 2), losses=0)
 
 
 def test_missing_directory_is_exit_2(tmp_path, mock_server, start):
