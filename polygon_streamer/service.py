@@ -167,11 +167,17 @@ class Service:
         if self.metrics_server:
             self.metrics_server.stop()
         counts = self._counts()
-        if drained:
+        failed = [thread.sink.name for thread in self.sink_threads if thread.crashed is not None]
+        if drained and not failed:
             _log.info("stopped: every accepted event was handed to the sinks and flushed",
                       extra={"fields": counts})
             return 0
         unwritten = self.unwritten_events()
+        if drained:
+            _log.error("stopped: the %s sink had stopped early; %d accepted event(s) were not written to it "
+                       "(%d dropped and counted)", ", ".join(failed), unwritten, counts["sink_drops"],
+                       extra={"fields": dict(counts, unwritten_events=unwritten, failed_sinks=failed)})
+            return 1
         self.dispatcher.stop()
         _log.error("stopped at the %gs deadline with %d event(s) not written",
                    self.config.shutdown_timeout_secs, unwritten,
@@ -205,7 +211,7 @@ class Service:
         with self.inbound.mutex:
             frames = [item[1] for item in self.inbound.queue if item is not None]
         pending = sum(frame.count(b'"ev":') for frame in frames)
-        return pending + sum(thread.pending_events() for thread in self.sink_threads)
+        return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads)
 
     # -- health -------------------------------------------------------------------------------------------------
 

@@ -1,10 +1,13 @@
 """The real service as a child process against the local Polygon server, over loopback sockets."""
 
 import signal
+import subprocess
+import sys
 
+import pytest
 import ujson
 
-from helpers import Streamer, base_env, free_port, report, wait_for
+from helpers import ROOT, Streamer, base_env, free_port, report, wait_for
 from polygon_streamer.mockserver import ODD_EVENTS_KEPT
 from polygon_streamer.reader import Backoff
 
@@ -189,6 +192,30 @@ def test_sigint_also_stops_cleanly(mock_server, spawn):
     streamer = spawn()
     wait_for(lambda: len(streamer.stdout_lines) >= 10, what="events")
     assert streamer.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize("sink", ["stdout", "ndjson"])
+def test_stdout_closed_by_its_reader_is_one_clear_line_not_a_crash(mock_server, sink):
+    """`polygon-streamer run | head -1`: the sink stops with one line, the rest drains, exit 1, nothing hidden."""
+    env = base_env(mock_server.url("stocks"), free_port(), SINK=sink, NDJSON_DEST="stdout", NDJSON_FLUSH_EVERY="5")
+    proc = subprocess.Popen([sys.executable, "-m", "polygon_streamer", "run"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline()
+        proc.stdout.close()  # what `head -1` does after its line
+        code = proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = [ujson.loads(line) for line in proc.stderr.read().decode().splitlines()]
+    assert code == 1
+    messages = [r["fields"]["message"] for r in records]
+    assert f"{sink} sink stopped: stdout was closed by its reader (broken pipe); the events queued for it will " \
+           "not be written" in messages
+    assert not any("Traceback" in r["fields"].get("error", "") for r in records)
+    final = records[-1]["fields"]
+    assert final["message"].startswith(f"stopped: the {sink} sink had stopped early")
+    assert 0 < final["unwritten_events"] <= final["events"]
 
 
 def test_log_level_directives_silence_events_but_not_warnings(mock_server, spawn):

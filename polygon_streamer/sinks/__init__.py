@@ -6,7 +6,9 @@ STOP ends the stream.
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 import time
 
@@ -16,6 +18,8 @@ from ..threads import ServiceThread
 
 STOP = None
 TICK_SECS = 0.1
+
+_log = logs.get("polygon_streamer")
 
 
 class Sink:
@@ -48,6 +52,25 @@ class Sink:
 
 class SinkConfigError(Exception):
     """A sink cannot start with this configuration (missing directory, bad endpoint); exit 2."""
+
+
+class SinkClosed(Exception):
+    """The sink's destination is gone for good (the reader of stdout exited: EPIPE); the sink stops, the rest of
+    the service drains and exits 1 reporting what this sink could not write. unwritten: events the sink had
+    already taken from its queue and could not write."""
+
+    def __init__(self, message: str, unwritten: int = 0):
+        super().__init__(message)
+        self.unwritten = unwritten
+
+
+def stdout_gone(unwritten: int = 0) -> SinkClosed:
+    """stdout's reader has exited: point fd 1 at /dev/null so that nothing (not even the interpreter's exit-time
+    flush) writes to the broken pipe again, and say so in one line."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SinkClosed("stdout was closed by its reader (broken pipe)", unwritten)
 
 
 class SinkStats:
@@ -111,34 +134,45 @@ class SinkThread(ServiceThread):
         self.sink = sink
         self.sink_queue = sink_queue
         self.reopen_requested = threading.Event()
+        self.unwritten_at_close = 0  # taken from the queue but never written (SinkClosed)
         sink_queue.consumer = self
 
     def loop(self) -> None:
+        try:
+            self._drain()
+        except SinkClosed as exc:
+            # Not a crash: one line, no traceback; `crashed` marks the thread dead for /health and the exit status.
+            self.crashed = exc
+            self.unwritten_at_close = exc.unwritten
+            _log.error("%s sink stopped: %s; the events queued for it will not be written", self.sink.name, exc,
+                       extra={"fields": {"sink": self.sink.name, "unwritten_events": exc.unwritten,
+                                         "queued_events": self.pending_events()}})
+        finally:
+            self.sink.close()
+
+    def _drain(self) -> None:
         get = self.sink_queue.queue.get
         stats = self.sink_queue.stats
         sink = self.sink
         next_tick = time.monotonic() + TICK_SECS
-        try:
-            while True:
-                try:
-                    batch = get(timeout=TICK_SECS)
-                except queue.Empty:
-                    batch = ()
-                if batch is STOP:
-                    break
-                if self.reopen_requested.is_set():
-                    self.reopen_requested.clear()
-                    sink.reopen()
-                if batch:
-                    ingest_ms, records = batch
-                    sink.write(records, ingest_ms)
-                    stats.written += len(records)
-                now = time.monotonic()
-                if now >= next_tick:
-                    sink.tick(now)
-                    next_tick = now + TICK_SECS
-        finally:
-            sink.close()
+        while True:
+            try:
+                batch = get(timeout=TICK_SECS)
+            except queue.Empty:
+                batch = ()
+            if batch is STOP:
+                return
+            if self.reopen_requested.is_set():
+                self.reopen_requested.clear()
+                sink.reopen()
+            if batch:
+                ingest_ms, records = batch
+                sink.write(records, ingest_ms)
+                stats.written += len(records)
+            now = time.monotonic()
+            if now >= next_tick:
+                sink.tick(now)
+                next_tick = now + TICK_SECS
 
     def pending_events(self) -> int:
         """Events still queued (for the shutdown report)."""

@@ -23,7 +23,7 @@ import time
 from .. import logs, protocol
 from ..config import Config
 from ..threads import ServiceThread
-from . import Sink, SinkConfigError, SinkStats
+from . import Sink, SinkConfigError, SinkStats, stdout_gone
 
 _log = logs.get("polygon_ndjson")
 
@@ -285,6 +285,11 @@ class NdjsonSink(Sink):
                 output.size += written
                 self.bytes += written
         except OSError as exc:
+            if exc.errno == errno.EPIPE and self._to_stdout:
+                # Nothing will ever read these: they are not written (the thread reports them) and not retried.
+                unwritten = output.carry_events
+                output.carry, output.carry_events, output.arrivals = b"", 0, []
+                raise stdout_gone(unwritten) from None
             output.carry = data[done:]
             self.write_errors += 1
             self._retry_at = now + RETRY_SECS

@@ -8,7 +8,7 @@ import time
 from typing import BinaryIO
 
 from .. import logs
-from . import Sink
+from . import Sink, stdout_gone
 
 PAYLOAD_START = ',"payload":'
 PAYLOAD_END = ',"hostname":'
@@ -39,8 +39,11 @@ class StdoutSink(Sink):
             fields = {"message": "event", "type": code, "symbol": symbol, "ts": ts, "seq": seq,
                       "line": f"{code}:{symbol} {payload}"}
             out.append(f"{head}{dumps(fields)}}}\n")
-        self._stream.write("".join(out).encode("utf-8"))
-        self._stream.flush()
+        try:
+            self._stream.write("".join(out).encode("utf-8"))
+            self._stream.flush()
+        except BrokenPipeError:
+            raise stdout_gone(len(records)) from None
         self.observe_written(ingest_ms, len(records))
 
     def close(self) -> None:
