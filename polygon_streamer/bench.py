@@ -245,15 +245,15 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
         elapsed = time.perf_counter() - started
         if progress:
             sys.stderr.write("\n")
-        cpu = _cpu_seconds(service.pid) - cpu_before
-        result.cpu_seconds_per_million = round(cpu / events * 1_000_000, 2)
-        result.peak_rss_mb = round(_peak_rss_mb(service.pid), 1)
         if rate:
             latency = _write_latency(samples, sinks[0])
             result.write_latency_p50_ms = latency.quantile(0.5) * 1000
             result.write_latency_p99_ms = latency.quantile(0.99) * 1000
             result.latency_rate = rate
             return
+        cpu = _cpu_seconds(service.pid) - cpu_before
+        result.cpu_seconds_per_million = round(cpu / events * 1_000_000, 2)
+        result.peak_rss_mb = round(_peak_rss_mb(service.pid), 1)
         result.service_events_per_sec = round(events / elapsed)
         for sink in sinks:
             result.written[sink] = int(_sink_written(samples, sink))

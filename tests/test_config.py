@@ -33,8 +33,9 @@ def run_cli(*args, env=None, timeout=30):
     ("ZMQ_ENDPOINT", "nohost:1", "expected a ZeroMQ endpoint"),
 ])
 def test_bad_value_exits_2_with_one_line_naming_the_variable(variable, value, expected):
-    result = run_cli("run", env={"POLYGON_API_KEY": TEST_KEY, variable: value,
-                                 "POLYGON_WS_URL": "ws://127.0.0.1:9/stocks"} | {variable: value})
+    # the variable last, so that it also overrides POLYGON_WS_URL when that is the one under test
+    result = run_cli("run", env={"POLYGON_API_KEY": TEST_KEY, "POLYGON_WS_URL": "ws://127.0.0.1:9/stocks",
+                                 variable: value})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
