@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import MetricsHandler
 
 from . import __version__, logs, protocol
+from .threads import set_os_thread_name
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WRITE_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -234,6 +235,7 @@ class MetricsServer:
         self.crashed: BaseException | None = None
 
     def _serve(self) -> None:
+        set_os_thread_name(self._thread.name)
         try:
             self._server.serve_forever(poll_interval=0.25)
         except BaseException as exc:

@@ -8,6 +8,24 @@ from . import logs
 
 _log = logs.get("polygon_streamer")
 
+# Linux keeps 15 bytes of a thread's name (what top -H, ps -L and /proc/PID/task/TID/comm show).
+OS_NAME_BYTES = 15
+
+
+def os_thread_name(name: str) -> str:
+    """The name the OS shows for a service thread: polygon-dispatcher -> dispatcher (the process says polygon)."""
+    return name.removeprefix("polygon-")[:OS_NAME_BYTES]
+
+
+def set_os_thread_name(name: str) -> None:
+    """Name the calling thread for the OS as well (Python 3.11 names threads for Python only), so that per-thread
+    CPU in top -H or /proc tells the reader from the dispatcher from a sink. Best effort: not Linux, no change."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write(os_thread_name(name))
+    except OSError:
+        pass
+
 
 class ServiceThread(threading.Thread):
     """Subclasses implement loop(); it must check self.stopping at least once per tick."""
@@ -21,6 +39,7 @@ class ServiceThread(threading.Thread):
         raise NotImplementedError
 
     def run(self) -> None:
+        set_os_thread_name(self.name)
         try:
             self.loop()
         except BaseException as exc:

@@ -147,6 +147,33 @@ def test_a_sink_stalled_for_30_s_stays_bounded_counts_drops_exactly_and_recovers
            peak_rss_mb=peak_rss // 1024, peak_sink_queue=int(peak_depth), uncounted=0)
 
 
+def test_an_overflowing_inbound_queue_counts_every_dropped_event_and_frame(mock_server, spawn, tmp_path):
+    # The server sends pre-rendered frames as fast as TCP takes them, about ten times what the dispatcher can
+    # parse: a 2-frame inbound queue overflows. The reader counts a frame's events only when it drops it.
+    mock_server.options.rate = 0
+    mock_server.options.batch = 10
+    mock_server.options.frame_pool = 100
+    mock_server.options.count = 200_000
+    dest = tmp_path / "inbound.ndjson"
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), CHANNEL_CAP="2", BP_WARN_INTERVAL_SECS="1",
+                     NDJSON_CHANNEL_CAP="100000")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") + streamer.metric("polygon_channel_drops_total")
+             >= 200_000, timeout=60, what="every event written or counted as dropped")
+    drops = streamer.metric("polygon_channel_drops_total")
+    frames = streamer.metric("polygon_channel_dropped_frames_total")
+    written = streamer.metric("polygon_ndjson_written_total")
+    assert drops > 0 and drops == frames * 10, (drops, frames)
+    assert written + drops == 200_000 == mock_server.stats.events_sent
+    assert streamer.metric("polygon_ndjson_drops_total") == 0
+    assert any(m.startswith("inbound queue full") for m in streamer.log_messages())
+    assert streamer.stop() == 0
+    final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]["fields"]
+    assert final["channel_drops"] == drops
+    assert seqs_of(dest) == list(range(1, int(written) + 1)), "seq is given after the inbound queue: no gap"
+    report("inbound queue overflow", events=200_000, written=int(written), counted_drops=int(drops),
+           dropped_frames=int(frames), uncounted=0)
+
+
 def test_fifty_sighups_during_a_heavy_stream_lose_and_tear_nothing(mock_server, spawn, tmp_path):
     mock_server.options.rate = 20_000
     mock_server.options.batch = 20

@@ -1,5 +1,6 @@
 """The real service as a child process against the local Polygon server, over loopback sockets."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -49,6 +50,9 @@ def test_happy_path_streams_records_with_gapless_seq_and_exits_0(mock_server, sp
     build = [dict(labels) for name, labels in metrics if name == "polygon_build_info"]
     assert build and build[0]["version"] == "0.1.0" and build[0]["cluster"] == "stocks"
     assert mock_server.stats.pings >= 1
+    tasks = f"/proc/{streamer.proc.pid}/task"
+    os_names = {open(f"{tasks}/{tid}/comm").read().strip() for tid in os.listdir(tasks)}
+    assert {"reader", "dispatcher", "sink-stdout", "heartbeat", "metrics-http"} <= os_names, "named for top -H"
     assert streamer.stop() == 0
     events = streamer.events()
     assert [e["fields"]["seq"] for e in events] == list(range(1, 501))
