@@ -2,8 +2,10 @@
 
 The local Polygon server runs in its own process (pinned to one core, frames pre-rendered) so it is not what is
 measured; the service runs as its own process pinned to the other core. In one run: the transport ceiling (a bare
-websocket-client recv loop), the parse ceiling (recv + ujson.loads), then the real service through the chosen sinks,
-with its CPU time, peak RSS, receive-to-write latency and a check by seq that nothing was lost.
+websocket-client recv loop), the parse ceiling (recv + ujson.loads), the work ceiling (recv, normalize and the file
+write in one thread: the service's own work without its threads and queues), then the real service through the
+chosen sinks, with its CPU time (also per thread), peak RSS, receive-to-write latency and a check by seq that nothing
+was lost.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import ujson
 import websocket
 
 from . import __version__, logs, protocol
+from .config import SETTINGS_BY_FIELD
 from .metrics import WRITE_LATENCY_BUCKETS, LatencyHistogram
+from .normalize import FrameNormalizer
+from .sinks.ndjson import LINE
 
 SUBSCRIPTIONS = {"stocks": "T.*,Q.*", "options": "T.*,Q.*", "futures": "T.*,Q.*", "crypto": "XT.*,XQ.*",
                  "forex": "C.*", "indices": "V.*"}
@@ -40,9 +45,12 @@ class BenchResult:
     versions: dict = field(default_factory=dict)
     transport_events_per_sec: float = 0.0
     parse_events_per_sec: float = 0.0
+    work_events_per_sec: float = 0.0
     service_events_per_sec: float = 0.0
     service_to_parse_ratio: float = 0.0
+    service_to_work_ratio: float = 0.0
     cpu_seconds_per_million: float = 0.0
+    cpu_seconds_per_million_by_thread: dict = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     write_latency_p50_ms: float = 0.0
     write_latency_p99_ms: float = 0.0
@@ -101,8 +109,13 @@ class _Server:
             self.proc.kill()
 
 
-def _ceiling(events: int, batch: int, cluster: str, parse: bool) -> float:
-    """A bare websocket-client loop on the same frames: recv (and ujson.loads) only, counted."""
+CEILINGS = ("transport", "parse", "work")
+
+
+def _ceiling(events: int, batch: int, cluster: str, kind: str, workdir: str) -> float:
+    """One thread on the same frames, counted: recv only (transport), recv + ujson.loads (parse), or recv +
+    FrameNormalizer + the NDJSON file write every NDJSON_FLUSH_EVERY events (work: what the service does for each
+    frame, with no thread hand-over, queue, metric or timer)."""
     server = _Server(events, batch)
     own = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     _pin(0, SERVICE_CPU)
@@ -116,11 +129,15 @@ def _ceiling(events: int, batch: int, cluster: str, parse: bool) -> float:
         server.release()
         started = time.perf_counter()
         received = 0
-        loads = ujson.loads
-        marker = b'"ev":'
-        while received < events:
-            _, data = ws.recv_data()
-            received += len(loads(data)) if parse else data.count(marker)
+        if kind == "work":
+            received = _work_loop(ws, events, cluster, os.path.join(workdir, "work-ceiling.ndjson"))
+        else:
+            loads = ujson.loads
+            marker = b'"ev":'
+            parse = kind == "parse"
+            while received < events:
+                _, data = ws.recv_data()
+                received += len(loads(data)) if parse else data.count(marker)
         elapsed = time.perf_counter() - started
         ws.close()
         return received / elapsed
@@ -130,10 +147,46 @@ def _ceiling(events: int, batch: int, cluster: str, parse: bool) -> float:
         server.stop()
 
 
+def _work_loop(ws: websocket.WebSocket, events: int, cluster: str, path: str) -> int:
+    normalize = FrameNormalizer(cluster, "bench", __version__).normalize
+    flush_every = int(SETTINGS_BY_FIELD["ndjson_flush_every"].default)
+    wall = time.time_ns
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+    try:
+        lines: list[str] = []
+        received = 0
+        while received < events:
+            _, data = ws.recv_data()
+            records, _ = normalize(data, wall() // 1_000_000)
+            received += len(records)
+            lines.extend(map(LINE, records))
+            if len(lines) >= flush_every or received >= events:
+                os.write(fd, ("\n".join(lines) + "\n").encode("utf-8"))
+                lines = []
+        return received
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds_by_thread(pid: int) -> dict[str, float]:
+    """CPU seconds of the live threads, summed by OS thread name (threads.os_thread_name)."""
+    seconds: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm, open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                name = comm.read().strip()
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -232,6 +285,7 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             raise RuntimeError("the ZeroMQ subscriber did not join within 30 s")
         server.release()
         cpu_before = _cpu_seconds(service.pid)
+        threads_before = _cpu_seconds_by_thread(service.pid)
         started = time.perf_counter()
         done = 0
         while done < events:
@@ -253,6 +307,10 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             return
         cpu = _cpu_seconds(service.pid) - cpu_before
         result.cpu_seconds_per_million = round(cpu / events * 1_000_000, 2)
+        by_thread = {name: round((seconds - threads_before.get(name, 0.0)) / events * 1_000_000, 2)
+                     for name, seconds in _cpu_seconds_by_thread(service.pid).items()}
+        result.cpu_seconds_per_million_by_thread = dict(
+            sorted(((name, value) for name, value in by_thread.items() if value > 0), key=lambda item: -item[1]))
         result.peak_rss_mb = round(_peak_rss_mb(service.pid), 1)
         result.service_events_per_sec = round(events / elapsed)
         for sink in sinks:
@@ -335,8 +393,9 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool)
                        "websocket_client": websocket.__version__, "ujson": ujson.__version__,
                        "pyzmq": zmq.__version__, "prometheus_client": _version_of(prometheus_client)}
     with tempfile.TemporaryDirectory(prefix="polygon-bench-") as workdir:
-        result.transport_events_per_sec = round(_ceiling(events, batch, cluster, parse=False))
-        result.parse_events_per_sec = round(_ceiling(events, batch, cluster, parse=True))
+        result.transport_events_per_sec = round(_ceiling(events, batch, cluster, "transport", workdir))
+        result.parse_events_per_sec = round(_ceiling(events, batch, cluster, "parse", workdir))
+        result.work_events_per_sec = round(_ceiling(events, batch, cluster, "work", workdir))
         _service(result, sinks, workdir, progress)
         # Latency means something only below saturation: a short run at half the measured rate.
         paced = BenchResult(events=max(batch, min(result.events, result.service_events_per_sec * 2) // batch * batch),
@@ -346,6 +405,7 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool)
         result.write_latency_p99_ms = paced.write_latency_p99_ms
         result.latency_rate = paced.latency_rate
     result.service_to_parse_ratio = round(result.service_events_per_sec / result.parse_events_per_sec, 3)
+    result.service_to_work_ratio = round(result.service_events_per_sec / result.work_events_per_sec, 3)
     dropped = sum(result.dropped.values())
     result.ok = not result.problems and result.lost == 0 and dropped == 0
     return result
@@ -364,9 +424,13 @@ def format_table(result: BenchResult) -> str:
     rows = [
         ("transport ceiling (websocket-client recv)", f"{result.transport_events_per_sec:,.0f} events/s"),
         ("parse ceiling (recv + ujson.loads)", f"{result.parse_events_per_sec:,.0f} events/s"),
+        ("work ceiling (recv + normalize + write, 1 thread)", f"{result.work_events_per_sec:,.0f} events/s"),
         ("service end to end", f"{result.service_events_per_sec:,.0f} events/s"),
         ("service / parse ceiling", f"{result.service_to_parse_ratio:.2f}"),
+        ("service / work ceiling", f"{result.service_to_work_ratio:.2f}"),
         ("CPU per million events", f"{result.cpu_seconds_per_million:.2f} s"),
+        ("  by thread", ", ".join(f"{name} {value:.2f}"
+                                  for name, value in result.cpu_seconds_per_million_by_thread.items())),
         ("peak RSS", f"{result.peak_rss_mb:.1f} MB"),
         (f"receive -> write latency p50 / p99 at {result.latency_rate:,.0f}/s",
          f"<= {result.write_latency_p50_ms:g} ms / <= {result.write_latency_p99_ms:g} ms"),
