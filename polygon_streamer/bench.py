@@ -109,9 +109,6 @@ class _Server:
             self.proc.kill()
 
 
-CEILINGS = ("transport", "parse", "work")
-
-
 def _ceiling(events: int, batch: int, cluster: str, kind: str, workdir: str) -> float:
     """One thread on the same frames, counted: recv only (transport), recv + ujson.loads (parse), or recv +
     FrameNormalizer + the NDJSON file write every NDJSON_FLUSH_EVERY events (work: what the service does for each
