@@ -149,6 +149,8 @@ class MockOptions:
     binary_every: int = 0              # every Nth data frame is sent as a binary frame
     not_array_every: int = 0           # every Nth data frame is a JSON object, not an array
     huge_frame_every: int = 0          # every Nth data frame is padded past 10 MB with events
+    status_in_data_every: int = 0      # every Nth data frame also carries a status object (status_in_data)...
+    status_in_data: str = "success"    # ...in the middle of its events
     hang_upgrade: bool = False         # accept TCP and never answer the upgrade
     record: bool = False               # keep (code, symbol, q) of every data event sent, in order
     frame_pool: int = 0                # benchmarks: cycle this many pre-rendered frames, sent in large chunks
@@ -464,6 +466,9 @@ class _Connection:
             payload = events
             if options.odd_events_every and n % options.odd_events_every == 0:
                 payload = events[:1] + ODD_EVENTS + events[1:]
+            if options.status_in_data_every and n % options.status_in_data_every == 0:
+                half = len(payload) // 2
+                payload = payload[:half] + [_status(options.status_in_data, "mixed with data")] + payload[half:]
             self.send(payload, binary=bool(options.binary_every and n % options.binary_every == 0))
             self.sent_events += len(events)
             stats.events_sent += len(events)

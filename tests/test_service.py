@@ -160,6 +160,36 @@ def test_error_status_is_logged_and_counted_and_the_rest_streams(mock_server, sp
     report("error status (Q not authorized)", trade_events=len(streamer.stdout_lines), losses=0)
 
 
+def test_a_status_inside_a_data_frame_is_handled_and_the_frames_events_all_come_out(mock_server, spawn):
+    mock_server.options.batch = 10
+    mock_server.options.count = 300
+    mock_server.options.status_in_data_every = 5
+    mock_server.options.record = True
+    streamer = spawn(SUBSCRIPTION="T.*,Q.*", READY_MIN_MESSAGES="301")
+    wait_for(lambda: len(streamer.stdout_lines) >= 300, what="300 events")
+    # The 6 status objects are not data events: 300 of the 301 needed.
+    assert streamer.get("/ready") == (503, "NOT READY: 300 of 301 data events since subscribe\n")
+    assert streamer.metric("polygon_status_total", status="success") == 2 + 300 // 10 // 5  # 2 subscribe acks
+    assert streamer.metric("polygon_reconnects_total") == 0
+    assert streamer.stop() == 0
+    assert received(streamer) == sent_by_server(mock_server), "every data event, in order, no status among them"
+    assert [e["fields"]["seq"] for e in streamer.events()] == list(range(1, 301))
+
+
+def test_a_terminal_status_inside_a_data_frame_ends_the_session_after_its_events(mock_server, spawn):
+    mock_server.options.batch = 10
+    mock_server.options.count = 100
+    mock_server.options.status_in_data_every = 3
+    mock_server.options.status_in_data = "force_disconnect"
+    mock_server.options.record = True
+    streamer = spawn(SUBSCRIPTION="T.*,Q.*")
+    wait_for(lambda: streamer.metric("polygon_reconnect_success_total") >= 1, what="a reconnect")
+    assert any(m.startswith("status force_disconnect") for m in streamer.log_messages())
+    assert streamer.stop() == 0
+    # The first session: frames 1-3, the third carrying the status; its events are delivered, then the session ends.
+    assert received(streamer)[:30] == sent_by_server(mock_server)[:30]
+
+
 def test_bad_frames_and_bad_events_are_counted_and_the_good_ones_all_come_out(mock_server, spawn):
     mock_server.options.record = True
     mock_server.options.count = 400
