@@ -166,10 +166,15 @@ def _work_loop(ws: websocket.WebSocket, events: int, cluster: str, path: str) ->
         os.unlink(path)
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
+def _stat_cpu_seconds(stat_path: str) -> float:
+    """utime + stime of a process or thread from its /proc stat file."""
+    with open(stat_path) as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    return _stat_cpu_seconds(f"/proc/{pid}/stat")
 
 
 def _cpu_seconds_by_thread(pid: int) -> dict[str, float]:
@@ -177,12 +182,12 @@ def _cpu_seconds_by_thread(pid: int) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as comm, open(f"/proc/{pid}/task/{tid}/stat") as stat:
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm:
                 name = comm.read().strip()
-                fields = stat.read().rsplit(")", 1)[1].split()
+            used = _stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
         except FileNotFoundError:  # the thread ended meanwhile
             continue
-        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds[name] = seconds.get(name, 0.0) + used
     return seconds
 
 

@@ -112,6 +112,10 @@ class Streamer:
     def log_messages(self) -> list[str]:
         return [record.get("fields", {}).get("message", record.get("raw", "")) for record in self.logs()]
 
+    def shutdown_report(self) -> dict:
+        """The fields of the last "stopped..." record: what the service accepted, dropped and wrote."""
+        return [r for r in self.logs() if r.get("fields", {}).get("message", "").startswith("stopped")][-1]["fields"]
+
     def events(self) -> list[dict]:
         return [ujson.loads(line) for line in list(self.stdout_lines)]
 

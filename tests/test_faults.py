@@ -137,7 +137,7 @@ def test_a_sink_stalled_for_30_s_stays_bounded_counts_drops_exactly_and_recovers
     assert streamer.stop() == 0
     reader.closed.wait(10)
     seqs = [ujson.loads(line)["seq"] for line in reader.lines]
-    final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]["fields"]
+    final = streamer.shutdown_report()
     assert final["events"] == 100_000 and final["sink_drops"] > 0
     assert len(seqs) + final["sink_drops"] == 100_000, "events in = written + dropped, exactly"
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[-1] == 100_000
@@ -167,7 +167,7 @@ def test_an_overflowing_inbound_queue_counts_every_dropped_event_and_frame(mock_
     assert streamer.metric("polygon_ndjson_drops_total") == 0
     assert any(m.startswith("inbound queue full") for m in streamer.log_messages())
     assert streamer.stop() == 0
-    final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]["fields"]
+    final = streamer.shutdown_report()
     assert final["channel_drops"] == drops
     assert seqs_of(dest) == list(range(1, int(written) + 1)), "seq is given after the inbound queue: no gap"
     report("inbound queue overflow", events=200_000, written=int(written), counted_drops=int(drops),

@@ -117,9 +117,9 @@ def test_sigterm_under_load_writes_every_accepted_event(tmp_path, mock_server, s
     wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 20000, timeout=30, what="a loaded stream")
     signalled = time.monotonic()
     assert streamer.stop(signal.SIGTERM, timeout=5.0) == 0, "exit 0 within SHUTDOWN_TIMEOUT_SECS"
-    final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]
-    assert_exactly_once(read_lines(dest), final["fields"]["events"])
-    report("SIGTERM under full load", events=final["fields"]["events"],
+    final = streamer.shutdown_report()
+    assert_exactly_once(read_lines(dest), final["events"])
+    report("SIGTERM under full load", events=final["events"],
            exit_secs=round(time.monotonic() - signalled, 2), losses=0)
 
 

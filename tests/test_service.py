@@ -216,9 +216,9 @@ def test_sigterm_drains_everything_accepted(mock_server, spawn):
     streamer = spawn(CHANNEL_CAP="100000")
     wait_for(lambda: len(streamer.stdout_lines) >= 1000, what="a running stream")
     assert streamer.stop(signal.SIGTERM) == 0
-    final = [r for r in streamer.logs() if r["fields"].get("message", "").startswith("stopped")][-1]
-    accepted = final["fields"]["events"]
-    assert final["fields"]["channel_drops"] == 0
+    final = streamer.shutdown_report()
+    accepted = final["events"]
+    assert final["channel_drops"] == 0
     assert [e["fields"]["seq"] for e in streamer.events()] == list(range(1, accepted + 1))
 
 
