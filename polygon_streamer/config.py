@@ -7,6 +7,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from . import protocol
 
@@ -132,6 +133,28 @@ def _ws_url(raw: str) -> str:
     return url
 
 
+def url_secrets(url: str) -> list[str]:
+    """What in a URL may be a credential: user info and every query value (`?apiKey=...`)."""
+    try:
+        parts = urlsplit(url)
+        secrets = [parts.username, parts.password] + [value for _, value in parse_qsl(parts.query)]
+    except ValueError:
+        return []
+    return [secret for secret in secrets if secret]
+
+
+def redact_url(url: str) -> str:
+    """The URL with user info and query values replaced, for logs, errors and `config`."""
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+        netloc = f"<redacted>@{host}" if "@" in parts.netloc else host
+        query = "&".join(f"{key}=<redacted>" for key, _ in parse_qsl(parts.query, keep_blank_values=True))
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:
+        return "<redacted>"
+
+
 def _zmq_endpoint(raw: str) -> str:
     endpoint = raw.strip()
     if not re.fullmatch(r"(tcp|ipc|inproc|pgm|epgm|ws|wss)://\S+", endpoint):
@@ -170,6 +193,7 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    shown: Callable[[str], str] = str  # how a bad value appears in the error
 
     @property
     def flag(self) -> str:
@@ -182,13 +206,16 @@ SETTINGS: tuple[Setting, ...] = (
             "read the API key from this file; wins over POLYGON_API_KEY"),
     Setting("cluster", "POLYGON_CLUSTER", "futures", _choice(*protocol.CLUSTERS), "market cluster"),
     Setting("feed", "POLYGON_FEED", "realtime", _choice(*protocol.FEEDS), "realtime or delayed host"),
-    Setting("ws_url", "POLYGON_WS_URL", None, _ws_url, "full WebSocket URL (overrides cluster and feed host)"),
+    Setting("ws_url", "POLYGON_WS_URL", None, _ws_url, "full WebSocket URL (overrides cluster and feed host)",
+            shown=redact_url),
     Setting("subscription", "SUBSCRIPTION", "T.*", _subscription, "subscribe params, e.g. T.*,Q.AAPL"),
     Setting("channel_cap", "CHANNEL_CAP", "1024", _int(1), "inbound queue capacity in frames"),
     Setting("backoff_initial_secs", "BACKOFF_INITIAL_SECS", "1", _seconds(0, False), "first reconnect delay"),
     Setting("backoff_max_secs", "BACKOFF_MAX_SECS", "60", _seconds(0, False), "reconnect delay ceiling"),
     Setting("read_timeout_secs", "READ_TIMEOUT_SECS", "60", _seconds(0, False),
             "reconnect after this long without a frame"),
+    Setting("max_frame_bytes", "MAX_FRAME_BYTES", "16777216", _int(1024),
+            "largest WebSocket message accepted, in bytes; a larger one ends the session (counted)"),
     Setting("heartbeat_interval_secs", "HEARTBEAT_INTERVAL_SECS", "30", _seconds(0, True),
             "WebSocket ping interval; 0 disables"),
     Setting("metrics_addr", "METRICS_ADDR", "127.0.0.1:9898", _addr, "host:port for /metrics, /health, /ready"),
@@ -243,6 +270,7 @@ class Config:
     backoff_initial_secs: float
     backoff_max_secs: float
     read_timeout_secs: float
+    max_frame_bytes: int
     heartbeat_interval_secs: float
     metrics_addr: tuple[str, int]
     stats_interval_secs: float
@@ -279,12 +307,18 @@ class Config:
             value = getattr(self, item.name)
             if item.name == "api_key":
                 value = "<redacted>" if value else "<unset>"
+            elif item.name == "url":
+                value = redact_url(value)
             elif item.name == "metrics_addr":
                 value = format_addr(value)
             elif isinstance(value, tuple):
                 value = ",".join(value)
             out[item.name] = value
         return out
+
+    def secrets(self) -> list[str]:
+        """Every value that must never reach a log line: the key and any credential in the URL."""
+        return [secret for secret in [self.api_key, *url_secrets(self.url)] if secret]
 
 
 def format_addr(addr: tuple[str, int]) -> str:
@@ -300,7 +334,7 @@ def parse_setting(setting: Setting, raw: str) -> Any:
     try:
         return setting.parse(raw)
     except ValueError as exc:
-        shown = "<redacted>" if setting.secret else raw
+        shown = "<redacted>" if setting.secret else setting.shown(raw)
         raise ConfigError(f"invalid {_describe(setting)} {shown!r}: {exc}") from None
 
 

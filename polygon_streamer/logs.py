@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Iterable, TextIO
 
 import ujson
 
@@ -54,9 +54,23 @@ def dumps(value: Any) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """{"timestamp", "level", "target", "fields": {"message", ...extra fields}} on one line."""
+    """{"timestamp", "level", "target", "fields": {"message", ...extra fields}} on one line, with every secret
+    (the API key, credentials in the URL) replaced: a server may echo the key in a status message."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        super().__init__()
+        # Longest first, so a secret that contains another is replaced whole; each also as JSON spells it.
+        spellings = {spelling for secret in secrets if secret for spelling in (secret, dumps(secret)[1:-1])}
+        self._secrets = sorted(spellings, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
+        line = self._format(record)
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, "<redacted>")
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {"message": record.getMessage()}
         extra = getattr(record, "fields", None)
         if extra:
@@ -67,11 +81,11 @@ class JsonFormatter(logging.Formatter):
                       "target": record.name, "fields": fields})
 
 
-def setup(directives: str, stream: TextIO | None = None) -> None:
-    """Configure every target from LOG_LEVEL directives; records go to stderr as JSON lines."""
+def setup(directives: str, stream: TextIO | None = None, secrets: Iterable[str] = ()) -> None:
+    """Configure every target from LOG_LEVEL directives; records go to stderr as JSON lines, secrets redacted."""
     default, per_target = parse_directives(directives)
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(secrets))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -22,7 +22,7 @@ from .threads import set_os_thread_name
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WRITE_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-BAD_EVENT_REASONS = ("not_an_event", "unencodable")
+BAD_EVENT_REASONS = ("not_an_event", "unencodable", "invalid_unicode")
 ANOMALY_REASONS = ("unknown_code", "missing_symbol", "bad_symbol", "bad_time")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Iterable
 
 import ujson
@@ -20,6 +21,9 @@ _US_LIMIT = 10**17  # up to 17 digits: microseconds
 _NS_LIMIT = 10**20  # up to 20 digits: nanoseconds
 
 _IDENTITY_CACHE_LIMIT = 200_000
+# The identity cache is bounded in bytes as well: a feed of huge symbols must not hold memory (frames are capped by
+# MAX_FRAME_BYTES, so one entry is too). 32 MB is 200,000 entries of a long options symbol.
+_IDENTITY_CACHE_BYTES = 32 * 1024 * 1024
 
 
 class FrameError(ValueError):
@@ -34,14 +38,21 @@ def parse_frame(data: bytes | str) -> list:
     except ValueError:
         try:
             events = json.loads(data)
-        except ValueError as exc:
-            raise FrameError(f"not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser's stack
+            raise FrameError(f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(events, list):
         raise FrameError(f"not a JSON array but {type(events).__name__}")
     return events
 
 
-_WHITESPACE = (b" ", b"\n", b"\t", b"\r")
+# Bytes that never appear unescaped in compact strict JSON outside strings, and inside strings only escaped (control
+# characters) or in text that must be re-encoded to be checked (backslash escapes: lone surrogates hide there).
+_NOT_COMPACT = bytes(range(0x21)) + b"\\"
+# What ujson accepts and RFC 8259 forbids, so a frame holding it must not be copied as received: NaN and Infinity,
+# leading zeros (01, -01, 00), a dot without digits after it (1., 1.e5, -.5) and a lone minus. The patterns start with
+# a literal so that re scans at memchr speed; a match inside a string only sends its frame down the re-encoding path.
+_LENIENT_NUMBER = (re.compile(rb"\.[,}\]eE]").search, re.compile(rb"-[,}\].]").search,
+                   re.compile(rb"0[0-9](?<=[:,\[-]0[0-9])").search)
 
 
 def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
@@ -50,10 +61,19 @@ def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
     Polygon sends compact JSON. When the frame has no whitespace and no escapes, every top-level boundary is
     exactly `},{`, so the split is right when it yields one part per parsed element; any `},{` inside a string or
     a nested object makes the count differ and the caller re-encodes instead. Taking the text as received keeps
-    the payload byte for byte (number spelling, key order) and saves an encode per event.
+    the payload byte for byte (number spelling, key order) and saves an encode per event. Only strict JSON is
+    taken as received (see _LENIENT_NUMBER); the rest is re-encoded, which rejects what cannot be JSON.
     """
-    raw = data if isinstance(data, bytes) else data.encode("utf-8")
-    if not (raw[:2] == b"[{" and raw[-2:] == b"}]") or b"\\" in raw or any(ws in raw for ws in _WHITESPACE):
+    if isinstance(data, bytes):
+        raw = data
+    else:
+        try:
+            raw = data.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate
+            return None
+    dot, minus, zero = _LENIENT_NUMBER
+    if not (raw[:2] == b"[{" and raw[-2:] == b"}]") or len(raw.translate(None, _NOT_COMPACT)) != len(raw) \
+            or b"NaN" in raw or (b"y" in raw and b"Infinity" in raw) or dot(raw) or minus(raw) or zero(raw):
         return None
     try:
         text = raw.decode("utf-8") if isinstance(data, bytes) else data
@@ -130,8 +150,9 @@ class FrameNormalizer:
         self._feed_json = _json_str(cluster)
         self._tail = (f',"hostname":{_json_str(hostname)},"app_version":{_json_str(app_version)},'
                       f'"schema_version":1,"seq":')
-        # (code, symbol) -> (identity JSON fragment, kind, included)
-        self._identities: dict[tuple[str, str], tuple[str, str, bool]] = {}
+        # (code, symbol) -> (identity JSON fragment, kind, included, the code's label in events_by_type)
+        self._identities: dict[tuple[str, str], tuple[str | None, str, bool, str]] = {}
+        self._identity_bytes = 0
         # code -> (symbol key, time key) for the inlined common case of _locate
         self._fast_keys = {code: (shape.symbol_keys[0], shape.time_keys[0]) for code, shape in self._shapes.items()}
         self.seq = 0
@@ -146,15 +167,25 @@ class FrameNormalizer:
     def _count(self, table: dict[str, int], key: str, amount: int = 1) -> None:
         table[key] = table.get(key, 0) + amount
 
-    def _identity(self, code: str, symbol: str) -> tuple[str, str, bool]:
-        if len(self._identities) >= _IDENTITY_CACHE_LIMIT:
+    def _identity(self, code: str, symbol: str) -> tuple[str | None, str, bool, str]:
+        """The record's identity fragment for (code, symbol); None if it cannot be valid UTF-8 (a lone surrogate)."""
+        if len(self._identities) >= _IDENTITY_CACHE_LIMIT or self._identity_bytes >= _IDENTITY_CACHE_BYTES:
             self._identities.clear()
+            self._identity_bytes = 0
         kind = self._shapes.get(code, protocol.OTHER).kind
-        fragment = (f'"type":{_json_str(code)},"kind":"{kind}","symbol":{_json_str(symbol)},'
-                    f'"topic":{_json_str(code + ":" + symbol)},"feed":{self._feed_json},"ts":')
+        fragment: str | None = (f'"type":{_json_str(code)},"kind":"{kind}","symbol":{_json_str(symbol)},'
+                                f'"topic":{_json_str(code + ":" + symbol)},"feed":{self._feed_json},"ts":')
+        if not fragment.isascii():
+            try:
+                fragment.encode("utf-8")
+            except UnicodeEncodeError:
+                fragment = None
         included = not self._include or self._include.matches(code, symbol)
-        entry = (fragment, kind, included)
+        # Codes come from the network: the unknown ones share one label, so that they cannot grow the metrics.
+        label = code if code in self._shapes else protocol.UNKNOWN_LABEL
+        entry = (fragment, kind, included, label)
         self._identities[(code, symbol)] = entry
+        self._identity_bytes += 2 * len(code) + 2 * len(symbol) + 200  # key, fragment and the entry itself
         return entry
 
     def _locate(self, event: dict, code: str) -> tuple[str, int | None]:
@@ -219,7 +250,10 @@ class FrameNormalizer:
                 continue
             else:
                 symbol, ts = self._locate(event, code)
-            fragment, kind, included = identities.get((code, symbol)) or self._identity(code, symbol)
+            fragment, kind, included, label = identities.get((code, symbol)) or self._identity(code, symbol)
+            if fragment is None:
+                self._count(self.bad_events, "invalid_unicode")
+                continue
             if not included:
                 self.filtered += 1
                 continue
@@ -232,13 +266,19 @@ class FrameNormalizer:
                 try:
                     text = ujson.dumps(event, ensure_ascii=False, escape_forward_slashes=False,
                                        allow_nan=False)[1:-1]
-                except (OverflowError, ValueError, TypeError, UnicodeError):
-                    self._count(self.bad_events, "unencodable")
+                except (OverflowError, ValueError, TypeError, UnicodeError, RecursionError):
+                    self._count(self.bad_events, "unencodable")  # NaN, Infinity, nested past ujson's limit
                     continue
+                if not text.isascii():
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        self._count(self.bad_events, "invalid_unicode")
+                        continue
             seq += 1
             append((seq, code, symbol, kind, ts,
                     f'{head}{fragment}{"null" if ts is None else ts},"payload":{{{text}}}{tail}{seq}}}'))
-            by_type[code] = by_type.get(code, 0) + 1
+            by_type[label] = by_type.get(label, 0) + 1
         # The frame's last event stands for the frame in the latency histogram (feeds are time-ordered).
         newest = records[-1][4] if records else None
         self.seq = seq

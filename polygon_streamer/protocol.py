@@ -35,6 +35,8 @@ ERROR = "error"
 MAX_CONNECTIONS = "max_connections"
 KNOWN_STATUSES = (CONNECTED, AUTH_SUCCESS, AUTH_FAILED, AUTH_TIMEOUT, SUCCESS, ERROR, MAX_CONNECTIONS,
                   "auth_required", "force_disconnect", "slow_consumer")
+# The metric label of a code or status this version does not know: values from the network never become labels.
+UNKNOWN_LABEL = "other"
 # Statuses after which the server closes (or will close) the connection.
 TERMINAL_STATUSES = frozenset({AUTH_FAILED, AUTH_TIMEOUT, MAX_CONNECTIONS, "force_disconnect", "slow_consumer"})
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import queue
 import random
+import socket
+import threading
 import time
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import websocket
+from websocket._abnf import frame_buffer  # the same class and recv_length() in 1.2.3 and 1.9.x
 
 from . import logs, protocol
 from .config import Config
 from .normalize import FrameError, parse_frame
-from .threads import ServiceThread
+from .threads import ServiceThread, set_os_thread_name
 
 _log = logs.get("polygon_conn")
 
@@ -22,8 +25,12 @@ _log = logs.get("polygon_conn")
 HEALTHY_SESSION_SECS = 10.0
 # How often a blocked recv wakes up to look at the stop flag and the read deadline.
 TICK_SECS = 0.25
-# Cap on the TCP connect + WebSocket upgrade, so a server that accepts and never answers cannot hang us.
+# Cap on the TCP connect + WebSocket upgrade, in total: a server that accepts and never answers, or answers one byte
+# at a time, cannot hang us.
 CONNECT_TIMEOUT_SECS = 10.0
+# A status message is logged with at most this much of the server's text.
+SERVER_MESSAGE_CHARS = 300
+CLOSE_MESSAGE_TOO_BIG = 1009
 EV_MARKER = b'"ev":'
 STATUS_MARKER = b'"status"'
 
@@ -55,6 +62,71 @@ class Backoff:
         self.attempt = 0
 
 
+class FrameTooLarge(Exception):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"a message of {size} bytes exceeds MAX_FRAME_BYTES ({limit})")
+        self.size = size
+
+
+class _BoundedFrameBuffer(frame_buffer):
+    """websocket-client's frame reader, refusing a frame whose header announces more than the cap before reading
+    (and buffering) any of its payload."""
+
+    max_bytes = 0
+
+    def recv_length(self) -> None:
+        super().recv_length()
+        if self.length > self.max_bytes:
+            raise FrameTooLarge(self.length, self.max_bytes)
+
+
+class BoundedWebSocket(websocket.WebSocket):
+    """A WebSocket with a size cap on every frame and a total deadline on connect + upgrade (create_connection's
+    timeout applies to each read, so a server answering a byte at a time could hold the upgrade forever)."""
+
+    max_frame_bytes = 16 * 1024 * 1024
+    connect_deadline_secs = CONNECT_TIMEOUT_SECS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frame_buffer = _BoundedFrameBuffer(self._recv, True)
+        self.frame_buffer.max_bytes = self.max_frame_bytes
+
+    def connect(self, url, **options):
+        finished = threading.Event()
+        expired = threading.Event()
+
+        def watch() -> None:
+            set_os_thread_name("polygon-connect-watch")
+            if finished.wait(self.connect_deadline_secs):
+                return
+            expired.set()
+            while not finished.is_set():  # the socket exists once TCP (and TLS) are up
+                sock = self.sock
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return
+                finished.wait(0.05)
+
+        watchdog = threading.Thread(target=watch, name="polygon-connect-watch", daemon=True)
+        watchdog.start()
+        try:
+            super().connect(url, **options)
+        except Exception:
+            if expired.is_set():
+                raise websocket.WebSocketTimeoutException(
+                    f"connect and upgrade did not complete within {self.connect_deadline_secs:g}s") from None
+            raise
+        finally:
+            finished.set()
+        if expired.is_set():
+            raise websocket.WebSocketTimeoutException(
+                f"connect and upgrade did not complete within {self.connect_deadline_secs:g}s")
+
+
 class SessionEnd(Exception):
     """Why a connection ended; status is the Polygon status that ended it, if any."""
 
@@ -75,6 +147,7 @@ class ReaderStats:
         self.reconnect_success = 0
         self.reconnect_failure = 0
         self.read_timeouts = 0
+        self.oversize_frames = 0
         self.errors = 0
         self.heartbeats_sent = 0
         self.statuses: dict[str, int] = {}
@@ -127,12 +200,16 @@ class Reader(ServiceThread):
     def _session(self, attempt: int) -> SessionEnd:
         _log.info("connecting to %s", self._url_for_logs, extra={"fields": {"url": self._url_for_logs,
                                                                             "attempt": attempt}})
+        connect_secs = min(CONNECT_TIMEOUT_SECS, self._config.read_timeout_secs)
+        ws_class = type("PolygonWebSocket", (BoundedWebSocket,), {"max_frame_bytes": self._config.max_frame_bytes,
+                                                                  "connect_deadline_secs": connect_secs})
         try:
             ws = websocket.create_connection(
                 self._config.url,
-                timeout=min(CONNECT_TIMEOUT_SECS, self._config.read_timeout_secs),
+                timeout=connect_secs,
                 skip_utf8_validation=True,
                 enable_multithread=True,
+                class_=ws_class,
             )
         except Exception as exc:
             self.stats.errors += 1
@@ -152,6 +229,16 @@ class Reader(ServiceThread):
             return end
         except websocket.WebSocketConnectionClosedException as exc:
             return SessionEnd(f"connection closed by the server without a close frame ({exc})")
+        except FrameTooLarge as exc:
+            self.stats.oversize_frames += 1
+            self.stats.errors += 1
+            # Not ws.close(): it would read the rest of the refused frame while waiting for the server's close.
+            try:
+                ws.send_close(CLOSE_MESSAGE_TOO_BIG, b"message too big")
+            except Exception:
+                pass
+            ws.shutdown()
+            return SessionEnd(str(exc))
         except Exception as exc:
             self.stats.errors += 1
             return SessionEnd(f"connection error: {type(exc).__name__}: {exc}")
@@ -175,23 +262,53 @@ class Reader(ServiceThread):
     # -- protocol -----------------------------------------------------------------------------------------------
 
     def _recv(self, ws: websocket.WebSocket, deadline: float) -> tuple[int, bytes]:
-        """One data frame; SessionEnd on stop, close or silence past the deadline."""
+        """One data message; SessionEnd on stop, close, or no data message before the deadline.
+
+        Frames are read one by one (not with recv_data, which answers pings and joins fragments inside its own loop):
+        the deadline is checked after every frame, so a server that sends only pings, or fragments that never end,
+        cannot hold a dead session open, and a fragmented message is bounded by MAX_FRAME_BYTES as a whole."""
+        fragments: list[bytes] = []
+        size = 0
+        opcode = 0
         while True:
             try:
-                opcode, frame = ws.recv_data()
+                frame = ws.recv_frame()
             except websocket.WebSocketTimeoutException:
+                frame = None
                 if self.stopping.is_set():
                     raise SessionEnd("stopped") from None
-                if time.monotonic() >= deadline:
-                    self.stats.read_timeouts += 1
-                    raise SessionEnd(f"read timeout: no frame for {self._config.read_timeout_secs:g}s") from None
-                continue
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
-                code = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else None
-                reason = frame.data[2:].decode("utf-8", "replace")
-                raise SessionEnd(f"closed by the server (code {code}{', ' + reason if reason else ''})")
-            self.stats.messages_received += 1
-            return opcode, frame
+            if frame is not None:
+                code = frame.opcode
+                if code in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                    if fragments:
+                        raise SessionEnd("protocol error: a new message began inside a fragmented one")
+                    if frame.fin:
+                        self.stats.messages_received += 1
+                        return code, frame.data
+                    opcode, fragments, size = code, [frame.data], len(frame.data)
+                elif code == websocket.ABNF.OPCODE_CONT:
+                    if not fragments:
+                        raise SessionEnd("protocol error: a continuation frame without a message")
+                    size += len(frame.data)
+                    if size > self._config.max_frame_bytes:
+                        raise FrameTooLarge(size, self._config.max_frame_bytes)
+                    fragments.append(frame.data)
+                    if frame.fin:
+                        self.stats.messages_received += 1
+                        return opcode, b"".join(fragments)
+                elif code == websocket.ABNF.OPCODE_CLOSE:
+                    status = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else None
+                    reason = frame.data[2:SERVER_MESSAGE_CHARS].decode("utf-8", "replace")
+                    try:
+                        ws.send_close()
+                    except Exception:
+                        pass
+                    raise SessionEnd(f"closed by the server (code {status}{', ' + reason if reason else ''})")
+                elif code == websocket.ABNF.OPCODE_PING:
+                    ws.pong(frame.data)
+            if time.monotonic() >= deadline:
+                self.stats.read_timeouts += 1
+                raise SessionEnd(f"read timeout: no data message for {self._config.read_timeout_secs:g}s")
 
     def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
         deadline = time.monotonic() + self._config.read_timeout_secs
@@ -208,8 +325,8 @@ class Reader(ServiceThread):
                 if status in wanted:
                     return
                 if status in protocol.TERMINAL_STATUSES:
-                    raise SessionEnd(f"{status} while waiting for {step}: {event.get('message', '')!s}".strip(),
-                                     status)
+                    message = str(event.get("message", ""))[:SERVER_MESSAGE_CHARS]
+                    raise SessionEnd(f"{status} while waiting for {step}: {message}".strip(), status)
 
     def _handshake(self, ws: websocket.WebSocket) -> None:
         # The spec's own example shows "success" for the connect event; the server sends "connected".
@@ -225,9 +342,10 @@ class Reader(ServiceThread):
 
     def _handle_status(self, event: dict) -> str:
         """Log and count one status object; returns its status."""
-        status = str(event.get("status", ""))
-        message = event.get("message", "")
-        self.stats.statuses[status] = self.stats.statuses.get(status, 0) + 1
+        status = str(event.get("status", ""))[:SERVER_MESSAGE_CHARS]
+        message = str(event.get("message", ""))[:SERVER_MESSAGE_CHARS]
+        label = status if status in protocol.KNOWN_STATUSES else protocol.UNKNOWN_LABEL
+        self.stats.statuses[label] = self.stats.statuses.get(label, 0) + 1
         fields = {"status": status, "server_message": message, "cluster": self._config.cluster,
                   "url": self._url_for_logs}
         if status in (protocol.AUTH_FAILED, protocol.MAX_CONNECTIONS, protocol.ERROR, protocol.AUTH_TIMEOUT) \
