@@ -10,6 +10,7 @@ import bisect
 import platform
 import socket
 import threading
+import time
 from http.server import ThreadingHTTPServer
 from typing import Callable, Iterable
 
@@ -20,6 +21,12 @@ from prometheus_client.exposition import MetricsHandler
 from . import __version__, logs, protocol
 from .threads import set_os_thread_name
 
+# The HTTP port must not let its clients starve the service of threads and descriptors: at most this many
+# connections at once (more are answered 503 and closed), each idle at most HTTP_IDLE_SECS per read and closed at
+# HTTP_REQUEST_SECS whatever it is doing. Prometheus, a health checker and a person with curl need a handful.
+HTTP_MAX_CONNECTIONS = 32
+HTTP_IDLE_SECS = 5.0
+HTTP_REQUEST_SECS = 15.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WRITE_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BAD_EVENT_REASONS = ("not_an_event", "unencodable", "invalid_unicode")
@@ -135,6 +142,8 @@ class ServiceCollector:
                        reader.reconnect_failure)
         yield _counter("polygon_read_timeouts_total", "Connections dropped after READ_TIMEOUT_SECS without a frame",
                        reader.read_timeouts)
+        yield _counter("polygon_oversize_frames_total",
+                       "Sessions ended by a message larger than MAX_FRAME_BYTES", reader.oversize_frames)
         yield _counter("polygon_heartbeats_sent_total", "WebSocket pings sent", reader.heartbeats_sent)
         yield _counter("polygon_errors_total",
                        "Connection errors and error statuses (auth_failed, max_connections, error)", reader.errors)
@@ -161,6 +170,14 @@ class ServiceCollector:
         for sink, sink_queue in zip(service.sinks, service.sink_queues):
             yield from sink_metrics(sink, sink_queue.stats)
 
+        server = service.metrics_server
+        yield _counter("polygon_http_rejected_connections_total",
+                       "Connections to the metrics port refused (over the connection cap)",
+                       server.rejected_connections if server else 0)
+        yield _counter("polygon_http_expired_connections_total",
+                       "Connections to the metrics port closed at the request deadline",
+                       server.expired_connections if server else 0)
+
         latency = service.latency
         yield HistogramMetricFamily("polygon_event_latency_seconds",
                                     "Ingest time minus event time, per frame (its newest event)",
@@ -184,6 +201,7 @@ def sink_metrics(sink, queue_stats) -> Iterable:
 class _Handler(MetricsHandler):
     health: Callable[[], tuple[bool, str]]
     ready: Callable[[], tuple[bool, str]]
+    timeout = HTTP_IDLE_SECS
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -212,13 +230,54 @@ class _Handler(MetricsHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, as the stdlib does, but a bounded number of them, each with a deadline."""
+
     daemon_threads = True
+    block_on_close = False
 
     def __init__(self, addr: tuple[str, int], handler):
         host = addr[0]
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__(addr, handler)
+        self._open: dict[socket.socket, float] = {}  # connection -> when it must be closed
+        self._lock = threading.Lock()
+        self.rejected = 0
+        self.expired = 0
+
+    def process_request(self, request, client_address) -> None:
+        with self._lock:
+            full = len(self._open) >= HTTP_MAX_CONNECTIONS
+            if not full:
+                self._open[request] = time.monotonic() + HTTP_REQUEST_SECS
+        if full:
+            self.rejected += 1
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 21\r\n\r\n"
+                             b"too many connections\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Runs between accepts (every poll interval): end the connections past their deadline."""
+        now = time.monotonic()
+        with self._lock:
+            late = [request for request, deadline in self._open.items() if deadline <= now]
+        for request in late:
+            self.expired += 1
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class MetricsServer:
@@ -233,6 +292,14 @@ class MetricsServer:
         self.address = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._serve, name="polygon-metrics-http", daemon=True)
         self.crashed: BaseException | None = None
+
+    @property
+    def rejected_connections(self) -> int:
+        return self._server.rejected
+
+    @property
+    def expired_connections(self) -> int:
+        return self._server.expired
 
     def _serve(self) -> None:
         set_os_thread_name(self._thread.name)

@@ -118,13 +118,13 @@ class BoundedWebSocket(websocket.WebSocket):
         except Exception:
             if expired.is_set():
                 raise websocket.WebSocketTimeoutException(
-                    f"connect and upgrade did not complete within {self.connect_deadline_secs:g}s") from None
+                    f"timed out: connect and upgrade took longer than {self.connect_deadline_secs:g}s") from None
             raise
         finally:
             finished.set()
         if expired.is_set():
             raise websocket.WebSocketTimeoutException(
-                f"connect and upgrade did not complete within {self.connect_deadline_secs:g}s")
+                f"timed out: connect and upgrade took longer than {self.connect_deadline_secs:g}s")
 
 
 class SessionEnd(Exception):

@@ -152,7 +152,8 @@ class Service:
             thread.reopen_requested.set()
 
     def shutdown(self, why: str) -> int:
-        """Stop reading, drain every queue, flush and close every sink, all within SHUTDOWN_TIMEOUT_SECS."""
+        """Stop reading, drain every queue, flush and close every sink, all within SHUTDOWN_TIMEOUT_SECS.
+        Exit 0 only when every accepted event was written or counted as dropped by a bound the user chose."""
         self._stopping = True
         deadline = time.monotonic() + self.config.shutdown_timeout_secs
         _log.info("stopping (%s): draining queues", why,
@@ -163,26 +164,38 @@ class Service:
             self.heartbeat.stop()
         # A reader stuck in a TCP connect has accepted nothing: do not let it eat the drain deadline.
         self._join([self.reader], min(deadline, time.monotonic() + 2.0))
-        drained = stop_inbound(self.inbound, deadline) and self._join([self.dispatcher] + self.sink_threads, deadline)
+        for thread in self.sink_threads:
+            thread.close_deadline = deadline  # a sink whose disk refuses keeps retrying until then
+        drained = self._stop_inbound(deadline) and self._join([self.dispatcher] + self.sink_threads, deadline)
         if self.metrics_server:
             self.metrics_server.stop()
         counts = self._counts()
-        failed = [thread.sink.name for thread in self.sink_threads if thread.crashed is not None]
-        if drained and not failed:
+        unwritten = self.unwritten_events()
+        if drained and not unwritten:
             _log.info("stopped: every accepted event was handed to the sinks and flushed",
                       extra={"fields": counts})
             return 0
-        unwritten = self.unwritten_events()
         if drained:
-            _log.error("stopped: the %s sink had stopped early; %d accepted event(s) were not written to it "
-                       "(%d dropped and counted)", ", ".join(failed), unwritten, counts["sink_drops"],
-                       extra={"fields": dict(counts, unwritten_events=unwritten, failed_sinks=failed)})
+            failed = {thread.sink.name: thread.unwritten_at_close for thread in self.sink_threads
+                      if thread.crashed is not None or thread.unwritten_at_close}
+            _log.error("stopped: %d accepted event(s) were not written (%s); %d dropped and counted",
+                       unwritten, ", ".join(f"{name}: {count}" for name, count in failed.items()),
+                       counts["sink_drops"],
+                       extra={"fields": dict(counts, unwritten_events=unwritten, failed_sinks=list(failed))})
             return 1
         self.dispatcher.stop()
         _log.error("stopped at the %gs deadline with %d event(s) not written",
                    self.config.shutdown_timeout_secs, unwritten,
                    extra={"fields": dict(counts, unwritten_events=unwritten)})
         return 1
+
+    def _stop_inbound(self, deadline: float) -> bool:
+        """Queue STOP behind the accepted frames, answering a second SIGTERM/SIGINT while the queue is full."""
+        while time.monotonic() < deadline:
+            if stop_inbound(self.inbound, min(deadline, time.monotonic() + MAIN_TICK_SECS)):
+                return True
+            self._check_second_signal()
+        return False
 
     def _join(self, threads: list[threading.Thread], deadline: float) -> bool:
         """Join with a deadline; a second SIGTERM/SIGINT meanwhile exits at once."""

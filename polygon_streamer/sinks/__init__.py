@@ -46,8 +46,13 @@ class Sink:
     def reopen(self) -> None:
         """SIGHUP: reopen files by path."""
 
-    def close(self) -> None:
-        """Flush everything and release resources."""
+    def close(self, deadline: float | None = None) -> None:
+        """Flush everything and release resources; a sink that can retry a failing write does so until the deadline
+        (time.monotonic())."""
+
+    def unwritten(self) -> int:
+        """After close: accepted events this sink could not write (the shutdown report and exit status)."""
+        return 0
 
 
 class SinkConfigError(Exception):
@@ -134,7 +139,8 @@ class SinkThread(ServiceThread):
         self.sink = sink
         self.sink_queue = sink_queue
         self.reopen_requested = threading.Event()
-        self.unwritten_at_close = 0  # taken from the queue but never written (SinkClosed)
+        self.unwritten_at_close = 0  # taken from the queue but never written (SinkClosed, or a failing close)
+        self.close_deadline: float | None = None  # set by the service's shutdown before it queues STOP
         sink_queue.consumer = self
 
     def loop(self) -> None:
@@ -148,7 +154,8 @@ class SinkThread(ServiceThread):
                        extra={"fields": {"sink": self.sink.name, "unwritten_events": exc.unwritten,
                                          "queued_events": self.pending_events()}})
         finally:
-            self.sink.close()
+            self.sink.close(self.close_deadline)
+            self.unwritten_at_close += self.sink.unwritten()
 
     def _drain(self) -> None:
         get = self.sink_queue.queue.get

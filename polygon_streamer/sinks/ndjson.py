@@ -29,7 +29,11 @@ _log = logs.get("polygon_ndjson")
 
 LINE = operator.itemgetter(5)
 RETRY_SECS = 1.0
+GZIP_RETRY_SECS = 30.0
 MAX_BUFFERED_BYTES = 64 * 1024 * 1024
+# On SIGTERM a failing disk is retried this often until shortly before the deadline, so the report comes in time.
+CLOSE_RETRY_SECS = 0.2
+CLOSE_MARGIN_SECS = 0.3
 
 
 def rotated_name(path: str, when: float, taken=os.path.exists) -> str:
@@ -58,21 +62,26 @@ def split_path(path: str, kind: str) -> str:
 
 
 class Compressor(ServiceThread):
-    """Gzips rotated files off the writer's thread."""
+    """Gzips rotated files off the writer's thread. A failed gzip keeps the plain file and is tried again every
+    GZIP_RETRY_SECS; on stop, the job under way finishes and the rest wait for the next start (_queue_leftovers)."""
 
     def __init__(self) -> None:
         super().__init__("polygon-ndjson-gzip")
         self.jobs: queue.Queue = queue.Queue()
+        self._retries: list[tuple[float, str]] = []
         self.compressed = 0
         self.errors = 0
 
     def loop(self) -> None:
-        while True:
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            due = [path for when, path in self._retries if when <= now]
+            self._retries = [(when, path) for when, path in self._retries if when > now]
+            for path in due:
+                self.compress(path)
             try:
                 path = self.jobs.get(timeout=0.2)
             except queue.Empty:
-                if self.stopping.is_set():
-                    return
                 continue
             self.compress(path)
 
@@ -91,12 +100,14 @@ class Compressor(ServiceThread):
             self.compressed += 1
         except OSError as exc:
             self.errors += 1
-            _log.error("gzip of %s failed, the plain file is kept: %s", path, exc,
-                       extra={"fields": {"path": path}})
             try:
                 os.unlink(temporary)
             except OSError:
                 pass
+            if os.path.exists(path):
+                self._retries.append((time.monotonic() + GZIP_RETRY_SECS, path))
+            _log.error("gzip of %s failed, the plain file is kept and gzip is retried in %gs: %s", path,
+                       GZIP_RETRY_SECS, exc, extra={"fields": {"path": path, "gzip_errors_total": self.errors}})
 
 
 class _Output:
@@ -109,8 +120,10 @@ class _Output:
         self.opened_at = 0.0
         self.lines: list[str] = []
         self.events = 0
-        self.carry = b""            # encoded bytes a failed write left behind (written first next time)
-        self.carry_events = 0
+        self.carry = b""            # encoded lines a failed write left behind (written first next time)
+        self.carry_events = 0       # the lines in carry (a partly written line counts as not written)
+        self.mid_line = False       # the file ends inside a line (a short write): finish it before any rotation
+        self.written_since_check = 0  # events written since the file was last seen linked (see _check_linked)
         self.first_buffered_at = 0.0
         self.arrivals: list[tuple[int, int]] = []  # (ingest_ms, events) of what is buffered, for write latency
 
@@ -138,6 +151,7 @@ class NdjsonSink(Sink):
         self.bytes = 0
         self.rotations = 0
         self.write_errors = 0
+        self.lost = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -150,6 +164,8 @@ class NdjsonSink(Sink):
         path = self._config.ndjson_dest
         directory = os.path.dirname(os.path.abspath(path))
         where = f"invalid NDJSON_DEST (--ndjson-dest) {path!r}"
+        if os.path.isdir(path):
+            raise SinkConfigError(f"{where}: it is a directory; give a file path such as {path.rstrip('/')}/feed.ndjson")
         if not os.path.isdir(directory):
             raise SinkConfigError(f"{where}: directory {directory} does not exist; create it or fix the path")
         if not os.access(directory, os.W_OK | os.X_OK):
@@ -162,7 +178,10 @@ class NdjsonSink(Sink):
                 raise SinkConfigError(f"{where}: {candidate} exists and is not writable by this user")
         if not self._config.ndjson_split_per_type:
             output = _Output(path)
-            self._open_file(output)
+            try:
+                self._open_file(output)
+            except OSError as exc:
+                raise SinkConfigError(f"{where}: cannot open it for appending ({exc.strerror or exc})") from None
             self._outputs[""] = output
         if self._compressor:
             self._compressor.start()
@@ -182,19 +201,32 @@ class NdjsonSink(Sink):
                         and rotated_stamp(name[len(stem) + 1:]):
                     self._compressor.jobs.put(os.path.join(directory, name))
 
-    def close(self) -> None:
+    def close(self, deadline: float | None = None) -> None:
+        """Flush everything; while the disk refuses, retry until shortly before the deadline. What is still not
+        written then is reported by unwritten() (the service exits 1 with that count)."""
+        retry_until = (deadline - CLOSE_MARGIN_SECS) if deadline is not None else 0.0
+        while True:
+            for output in self._outputs.values():
+                self._flush(output, final=True)
+            if not any(output.buffered for output in self._outputs.values()) or time.monotonic() >= retry_until:
+                break
+            time.sleep(CLOSE_RETRY_SECS)
         for output in self._outputs.values():
-            self._flush(output, final=True)
             if output.path is not None and output.fd is not None:
                 try:
                     os.fsync(output.fd)
-                except OSError:
-                    pass
+                except OSError as exc:
+                    self.write_errors += 1
+                    _log.error("fsync of %s failed at close: %s; recently written lines may not be on disk",
+                               output.path, exc.strerror or exc, extra={"fields": {"path": output.path}})
                 os.close(output.fd)
                 output.fd = None
         if self._compressor:
             self._compressor.stop()
-            self._compressor.join(30)
+            self._compressor.join(max(0.0, (deadline or time.monotonic() + 30) - time.monotonic()))
+
+    def unwritten(self) -> int:
+        return sum(output.events + output.carry_events for output in self._outputs.values())
 
     # -- writing ------------------------------------------------------------------------------------------------
 
@@ -248,15 +280,51 @@ class NdjsonSink(Sink):
 
     def tick(self, now: float) -> None:
         for output in list(self._outputs.values()):
+            if output.path is not None and output.fd is not None:
+                self._check_linked(output)
             if output.buffered and now - output.first_buffered_at >= self._flush_interval:
                 self._flush(output)
             if self._rotate_secs and output.path is not None and output.fd is not None \
                     and now - output.opened_at >= self._rotate_secs:
                 self._flush(output)
                 if output.size > 0 and not output.buffered:
-                    self._rotate(output)
+                    try:
+                        self._rotate(output)
+                    except OSError as exc:
+                        self.write_errors += 1
+                        output.opened_at = now
+                        self._error_warning.warn(f"NDJSON time rotation failed, will retry: {exc.strerror or exc}",
+                                                 path=output.path, write_errors_total=self.write_errors)
                 else:
                     output.opened_at = now
+
+    def _check_linked(self, output: _Output) -> None:
+        """A live file deleted by hand (or with its directory) takes every later write into an inode nobody can
+        read. Seen here at most a tick later: the events written to it since the last check are counted as lost,
+        and the path is opened anew (if the directory is gone too, writes fail, are retried and stay buffered)."""
+        try:
+            linked = os.fstat(output.fd).st_nlink > 0
+        except OSError:
+            linked = False
+        if linked:
+            output.written_since_check = 0
+            return
+        lost = output.written_since_check
+        self.lost += lost
+        output.written_since_check = 0
+        _log.error("%s was deleted while open: %d event(s) written to it since the last check are lost; "
+                   "opening the path again", output.path, lost,
+                   extra={"fields": {"path": output.path, "lost_events": lost, "lost_events_total": self.lost}})
+        os.close(output.fd)
+        output.fd = None
+        output.mid_line = False
+        try:
+            self._open_file(output)
+        except OSError as exc:
+            self.write_errors += 1
+            self._retry_at = time.monotonic() + RETRY_SECS
+            self._error_warning.warn(f"NDJSON reopen failed, will retry: {exc.strerror or exc}", path=output.path,
+                                     write_errors_total=self.write_errors)
 
     def _flush(self, output: _Output, final: bool = False) -> None:
         if not output.buffered:
@@ -270,27 +338,20 @@ class NdjsonSink(Sink):
             output.carry_events += output.events
             output.lines = []
             output.events = 0
-        data = output.carry
-        done = 0
         try:
             if output.fd is None:
                 self._open_file(output)
-            if self._max_bytes and output.path is not None and output.size > 0 \
-                    and output.size + len(data) > self._max_bytes:
-                self._rotate(output)
-            view = memoryview(data)
-            while done < len(data):
-                written = os.write(output.fd, view[done:])
-                done += written
-                output.size += written
-                self.bytes += written
+            self._write_carry(output)
         except OSError as exc:
             if exc.errno == errno.EPIPE and self._to_stdout:
                 # Nothing will ever read these: they are not written (the thread reports them) and not retried.
                 unwritten = output.carry_events
                 output.carry, output.carry_events, output.arrivals = b"", 0, []
                 raise stdout_gone(unwritten) from None
-            output.carry = data[done:]
+            before = output.carry_events
+            output.carry_events = output.carry.count(b"\n")
+            self.written += before - output.carry_events
+            output.written_since_check += before - output.carry_events
             self.write_errors += 1
             self._retry_at = now + RETRY_SECS
             self._error_warning.warn(f"NDJSON write failed, will retry: {exc.strerror or exc}",
@@ -301,16 +362,45 @@ class NdjsonSink(Sink):
             _log.info("NDJSON writes resumed", extra={"fields": {"path": output.path or "stdout"}})
             self._retry_at = 0.0
         self.written += output.carry_events
-        output.carry = b""
+        output.written_since_check += output.carry_events
         output.carry_events = 0
         for arrived_ms, events in output.arrivals:
             self.observe_written(arrived_ms, events)
         output.arrivals = []
 
+    def _write_carry(self, output: _Output) -> None:
+        """Write output.carry, whole lines per file: with NDJSON_MAX_BYTES a file is rotated before the line that
+        would take it past the limit (a single longer line gets a file of its own), never inside a line, even after
+        a short write. What is written leaves carry as it goes, so a failure keeps exactly the rest."""
+        data = output.carry
+        view = memoryview(data)
+        done = 0
+        limit = self._max_bytes if output.path is not None else None
+        try:
+            while done < len(data):
+                end = len(data)
+                if limit and not output.mid_line and output.size + (end - done) > limit:
+                    end = data.rfind(b"\n", done, done + max(0, limit - output.size)) + 1
+                    if end <= done:
+                        if output.size > 0:
+                            self._rotate(output)
+                            continue
+                        end = data.find(b"\n", done) + 1 or len(data)
+                written = os.write(output.fd, view[done:end])
+                done += written
+                output.size += written
+                self.bytes += written
+                output.mid_line = written > 0 and data[done - 1] != 0x0A
+        finally:
+            view.release()
+            if done:
+                output.carry = data[done:]
+
     # -- files --------------------------------------------------------------------------------------------------
 
     def _open_file(self, output: _Output) -> None:
         output.fd = os.open(output.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        output.mid_line = False
         output.size = os.fstat(output.fd).st_size
         output.opened_at = time.monotonic()
         if output.size and not self._ends_with_newline(output.path):
@@ -329,9 +419,9 @@ class NdjsonSink(Sink):
 
     def _rotate(self, output: _Output) -> None:
         target = rotated_name(output.path, time.time())
+        os.rename(output.path, target)  # first: if it fails, the live file stays open and nothing changed
         os.close(output.fd)
         output.fd = None
-        os.rename(output.path, target)
         self.rotations += 1
         _log.info("rotated %s to %s", output.path, target,
                   extra={"fields": {"path": output.path, "rotated": target}})
@@ -344,6 +434,12 @@ class NdjsonSink(Sink):
             return
         for output in self._outputs.values():
             self._flush(output, final=True)
+            if output.mid_line:
+                # The disk refused the rest of a line: it must end in this file, so this one reopens later.
+                self.write_errors += 1
+                _log.error("reopen of %s deferred: the disk refused the end of a line; send SIGHUP again once "
+                           "writes resume", output.path, extra={"fields": {"path": output.path}})
+                continue
             if output.fd is not None:
                 os.close(output.fd)
                 output.fd = None
@@ -363,6 +459,12 @@ class NdjsonSink(Sink):
             ("polygon_ndjson_write_errors_total", "Failed NDJSON writes or reopens (retried)", self.write_errors),
             ("polygon_ndjson_drops_total", "Events dropped because the NDJSON queue was full",
              queue_stats.dropped),
+            ("polygon_ndjson_lost_events_total", "Events written to a live file that was then deleted while open",
+             self.lost),
+            ("polygon_ndjson_gzipped_total", "Rotated files gzipped",
+             self._compressor.compressed if self._compressor else 0),
+            ("polygon_ndjson_gzip_errors_total", "Failed gzips of rotated files (the plain file is kept, retried)",
+             self._compressor.errors if self._compressor else 0),
         ]
 
 

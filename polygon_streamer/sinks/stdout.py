@@ -46,6 +46,6 @@ class StdoutSink(Sink):
             raise stdout_gone(len(records)) from None
         self.observe_written(ingest_ms, len(records))
 
-    def close(self) -> None:
+    def close(self, deadline: float | None = None) -> None:
         if self._stream is not None:
             self._stream.flush()

@@ -119,7 +119,7 @@ class ZmqSink(Sink):
                 _log.debug("subscription %s", "added" if message[:1] == b"\x01" else "removed",
                            extra={"fields": {"topic": message[1:].decode("utf-8", "replace")}})
 
-    def close(self) -> None:
+    def close(self, deadline: float | None = None) -> None:
         if self._socket is not None:
             self._socket.close(LINGER_MS)
             self._socket = None
