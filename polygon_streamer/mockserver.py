@@ -10,6 +10,7 @@ Threads and blocking sockets; wsproto for the upgrade and for what the client se
 from __future__ import annotations
 
 import dataclasses
+import queue
 import random
 import select
 import socket
@@ -152,6 +153,7 @@ class MockOptions:
     status_in_data_every: int = 0      # every Nth data frame also carries a status object (status_in_data)...
     status_in_data: str = "success"    # ...in the middle of its events
     hang_upgrade: bool = False         # accept TCP and never answer the upgrade
+    trickle_upgrade: float = 0.0       # answer the upgrade one byte every this many seconds
     record: bool = False               # keep (code, symbol, q) of every data event sent, in order
     frame_pool: int = 0                # benchmarks: cycle this many pre-rendered frames, sent in large chunks
 
@@ -168,16 +170,19 @@ class MockStats:
     huge_frame_events: int = 0
 
 
-def ws_frame(opcode: int, payload: bytes) -> bytes:
-    """An unmasked server frame (RFC 6455 5.2), FIN set."""
-    length = len(payload)
+def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """An unmasked server frame (RFC 6455 5.2); fin=False for all but the last fragment of a message."""
+    return ws_header(opcode, len(payload), fin) + payload
+
+
+def ws_header(opcode: int, length: int, fin: bool = True) -> bytes:
+    """A frame header announcing `length` payload bytes (what a hostile server may send without the payload)."""
+    first = (0x80 if fin else 0) | opcode
     if length < 126:
-        header = struct.pack("!BB", 0x80 | opcode, length)
-    elif length < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
-    return header + payload
+        return struct.pack("!BB", first, length)
+    if length < 65536:
+        return struct.pack("!BBH", first, 126, length)
+    return struct.pack("!BBQ", first, 127, length)
 
 
 def _status(status: str, message: str) -> dict:
@@ -274,7 +279,14 @@ class _Connection:
                 path = event.target.split("?", 1)[0].strip("/").split("/")[0]
                 if path in TEMPLATES:
                     self.cluster = path
-                    self.sock.sendall(self.ws.send(AcceptConnection()))
+                    response = self.ws.send(AcceptConnection())
+                    if self.options.trickle_upgrade:
+                        for index in range(len(response)):
+                            if self.server.stopping.wait(self.options.trickle_upgrade):
+                                raise _Closed()
+                            self.sock.sendall(response[index:index + 1])
+                    else:
+                        self.sock.sendall(response)
                 else:
                     self.sock.sendall(self.ws.send(RejectConnection(status_code=404)))
                     raise _Closed()
@@ -416,6 +428,15 @@ class _Connection:
             stats.frames_sent += len(chunk)
             self._pump(0)
 
+    def _send_injected(self) -> None:
+        """Bytes handed to MockServer.inject go out as they are, between generated frames."""
+        while True:
+            try:
+                wire = self.server.injected.get_nowait()
+            except queue.Empty:
+                return
+            self.sock.sendall(wire)
+
     def _stream(self, generator: EventGenerator) -> None:
         self.server.primed.set()
         options = self.options
@@ -428,6 +449,7 @@ class _Connection:
         interval = batch / options.rate if options.rate > 0 else 0.0
         next_send = time.monotonic()
         while not self.server.stopping.is_set():
+            self._send_injected()
             if not self.server.streaming.is_set():
                 self._pump(0.05)
                 next_send = time.monotonic()
@@ -485,6 +507,7 @@ class MockServer:
         self.streaming = threading.Event()  # clear it to hold data events (handshakes still complete)
         self.streaming.set()
         self.primed = threading.Event()  # a subscribed connection has its data ready (frame pool rendered)
+        self.injected: queue.Queue = queue.Queue()  # raw wire bytes for the streaming connection (tests)
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._listener.settimeout(0.2)
         self.host, self.port = self._listener.getsockname()[:2]
@@ -504,6 +527,10 @@ class MockServer:
         for thread in self._connections:
             thread.join(2)
         self._listener.close()
+
+    def inject(self, wire: bytes) -> None:
+        """Send these bytes as they are (whole frames, a bare header, anything) on the streaming connection."""
+        self.injected.put(wire)
 
     def __enter__(self) -> "MockServer":
         return self.start()
