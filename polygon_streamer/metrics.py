@@ -234,6 +234,7 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 2 * HTTP_MAX_CONNECTIONS  # the listen backlog: a burst is answered, not left in SYN retries
 
     def __init__(self, addr: tuple[str, int], handler):
         host = addr[0]

@@ -6,6 +6,7 @@ auth_failed / max_connections / error statuses and odd events in test_service.py
 disk in test_ndjson.py; a stalled ZeroMQ subscriber in test_zmq.py.
 """
 
+import json
 import os
 import signal
 import threading
@@ -13,7 +14,8 @@ import time
 
 import ujson
 
-from helpers import report, wait_for
+from helpers import free_port, report, wait_for
+from polygon_streamer.mockserver import ws_frame, ws_header
 
 
 def seqs_of(path):
@@ -225,3 +227,190 @@ def test_sigkill_leaves_a_file_valid_line_by_line_and_a_restart_appends_cleanly(
     assert good >= len(complete) + 500
     assert any("torn line" in m for m in restarted.log_messages())
     report("SIGKILL + restart", lines_before_kill=len(complete), lines_after=good, torn_lines=len(bad))
+
+
+# -- issue 13: hostile peers and unlucky operators --------------------------------------------------------------
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+
+
+def test_lone_surrogates_and_non_finite_numbers_are_counted_and_every_sink_lives(mock_server, spawn, tmp_path):
+    mock_server.options.count = 1
+    dest = tmp_path / "odd.ndjson"
+    streamer = spawn(SINK="ndjson,zmq,stdout", NDJSON_DEST=str(dest), ZMQ_BIND="true",
+                     ZMQ_ENDPOINT=f"tcp://127.0.0.1:{free_port()}", NDJSON_FLUSH_INTERVAL_MS="20")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") == 1, what="the first event")
+    bad = [b'{"ev":"T","sym":"A","t":1,"p":"\\ud800"}', b'{"ev":"T","sym":"\\udfff","t":1}',
+           b'{"ev":"\\ud800","sym":"A","t":1}', b'{"ev":"T","sym":"A","t":1,"p":NaN}',
+           b'{"ev":"T","sym":"A","t":1,"p":Infinity}', b'{"ev":"T","sym":"A","t":1,"p":-Infinity}']
+    good = b'{"ev":"T","sym":"GOOD","t":1,"p":01,"s":1.,"x":-}'
+    for _ in range(3):
+        mock_server.inject(ws_frame(1, b"[" + b",".join(bad + [good]) + b"]"))
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") == 4 and len(streamer.stdout_lines) == 4,
+             what="the good events")
+    assert streamer.metric("polygon_bad_events_total", reason="invalid_unicode") == 9
+    assert streamer.metric("polygon_bad_events_total", reason="unencodable") == 9
+    assert streamer.metric("polygon_zmq_sent_total") + streamer.metric("polygon_zmq_drops_total") == 4
+    assert streamer.get("/health")[0] == 200
+    assert streamer.stop() == 0
+    lines = dest.read_bytes().decode("utf-8").splitlines()
+    payloads = [strict(line)["payload"] for line in lines[1:]]
+    assert payloads == [{"ev": "T", "sym": "GOOD", "t": 1, "p": 1, "s": 1.0, "x": 0}] * 3
+    for line in streamer.stdout_lines:
+        strict(line)
+    report("surrogates, NaN, lenient numbers", frames=3, bad_events=18, written=3, sink_deaths=0)
+
+
+def strict(line):
+    def refuse(constant):
+        raise ValueError(constant)
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_nesting_ten_thousand_deep_is_a_parse_error_not_a_dead_dispatcher(mock_server, spawn, tmp_path):
+    mock_server.options.count = 1
+    dest = tmp_path / "deep.ndjson"
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), NDJSON_FLUSH_INTERVAL_MS="20")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") == 1, what="the first event")
+    for depth in (1100, 10_000, 100_000):
+        mock_server.inject(ws_frame(1, b"[" * depth + b"]" * depth))
+    mock_server.inject(ws_frame(1, b'[{"ev":"T","sym":"AFTER","t":1}]'))
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") == 2, what="the event after")
+    assert streamer.metric("polygon_parse_errors_total") == 3
+    assert streamer.get("/health")[0] == 200
+    assert streamer.stop() == 0
+
+
+def test_a_ping_only_server_and_endless_fragments_still_hit_the_read_timeout(mock_server, spawn):
+    mock_server.options.count = 1
+    streamer = spawn(READ_TIMEOUT_SECS="1", HEARTBEAT_INTERVAL_SECS="0.3")
+    wait_for(lambda: streamer.metric("polygon_connected") == 1, what="the session")
+    started = time.monotonic()
+    while streamer.metric("polygon_read_timeouts_total") < 1 and time.monotonic() - started < 10:
+        mock_server.inject(ws_frame(9, b"are you there"))  # a ping every 0.1 s, no data
+        time.sleep(0.1)
+    assert streamer.metric("polygon_read_timeouts_total") == 1
+    ping_secs = time.monotonic() - started
+    wait_for(lambda: mock_server.stats.connections == 2 and mock_server.stats.events_sent == 2,
+             what="the reconnect and its one event")
+    mock_server.inject(ws_frame(1, b'[{"ev":"T","sym":"A","t":1}', fin=False))
+    started = time.monotonic()
+    while streamer.metric("polygon_read_timeouts_total") < 2 and time.monotonic() - started < 10:
+        mock_server.inject(ws_frame(0, b",", fin=False))  # a continuation every 0.1 s that never ends
+        time.sleep(0.1)
+    assert streamer.metric("polygon_read_timeouts_total") == 2
+    assert any("read timeout: no data message for 1s" in m for m in streamer.log_messages())
+    assert streamer.stop() == 0
+    report("ping-only server, endless fragments", read_timeout_secs=1, pings_until_timeout_secs=round(ping_secs, 1),
+           fragments_until_timeout_secs=round(time.monotonic() - started, 1))
+
+
+def test_a_frame_announcing_exabytes_ends_the_session_without_buffering_it(mock_server, spawn, tmp_path):
+    mock_server.options.count = 1
+    streamer = spawn(MAX_FRAME_BYTES="1000000")
+    wait_for(lambda: streamer.metric("polygon_connected") == 1, what="the session")
+    before = rss_kb(streamer.proc.pid)
+    mock_server.inject(ws_header(1, 2 ** 62) + b"[" * 65536)
+    wait_for(lambda: streamer.metric("polygon_oversize_frames_total") == 1, what="the oversize frame")
+    wait_for(lambda: mock_server.stats.connections == 2 and streamer.metric("polygon_connected") == 1,
+             what="the reconnect")
+    mock_server.inject(ws_frame(1, b"[" + b",".join([b'{"ev":"T","sym":"A","t":1}'] * 40000) + b"]"))  # 1.05 MB
+    wait_for(lambda: streamer.metric("polygon_oversize_frames_total") == 2, what="a 1 MB frame in one piece")
+    growth = rss_kb(streamer.proc.pid) - before
+    assert growth < 50 * 1024
+    assert any("exceeds MAX_FRAME_BYTES" in m for m in streamer.log_messages())
+    assert streamer.stop() == 0
+    report("2^62-byte frame header, 1 MB frame over a 1 MB cap", oversize_frames=2, rss_growth_mb=growth // 1024)
+
+
+def test_an_upgrade_trickled_a_byte_at_a_time_is_bounded_in_total(mock_server, spawn):
+    mock_server.options.trickle_upgrade = 0.3
+    streamer = spawn(READ_TIMEOUT_SECS="2", BACKOFF_INITIAL_SECS="0.1", BACKOFF_MAX_SECS="0.2")
+    started = time.monotonic()
+    wait_for(lambda: streamer.metric("polygon_errors_total") >= 2, timeout=15, what="two attempts")
+    assert time.monotonic() - started < 7, "each attempt ends at the 2 s total deadline"
+    assert any("took longer than 2s" in m for m in streamer.log_messages())
+    assert streamer.stop() == 0
+
+
+def test_idle_clients_cannot_starve_the_metrics_port_or_the_service(mock_server, spawn):
+    import socket
+
+    streamer = spawn()
+    streamer.wait_ready()
+    host, port = streamer.metrics_url.rsplit("/", 1)[1].split(":")
+    idle = []
+    for _ in range(60):
+        sock = socket.create_connection((host, int(port)))
+        idle.append(sock)
+    refused = 0
+    for sock in idle:
+        sock.settimeout(10)
+        try:
+            if sock.recv(64).startswith(b"HTTP/1.0 503"):
+                refused += 1
+        except socket.timeout:
+            pass
+        except OSError:
+            refused += 1
+        if refused >= 28:
+            break
+    assert refused >= 28, "past 32 connections, each is answered 503 and closed"
+    fds = len(os.listdir(f"/proc/{streamer.proc.pid}/fd"))
+    assert fds < 100
+    # The idle ones are closed after 5 s without a request; the port answers again.
+    wait_for(lambda: streamer.get("/health")[0] == 200 if _reachable(streamer) else False, timeout=20,
+             what="/health after the idle clients timed out")
+    assert streamer.metric("polygon_http_rejected_connections_total") >= 28
+    for sock in idle:
+        sock.close()
+    assert streamer.stop() == 0
+    report("60 idle HTTP clients", refused=refused, service_fds=fds)
+
+
+def _reachable(streamer):
+    try:
+        return streamer.get("/health")[0] == 200
+    except OSError:
+        return False
+
+
+def test_a_second_sigterm_while_the_inbound_queue_is_full_exits_at_once(mock_server, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, base_env
+
+    mock_server.options.rate = 0
+    mock_server.options.batch = 10
+    fifo = tmp_path / "stdout.fifo"
+    os.mkfifo(fifo)
+    holder = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads: stdout blocks when full
+    env = base_env(mock_server.url("stocks"), free_port(), CHANNEL_CAP="2", SHUTDOWN_TIMEOUT_SECS="30")
+    with open(fifo, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "polygon_streamer", "run"], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.PIPE)
+    try:
+        url = f"http://{env['METRICS_ADDR']}"
+        from helpers import http_get, parse_metrics
+
+        def channel_drops():
+            try:
+                return parse_metrics(http_get(url + "/metrics")[1]).get(("polygon_channel_drops_total", ()), 0)
+            except OSError:
+                return 0
+        wait_for(lambda: channel_drops() > 0, timeout=20, what="a full inbound queue")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the drain has begun and is stuck behind the blocked stdout sink
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(10) == 1
+        assert time.monotonic() - started < 3
+        assert b"second SIGTERM" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(holder)
