@@ -198,3 +198,86 @@ def test_rotated_names_sort_by_time_and_never_collide(tmp_path):
     assert sorted([third, second, first]) == [first, second, third]
     assert os.path.basename(split_path(live, "trade")) == "stocks.trade.ndjson"
     assert os.path.basename(rotated_name(str(tmp_path / "plain"), 1795555200.0)) == "plain.20261124T212000.000Z"
+
+
+# -- issue 13: disk and file faults ------------------------------------------------------------------------------
+
+def test_sigterm_on_a_full_disk_retries_until_the_deadline_and_reports_what_was_not_written(tiny_disk, mock_server,
+                                                                                             start):
+    filler = tiny_disk / "filler"
+    with open(filler, "wb") as handle:
+        try:
+            handle.write(b"\0" * (900 * 1024))
+        except OSError:
+            pass
+    mock_server.options.rate = 5000
+    mock_server.options.count = 5000
+    dest = tiny_disk / "full.ndjson"
+    streamer = start(dest, NDJSON_FLUSH_EVERY=50, SHUTDOWN_TIMEOUT_SECS=3, NDJSON_CHANNEL_CAP=100000)
+    wait_for(lambda: streamer.metric("polygon_ndjson_write_errors_total") >= 1, timeout=20, what="ENOSPC")
+    wait_for(lambda: streamer.metric("polygon_events_total", type="T") + streamer.metric("polygon_events_total",
+             type="Q") >= 5000, timeout=20, what="every event accepted")
+    started = time.monotonic()
+    assert streamer.stop() == 1, "not everything accepted is on disk"
+    assert time.monotonic() - started < 5
+    final = streamer.shutdown_report()
+    on_disk = len(read_lines(dest))
+    assert final["unwritten_events"] == 5000 - on_disk - final["sink_drops"]
+    assert final["unwritten_events"] > 0 and "ndjson: " in final["message"]
+
+
+def test_a_full_disk_with_size_rotation_and_gzip_never_splits_a_line_nor_overfills_a_file(tiny_disk, mock_server,
+                                                                                           start):
+    filler = tiny_disk / "filler"
+    with open(filler, "wb") as handle:
+        handle.write(b"\0" * (880 * 1024))
+    mock_server.options.rate = 4000
+    mock_server.options.count = 6000
+    dest = tiny_disk / "rot.ndjson"
+    streamer = start(dest, NDJSON_FLUSH_EVERY=20, NDJSON_MAX_BYTES=150000, NDJSON_GZIP="true",
+                     NDJSON_CHANNEL_CAP=100000)
+    wait_for(lambda: streamer.metric("polygon_ndjson_write_errors_total") >= 3, timeout=30,
+             what="ENOSPC across retries and rotations")
+    filler.unlink()
+    # Room for every file, plain and gzipped: the gzips that failed for lack of space are retried (30 s).
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_disk)], check=True)
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 6000, timeout=60, what="writes resuming")
+    wait_for(lambda: not [n for n in os.listdir(tiny_disk) if n != dest.name and not n.endswith(".gz")],
+             timeout=90, what="every rotated file gzipped (failed ones retried)")
+    write_errors = int(streamer.metric("polygon_ndjson_write_errors_total"))
+    assert streamer.stop() == 0
+    for name in os.listdir(tiny_disk):
+        if name.endswith(".gz"):
+            with gzip.open(tiny_disk / name, "rb") as handle:
+                assert len(handle.read()) <= 150000, f"{name} is larger than NDJSON_MAX_BYTES"
+    assert_exactly_once(all_records(tiny_disk), 6000)  # read_lines rejects a torn line in any file
+    report("full disk + size rotation + gzip", events=6000,
+           write_errors=write_errors, losses=0, torn=0)
+
+
+def test_a_live_file_deleted_by_hand_is_noticed_counted_and_recreated(tmp_path, mock_server, start):
+    mock_server.options.rate = 1000
+    mock_server.options.count = 4000
+    dest = tmp_path / "gone.ndjson"
+    streamer = start(dest, NDJSON_ROTATE_SECS=1, NDJSON_FLUSH_INTERVAL_MS=50)
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 500, what="the stream")
+    dest.unlink()
+    wait_for(lambda: dest.exists(), what="the path opened again")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 4000, timeout=20, what="the rest")
+    assert streamer.get("/health")[0] == 200
+    assert any("was deleted while open" in m for m in streamer.log_messages())
+    lost = streamer.metric("polygon_ndjson_lost_events_total")
+    assert streamer.stop() == 0
+    kept = sorted(r["seq"] for r in all_records(tmp_path))
+    assert kept == list(range(kept[0], 4001)), "after the deletion, every event is in the new file"
+    assert 0 < lost <= kept[0] - 1, "only events that went into the deleted file are counted as lost"
+    report("live file deleted by hand", events=4000, in_new_file=len(kept), counted_lost=int(lost))
+
+
+@pytest.mark.parametrize("dest, words", [(".", "is a directory"), ("/proc/polygon.ndjson", "cannot open")])
+def test_a_directory_or_an_unopenable_path_is_exit_2(tmp_path, start, dest, words):
+    streamer = start(tmp_path if dest == "." else dest)
+    assert streamer.proc.wait(20) == 2
+    streamer.stop()
+    assert len(streamer.stderr_lines) == 1, streamer.stderr_lines
+    assert "NDJSON_DEST" in streamer.stderr_lines[0] and words in streamer.stderr_lines[0]

@@ -213,6 +213,8 @@ class NdjsonSink(Sink):
             time.sleep(CLOSE_RETRY_SECS)
         for output in self._outputs.values():
             if output.path is not None and output.fd is not None:
+                if output.mid_line:
+                    self._drop_torn_tail(output)
                 try:
                     os.fsync(output.fd)
                 except OSError as exc:
@@ -224,6 +226,28 @@ class NdjsonSink(Sink):
         if self._compressor:
             self._compressor.stop()
             self._compressor.join(max(0.0, (deadline or time.monotonic() + 30) - time.monotonic()))
+
+    def _drop_torn_tail(self, output: _Output) -> None:
+        """At exit with the disk still full, the file may end inside a line: cut it back to its last whole line,
+        so that it stays valid line by line (the cut event is among those reported unwritten)."""
+        try:
+            with open(output.path, "rb") as handle:
+                end = handle.seek(0, os.SEEK_END)
+                position = end
+                while position > 0:
+                    start = max(0, position - 65536)
+                    handle.seek(start)
+                    newline = handle.read(position - start).rfind(b"\n")
+                    if newline >= 0:
+                        position = start + newline + 1
+                        break
+                    position = start
+            os.ftruncate(output.fd, position)
+            _log.warning("%s ended inside a line the disk refused; cut back to its last whole line", output.path,
+                         extra={"fields": {"path": output.path, "bytes_cut": end - position}})
+        except OSError as exc:
+            _log.error("could not cut the torn end of %s: %s", output.path, exc.strerror or exc,
+                       extra={"fields": {"path": output.path}})
 
     def unwritten(self) -> int:
         return sum(output.events + output.carry_events for output in self._outputs.values())
@@ -379,7 +403,9 @@ class NdjsonSink(Sink):
         try:
             while done < len(data):
                 end = len(data)
-                if limit and not output.mid_line and output.size + (end - done) > limit:
+                if output.mid_line:  # first the rest of the line a short write began, in the same file
+                    end = data.find(b"\n", done) + 1 or len(data)
+                elif limit and output.size + (end - done) > limit:
                     end = data.rfind(b"\n", done, done + max(0, limit - output.size)) + 1
                     if end <= done:
                         if output.size > 0:
