@@ -288,19 +288,19 @@ def test_a_ping_only_server_and_endless_fragments_still_hit_the_read_timeout(moc
     streamer = spawn(READ_TIMEOUT_SECS="1", HEARTBEAT_INTERVAL_SECS="0.3")
     wait_for(lambda: streamer.metric("polygon_connected") == 1, what="the session")
     started = time.monotonic()
-    while streamer.metric("polygon_read_timeouts_total") < 1 and time.monotonic() - started < 10:
+    while not mock_server.stats.connections == 2 and time.monotonic() - started < 10:
         mock_server.inject(ws_frame(9, b"are you there"))  # a ping every 0.1 s, no data
         time.sleep(0.1)
-    assert streamer.metric("polygon_read_timeouts_total") == 1
+    wait_for(lambda: streamer.metric("polygon_read_timeouts_total") == 1, what="the read timeout")
     ping_secs = time.monotonic() - started
     wait_for(lambda: mock_server.stats.connections == 2 and mock_server.stats.events_sent == 2,
              what="the reconnect and its one event")
     mock_server.inject(ws_frame(1, b'[{"ev":"T","sym":"A","t":1}', fin=False))
     started = time.monotonic()
-    while streamer.metric("polygon_read_timeouts_total") < 2 and time.monotonic() - started < 10:
+    while not mock_server.stats.connections == 3 and time.monotonic() - started < 10:
         mock_server.inject(ws_frame(0, b",", fin=False))  # a continuation every 0.1 s that never ends
         time.sleep(0.1)
-    assert streamer.metric("polygon_read_timeouts_total") == 2
+    wait_for(lambda: streamer.metric("polygon_read_timeouts_total") == 2, what="the second read timeout")
     assert any("read timeout: no data message for 1s" in m for m in streamer.log_messages())
     assert streamer.stop() == 0
     report("ping-only server, endless fragments", read_timeout_secs=1, pings_until_timeout_secs=round(ping_secs, 1),
@@ -414,3 +414,23 @@ def test_a_second_sigterm_while_the_inbound_queue_is_full_exits_at_once(mock_ser
             proc.kill()
             proc.wait(5)
         os.close(holder)
+
+
+def test_a_key_echoed_by_the_server_or_written_into_the_url_never_reaches_the_output(mock_server, spawn):
+    from helpers import TEST_KEY
+
+    mock_server.options.auth_failed_message = f"key {TEST_KEY} is not authorized"
+    mock_server.options.reject_auth = True
+    url = mock_server.url("stocks").replace("ws://", f"ws://user:{TEST_KEY}@") + f"?apiKey={TEST_KEY}"
+    streamer = spawn(POLYGON_WS_URL=url)
+    wait_for(lambda: any("is not authorized" in m for m in streamer.log_messages()), what="the echoed status")
+    assert any("key <redacted> is not authorized" in m for m in streamer.log_messages())
+    assert streamer.stop() == 0
+    shown = spawn(command="config", POLYGON_WS_URL=url)
+    assert shown.proc.wait(10) == 0
+    shown.stop()
+    assert "apiKey=<redacted>" in shown.all_output() and "<redacted>@127.0.0.1" in shown.all_output()
+    bad = spawn(POLYGON_WS_URL=f"http://user:{TEST_KEY}@nowhere/")
+    assert bad.proc.wait(10) == 2
+    bad.stop()
+    # The spawn fixture asserts that TEST_KEY appears in none of these outputs.
