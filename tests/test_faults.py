@@ -377,45 +377,6 @@ def _reachable(streamer):
         return False
 
 
-def test_a_second_sigterm_while_the_inbound_queue_is_full_exits_at_once(mock_server, tmp_path):
-    import subprocess
-    import sys
-
-    from helpers import ROOT, base_env
-
-    mock_server.options.rate = 0
-    mock_server.options.batch = 10
-    fifo = tmp_path / "stdout.fifo"
-    os.mkfifo(fifo)
-    holder = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads: stdout blocks when full
-    env = base_env(mock_server.url("stocks"), free_port(), CHANNEL_CAP="2", SHUTDOWN_TIMEOUT_SECS="30")
-    with open(fifo, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "polygon_streamer", "run"], env=env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.PIPE)
-    try:
-        url = f"http://{env['METRICS_ADDR']}"
-        from helpers import http_get, parse_metrics
-
-        def channel_drops():
-            try:
-                return parse_metrics(http_get(url + "/metrics")[1]).get(("polygon_channel_drops_total", ()), 0)
-            except OSError:
-                return 0
-        wait_for(lambda: channel_drops() > 0, timeout=20, what="a full inbound queue")
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # the drain has begun and is stuck behind the blocked stdout sink
-        proc.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        assert proc.wait(10) == 1
-        assert time.monotonic() - started < 3
-        assert b"second SIGTERM" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        os.close(holder)
-
-
 def test_a_key_echoed_by_the_server_or_written_into_the_url_never_reaches_the_output(mock_server, spawn):
     from helpers import TEST_KEY
 
