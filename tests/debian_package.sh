@@ -23,7 +23,7 @@ step "installing build and test tools"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends debhelper dh-python dh-sequence-installsysusers python3-all \
     python3-setuptools python3-pytest python3-ujson python3-websocket python3-zmq python3-prometheus-client \
-    python3-click lintian systemd logrotate cron dpkg-dev fakeroot > "$WORK/apt.log" 2>&1 \
+    python3-click python3-wsproto lintian systemd logrotate cron dpkg-dev fakeroot > "$WORK/apt.log" 2>&1 \
     || { tail -20 "$WORK/apt.log"; fail "apt-get install of the build tools"; }
 dpkg -s polygon-streamer > /dev/null 2>&1 && apt-get purge -y -qq polygon-streamer > /dev/null
 
