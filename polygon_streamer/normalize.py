@@ -51,8 +51,9 @@ _NOT_COMPACT = bytes(range(0x21)) + b"\\"
 # What ujson accepts and RFC 8259 forbids, so a frame holding it must not be copied as received: NaN and Infinity,
 # leading zeros (01, -01, 00), a dot without digits after it (1., 1.e5, -.5) and a lone minus. The patterns start with
 # a literal so that re scans at memchr speed; a match inside a string only sends its frame down the re-encoding path.
-_LENIENT_NUMBER = (re.compile(rb"\.[,}\]eE]").search, re.compile(rb"-[,}\].]").search,
-                   re.compile(rb"0[0-9](?<=[:,\[-]0[0-9])").search)
+_DOT_WITHOUT_DIGITS = re.compile(rb"\.[,}\]eE]").search
+_LONE_MINUS = re.compile(rb"-[,}\].]").search
+_LEADING_ZERO = re.compile(rb"0[0-9](?<=[:,\[-]0[0-9])").search
 
 
 def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
@@ -62,7 +63,7 @@ def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
     exactly `},{`, so the split is right when it yields one part per parsed element; any `},{` inside a string or
     a nested object makes the count differ and the caller re-encodes instead. Taking the text as received keeps
     the payload byte for byte (number spelling, key order) and saves an encode per event. Only strict JSON is
-    taken as received (see _LENIENT_NUMBER); the rest is re-encoded, which rejects what cannot be JSON.
+    taken as received (see _NOT_COMPACT and the patterns after it); the rest is re-encoded, which rejects what cannot be JSON.
     """
     if isinstance(data, bytes):
         raw = data
@@ -71,9 +72,9 @@ def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
             raw = data.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate
             return None
-    dot, minus, zero = _LENIENT_NUMBER
     if not (raw[:2] == b"[{" and raw[-2:] == b"}]") or len(raw.translate(None, _NOT_COMPACT)) != len(raw) \
-            or b"NaN" in raw or (b"y" in raw and b"Infinity" in raw) or dot(raw) or minus(raw) or zero(raw):
+            or b"NaN" in raw or (b"y" in raw and b"Infinity" in raw) or _DOT_WITHOUT_DIGITS(raw) \
+            or _LONE_MINUS(raw) or _LEADING_ZERO(raw):
         return None
     try:
         text = raw.decode("utf-8") if isinstance(data, bytes) else data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import random
 import socket
@@ -84,13 +85,11 @@ class BoundedWebSocket(websocket.WebSocket):
     """A WebSocket with a size cap on every frame and a total deadline on connect + upgrade (create_connection's
     timeout applies to each read, so a server answering a byte at a time could hold the upgrade forever)."""
 
-    max_frame_bytes = 16 * 1024 * 1024
-    connect_deadline_secs = CONNECT_TIMEOUT_SECS
-
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, max_frame_bytes: int, connect_deadline_secs: float, **kwargs):
         super().__init__(*args, **kwargs)
+        self.connect_deadline_secs = connect_deadline_secs
         self.frame_buffer = _BoundedFrameBuffer(self._recv, True)
-        self.frame_buffer.max_bytes = self.max_frame_bytes
+        self.frame_buffer.max_bytes = max_frame_bytes
 
     def connect(self, url, **options):
         finished = threading.Event()
@@ -201,15 +200,14 @@ class Reader(ServiceThread):
         _log.info("connecting to %s", self._url_for_logs, extra={"fields": {"url": self._url_for_logs,
                                                                             "attempt": attempt}})
         connect_secs = min(CONNECT_TIMEOUT_SECS, self._config.read_timeout_secs)
-        ws_class = type("PolygonWebSocket", (BoundedWebSocket,), {"max_frame_bytes": self._config.max_frame_bytes,
-                                                                  "connect_deadline_secs": connect_secs})
         try:
             ws = websocket.create_connection(
                 self._config.url,
                 timeout=connect_secs,
                 skip_utf8_validation=True,
                 enable_multithread=True,
-                class_=ws_class,
+                class_=functools.partial(BoundedWebSocket, max_frame_bytes=self._config.max_frame_bytes,
+                                         connect_deadline_secs=connect_secs),
             )
         except Exception as exc:
             self.stats.errors += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TEST_KEY = "test-key-9f8e7d6c5b4a"
+
+
+def strict_json(line: str):
+    """Python's parser without its extensions (NaN, Infinity), on the UTF-8 bytes a sink writes."""
+    def refuse(constant):
+        raise ValueError(f"non-standard constant {constant}")
+    return json.loads(line.encode("utf-8").decode("utf-8"), parse_constant=refuse)
 
 
 def free_port() -> int:

@@ -11,20 +11,12 @@ import signal
 import sys
 
 import pytest
-import ujson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TEST_KEY, Streamer, base_env, free_port, wait_for
+from helpers import TEST_KEY, Streamer, base_env, free_port, strict_json, wait_for
 from polygon_streamer.mockserver import MockOptions, MockServer, ws_frame
 from polygon_streamer.normalize import FrameError, FrameNormalizer, parse_frame
-
-
-def strict_json(line: str):
-    """Python's parser without its extensions (NaN, Infinity), on the UTF-8 bytes a sink writes."""
-    def refuse(constant):
-        raise ValueError(f"non-standard constant {constant}")
-    return json.loads(line.encode("utf-8").decode("utf-8"), parse_constant=refuse)
 
 
 # -- frames ---------------------------------------------------------------------------------------------------

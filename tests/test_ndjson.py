@@ -163,13 +163,19 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)])
 
 
-def test_a_full_disk_is_survived_and_writing_resumes_when_space_returns(tiny_disk, mock_server, start):
-    filler = tiny_disk / "filler"
+def fill(disk, size):
+    """A file taking `size` bytes of the disk (or all that is left)."""
+    filler = disk / "filler"
     with open(filler, "wb") as handle:
         try:
-            handle.write(b"\0" * (900 * 1024))
+            handle.write(b"\0" * size)
         except OSError:
             pass
+    return filler
+
+
+def test_a_full_disk_is_survived_and_writing_resumes_when_space_returns(tiny_disk, mock_server, start):
+    filler = fill(tiny_disk, 900 * 1024)
     mock_server.options.rate = 2000
     mock_server.options.count = 1500
     dest = tiny_disk / "full.ndjson"
@@ -204,12 +210,7 @@ def test_rotated_names_sort_by_time_and_never_collide(tmp_path):
 
 def test_sigterm_on_a_full_disk_retries_until_the_deadline_and_reports_what_was_not_written(tiny_disk, mock_server,
                                                                                              start):
-    filler = tiny_disk / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            handle.write(b"\0" * (900 * 1024))
-        except OSError:
-            pass
+    fill(tiny_disk, 900 * 1024)
     mock_server.options.rate = 5000
     mock_server.options.count = 5000
     dest = tiny_disk / "full.ndjson"
@@ -228,9 +229,7 @@ def test_sigterm_on_a_full_disk_retries_until_the_deadline_and_reports_what_was_
 
 def test_a_full_disk_with_size_rotation_and_gzip_never_splits_a_line_nor_overfills_a_file(tiny_disk, mock_server,
                                                                                            start):
-    filler = tiny_disk / "filler"
-    with open(filler, "wb") as handle:
-        handle.write(b"\0" * (880 * 1024))
+    filler = fill(tiny_disk, 880 * 1024)
     mock_server.options.rate = 4000
     mock_server.options.count = 6000
     dest = tiny_disk / "rot.ndjson"
