@@ -6,15 +6,16 @@ auth_failed / max_connections / error statuses and odd events in test_service.py
 disk in test_ndjson.py; a stalled ZeroMQ subscriber in test_zmq.py.
 """
 
-import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import ujson
 
-from helpers import free_port, report, wait_for
+from helpers import ROOT, base_env, free_port, http_get, parse_metrics, report, strict_json, wait_for
 from polygon_streamer.mockserver import ws_frame, ws_header
 
 
@@ -256,17 +257,11 @@ def test_lone_surrogates_and_non_finite_numbers_are_counted_and_every_sink_lives
     assert streamer.get("/health")[0] == 200
     assert streamer.stop() == 0
     lines = dest.read_bytes().decode("utf-8").splitlines()
-    payloads = [strict(line)["payload"] for line in lines[1:]]
+    payloads = [strict_json(line)["payload"] for line in lines[1:]]
     assert payloads == [{"ev": "T", "sym": "GOOD", "t": 1, "p": 1, "s": 1.0, "x": 0}] * 3
     for line in streamer.stdout_lines:
-        strict(line)
+        strict_json(line)
     report("surrogates, NaN, lenient numbers", frames=3, bad_events=18, written=3, sink_deaths=0)
-
-
-def strict(line):
-    def refuse(constant):
-        raise ValueError(constant)
-    return json.loads(line, parse_constant=refuse)
 
 
 def test_nesting_ten_thousand_deep_is_a_parse_error_not_a_dead_dispatcher(mock_server, spawn, tmp_path):
@@ -375,6 +370,46 @@ def _reachable(streamer):
         return streamer.get("/health")[0] == 200
     except OSError:
         return False
+
+
+def test_a_second_sigterm_while_the_inbound_queue_is_full_exits_at_once(mock_server, tmp_path):
+    # stdout is a FIFO whose reader never reads: the stdout sink blocks (it never drops), the dispatcher waits on
+    # it and the inbound queue fills, so the drain cannot finish; a second SIGTERM must not wait for the deadline.
+    mock_server.options.rate = 0
+    mock_server.options.batch = 10
+    fifo = tmp_path / "stdout.fifo"
+    os.mkfifo(fifo)
+    holder = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    env = base_env(mock_server.url("stocks"), free_port(), CHANNEL_CAP="2", SHUTDOWN_TIMEOUT_SECS="30")
+    with open(fifo, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "polygon_streamer", "run"], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.PIPE)
+    stderr_lines = []
+    collector = threading.Thread(target=lambda: stderr_lines.extend(iter(proc.stderr.readline, b"")), daemon=True)
+    collector.start()
+    url = f"http://{env['METRICS_ADDR']}"
+
+    def inbound_depth():
+        try:
+            return parse_metrics(http_get(url + "/metrics")[1]).get(("polygon_queue_depth", (("queue", "inbound"),)))
+        except OSError:
+            return None
+    try:
+        wait_for(lambda: inbound_depth() == 2, timeout=20, what="a full inbound queue")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: any(b"stopping (received SIGTERM)" in line for line in stderr_lines), what="the drain")
+        assert proc.poll() is None and inbound_depth() == 2, "the drain is stuck behind the blocked stdout sink"
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(10) == 1
+        assert time.monotonic() - started < 3
+        collector.join(5)
+        assert any(b"second SIGTERM: exiting now" in line for line in stderr_lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        os.close(holder)
 
 
 def test_a_key_echoed_by_the_server_or_written_into_the_url_never_reaches_the_output(mock_server, spawn):
