@@ -410,14 +410,14 @@ class Reader(ServiceThread):
                     if not has_data:
                         continue
             if self.events_since_subscribe < ready_min:
-                self.events_since_subscribe += data.count(EV_MARKER) - statuses
+                self.events_since_subscribe += max(0, data.count(EV_MARKER) - statuses)
             self._offer(put, ingest_ms, data, statuses)
 
     def _offer(self, put, ingest_ms: int, data: bytes, statuses: int) -> None:
         try:
             put((ingest_ms, data))
         except queue.Full:
-            self.stats.channel_drops += data.count(EV_MARKER) - statuses
+            self.stats.channel_drops += max(0, data.count(EV_MARKER) - statuses)
             self.stats.channel_dropped_frames += 1
             self._bp_warning.warn("inbound queue full: dropping frames (CHANNEL_CAP)",
                                   capacity_frames=self._config.channel_cap,

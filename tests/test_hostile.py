@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 
 from helpers import TEST_KEY, Streamer, base_env, free_port, strict_json, wait_for
 from polygon_streamer.mockserver import MockOptions, MockServer, ws_frame
+from polygon_streamer.config import build_config
 from polygon_streamer.normalize import FrameError, FrameNormalizer, parse_frame
+from polygon_streamer.sinks.zmq import ZmqSink
 
 
 # -- frames ---------------------------------------------------------------------------------------------------
@@ -138,13 +140,17 @@ def test_nesting_deeper_than_any_parser_is_a_parse_error():
     assert normalizer.parse_errors == 3
 
 
-def test_huge_symbols_do_not_pin_memory_in_the_identity_cache():
+def test_huge_symbols_do_not_pin_memory_in_the_identity_and_topic_caches():
     normalizer = FrameNormalizer("stocks", "host", "0.0")
+    sink = ZmqSink(build_config({}, require_key=False))
     for index in range(200):
         symbol = f"{index:04d}" + "S" * (1024 * 1024)
-        normalizer.normalize(f'[{{"ev":"T","sym":"{symbol}","t":1}}]'.encode(), 1)
+        records, _ = normalizer.normalize(f'[{{"ev":"T","sym":"{symbol}","t":1}}]'.encode(), 1)
+        sink._topic(records[0][1], records[0][2])
     held = sum(len(key[1]) for key in normalizer._identities)
     assert held <= 40 * 1024 * 1024, f"{held} bytes of symbols cached"
+    held = sum(len(topic) for topic in sink._topics.values())
+    assert held <= 40 * 1024 * 1024, f"{held} bytes of topics cached"
 
 
 # -- the running service --------------------------------------------------------------------------------------

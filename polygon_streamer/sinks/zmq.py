@@ -21,6 +21,7 @@ _log = logs.get("polygon_zmq")
 
 LINGER_MS = 1000
 _TOPIC_CACHE_LIMIT = 200_000
+_TOPIC_CACHE_BYTES = 32 * 1024 * 1024  # symbols come from the network: bounded in bytes too (as normalize's cache)
 
 
 class ZmqSink(Sink):
@@ -33,6 +34,7 @@ class ZmqSink(Sink):
         self._context: zmq.Context | None = None
         self._socket: zmq.Socket | None = None
         self._topics: dict[tuple[str, str], bytes] = {}
+        self._topic_bytes = 0
         self._drop_warning = logs.RateLimitedWarning(_log, config.zmq_warn_interval_secs)
         self.sent = 0
         self.socket_drops = 0
@@ -102,10 +104,12 @@ class ZmqSink(Sink):
                                     dropped_events_total=self.socket_drops, snd_hwm=self._config.zmq_snd_hwm)
 
     def _topic(self, code: str, symbol: str) -> bytes:
-        if len(self._topics) >= _TOPIC_CACHE_LIMIT:
+        if len(self._topics) >= _TOPIC_CACHE_LIMIT or self._topic_bytes >= _TOPIC_CACHE_BYTES:
             self._topics.clear()
+            self._topic_bytes = 0
         topic = f"{self._prefix}{code}:{symbol}".encode("utf-8")
         self._topics[(code, symbol)] = topic
+        self._topic_bytes += 3 * len(topic) + 200  # the key's strings, the topic and the entry
         return topic
 
     def tick(self, now: float) -> None:
