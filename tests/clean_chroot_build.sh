@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-$PWD/build-clean}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 ROOTFS=$(mktemp -d /tmp/polygon-chroot.XXXXXX)
+chmod 755 "$ROOTFS"  # it becomes /: the build user must be able to enter it
 step() { echo "clean_chroot_build: $*"; }
 cleanup() {
     for mount in proc dev/pts dev; do umount -l "$ROOTFS/$mount" 2>/dev/null || true; done
