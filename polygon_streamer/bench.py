@@ -1,11 +1,13 @@
-"""`polygon-streamer bench`: the service's end-to-end speed next to the ceilings of the same machine and feed.
+"""`polygon-streamer bench`: the service's end-to-end speed next to the ceilings and a peer, on the same feed.
 
-The local Polygon server runs in its own process (pinned to one core, frames pre-rendered) so it is not what is
-measured; the service runs as its own process pinned to the other core. In one run: the transport ceiling (a bare
-websocket-client recv loop), the parse ceiling (recv + ujson.loads), the work ceiling (recv, normalize and the file
-write in one thread: the service's own work without its threads and queues), then the real service through the
-chosen sinks, with its CPU time (also per thread), peak RSS, receive-to-write latency and a check by seq that nothing
-was lost.
+The local Polygon server runs in its own process (pinned to one core, frames pre-rendered: it stands for the network
+and outruns any client). In one run: the transport ceiling (a bare websocket-client recv loop), the parse ceiling
+(recv + ujson.loads), the work ceiling (recv, normalize and the file write in one thread: the service's own work
+without its threads and queues), each one thread pinned to the other core; the official client (`massive`'s
+WebSocketClient parsing into its models) as a peer, unpinned, when it is installed; then the real service as the
+systemd unit runs it (unpinned, default settings, metrics on) through the chosen sinks, with its CPU time (also per
+thread), peak RSS, receive-to-write latency and a check by seq that nothing was lost; and the same service pinned to
+one CPU, shown beside.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 
 import ujson
 import websocket
 
 from . import __version__, logs, protocol
-from .config import SETTINGS_BY_FIELD
+from .config import SETTINGS, SETTINGS_BY_FIELD
 from .metrics import WRITE_LATENCY_BUCKETS, LatencyHistogram
 from .normalize import FrameNormalizer
 from .sinks.ndjson import LINE
@@ -34,6 +37,7 @@ SUBSCRIPTIONS = {"stocks": "T.*,Q.*", "options": "T.*,Q.*", "futures": "T.*,Q.*"
 BENCH_KEY = "bench-key"
 SERVER_CPU = 0
 SERVICE_CPU = 1
+SETTING_VARIABLES = {setting.env for setting in SETTINGS} | {"RUST_LOG"}
 
 
 @dataclass
@@ -46,9 +50,13 @@ class BenchResult:
     transport_events_per_sec: float = 0.0
     parse_events_per_sec: float = 0.0
     work_events_per_sec: float = 0.0
+    official_events_per_sec: float | None = None  # None: massive is not installed
     service_events_per_sec: float = 0.0
+    service_pinned_events_per_sec: float | None = None
+    service_to_official_ratio: float | None = None
     service_to_parse_ratio: float = 0.0
     service_to_work_ratio: float = 0.0
+    cpu_seconds_per_million_pinned: float | None = None
     cpu_seconds_per_million: float = 0.0
     cpu_seconds_per_million_by_thread: dict = field(default_factory=dict)
     peak_rss_mb: float = 0.0
@@ -142,6 +150,51 @@ def _ceiling(events: int, batch: int, cluster: str, kind: str, workdir: str) -> 
         if own:
             os.sched_setaffinity(0, own)
         server.stop()
+
+
+def _official(events: int, batch: int, cluster: str) -> float | None:
+    """The official client (massive's WebSocketClient, parsing every frame into its models, as its users get them)
+    on the same frames, unpinned, in its own process; None when massive is not installed."""
+    if find_spec("massive") is None:
+        return None
+    server = _Server(events, batch)
+    host_port = server.base_url.removeprefix("ws://")
+    peer = subprocess.Popen([sys.executable, "-m", "polygon_streamer.bench", "official", host_port, cluster,
+                             SUBSCRIPTIONS[cluster], str(events)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        server.release()
+        started = time.monotonic()
+        output, _ = peer.communicate(timeout=600)
+        done = [line for line in output.decode().splitlines() if line.startswith("done ")]
+        if peer.returncode != 0 or not done:
+            raise RuntimeError(f"the official client did not receive {events:,} events (exit {peer.returncode})")
+        return events / (float(done[-1].split()[1]) - started)
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+        server.stop()
+
+
+def _official_peer(host_port: str, cluster: str, subscription: str, events: int) -> None:
+    """Runs in the peer process: the official client's documented loop, counting parsed messages; prints when the
+    last one arrived (time.monotonic() is the same clock in every process)."""
+    import asyncio
+
+    from massive import WebSocketClient
+
+    client = WebSocketClient(api_key=BENCH_KEY, feed=host_port, market=cluster, secure=False,
+                             subscriptions=subscription.split(","), max_reconnects=0)
+    received = 0
+
+    async def handle(messages) -> None:
+        nonlocal received
+        received += len(messages)
+        if received >= events:
+            print(f"done {time.monotonic()}", flush=True)
+            os._exit(0)
+
+    asyncio.run(client.connect(handle))
+    sys.exit(1)
 
 
 def _work_loop(ws: websocket.WebSocket, events: int, cluster: str, path: str) -> int:
@@ -243,10 +296,14 @@ def _check_seq(path: str, events: int) -> int:
     return max(bad, events - (expected - 1))
 
 
-def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool, rate: float = 0) -> None:
-    """At full speed (rate 0): throughput, CPU, RSS, loss. Paced: receive-to-write latency below saturation."""
+def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool, rate: float = 0,
+             pinned: bool = False) -> None:
+    """At full speed (rate 0): throughput, CPU, RSS, loss. Paced: receive-to-write latency below saturation.
+    The service runs as the systemd unit starts it (defaults, metrics on, every core allowed) unless pinned."""
     events, batch, cluster = result.events, result.batch, result.cluster
     dest = os.path.join(workdir, "bench.ndjson")
+    if os.path.exists(dest):  # a file from an earlier run in this bench
+        os.unlink(dest)
     zmq_endpoint = f"tcp://127.0.0.1:{_free_port()}"
     subscriber = None
     if "zmq" in sinks:
@@ -256,11 +313,15 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
         _pin(subscriber.pid, SERVER_CPU)
     server = _Server(events, batch, rate)
     metrics_port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("POLYGON_", "NDJSON_", "ZMQ_"))}
+    # Every setting at its default (as in the unit) but the destination, the local server and the queue sizes.
+    env = {key: value for key, value in os.environ.items() if key not in SETTING_VARIABLES}
     env.update(POLYGON_API_KEY=BENCH_KEY, POLYGON_WS_URL=f"{server.base_url}/{cluster}", POLYGON_CLUSTER=cluster,
                SUBSCRIPTION=SUBSCRIPTIONS[cluster], SINK=",".join(sinks), NDJSON_DEST=dest,
-               ZMQ_ENDPOINT=zmq_endpoint, METRICS_ADDR=f"127.0.0.1:{metrics_port}", STATS_INTERVAL_SECS="0",
-               LOG_LEVEL="warn,polygon_zmq=debug", SHUTDOWN_TIMEOUT_SECS="60",
+               ZMQ_ENDPOINT=zmq_endpoint, METRICS_ADDR=f"127.0.0.1:{metrics_port}",
+               # The bench learns from this debug line that the ZeroMQ subscriber has joined.
+               LOG_LEVEL="info,polygon_zmq=debug" if "zmq" in sinks else "info",
+               # Draining a whole run's backlog at the end can take longer than the default 10 s.
+               SHUTDOWN_TIMEOUT_SECS="60",
                # The source runs at the transport ceiling, faster than any consumer: the queues hold the whole run
                # so the bench measures throughput, not the drop policy (the RSS reported includes the backlog).
                CHANNEL_CAP=str(events // batch + 16), NDJSON_CHANNEL_CAP=str(events // batch + 16),
@@ -270,7 +331,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
                # while; it catches up after the run and the bench checks that it got every message.
                ZMQ_SND_HWM=str(events + 16))
     service = subprocess.Popen(_python_command("run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pin(service.pid, SERVICE_CPU)
+    if pinned:
+        _pin(service.pid, SERVICE_CPU)
     joined = _watch_log(service, b"subscription added")
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
@@ -388,7 +450,7 @@ def _zmq_received(subscriber: subprocess.Popen, sent: int) -> int:
     return int(last[-1].split()[0]) if last else 0
 
 
-def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool) -> BenchResult:
+def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool, pinned: bool = True) -> BenchResult:
     import prometheus_client
     import zmq
 
@@ -400,6 +462,15 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool)
         result.transport_events_per_sec = round(_ceiling(events, batch, cluster, "transport", workdir))
         result.parse_events_per_sec = round(_ceiling(events, batch, cluster, "parse", workdir))
         result.work_events_per_sec = round(_ceiling(events, batch, cluster, "work", workdir))
+        official = _official(events, batch, cluster)
+        result.official_events_per_sec = round(official) if official else None
+        if pinned:
+            beside = BenchResult(events=events, cluster=cluster, batch=batch, sinks=result.sinks)
+            _service(beside, sinks, workdir, progress=False, pinned=True)
+            result.service_pinned_events_per_sec = beside.service_events_per_sec
+            result.cpu_seconds_per_million_pinned = beside.cpu_seconds_per_million
+            result.problems += [f"pinned: {problem}" for problem in beside.problems]
+            result.lost += beside.lost
         _service(result, sinks, workdir, progress)
         # Latency means something only below saturation: a short run at half the measured rate.
         paced = BenchResult(events=max(batch, min(result.events, result.service_events_per_sec * 2) // batch * batch),
@@ -408,6 +479,8 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool)
         result.write_latency_p50_ms = paced.write_latency_p50_ms
         result.write_latency_p99_ms = paced.write_latency_p99_ms
         result.latency_rate = paced.latency_rate
+    if result.official_events_per_sec:
+        result.service_to_official_ratio = round(result.service_events_per_sec / result.official_events_per_sec, 3)
     result.service_to_parse_ratio = round(result.service_events_per_sec / result.parse_events_per_sec, 3)
     result.service_to_work_ratio = round(result.service_events_per_sec / result.work_events_per_sec, 3)
     dropped = sum(result.dropped.values())
@@ -429,7 +502,15 @@ def format_table(result: BenchResult) -> str:
         ("transport ceiling (websocket-client recv)", f"{result.transport_events_per_sec:,.0f} events/s"),
         ("parse ceiling (recv + ujson.loads)", f"{result.parse_events_per_sec:,.0f} events/s"),
         ("work ceiling (recv + normalize + write, 1 thread)", f"{result.work_events_per_sec:,.0f} events/s"),
-        ("service end to end", f"{result.service_events_per_sec:,.0f} events/s"),
+        ("official client (massive, parsed into models)",
+         f"{result.official_events_per_sec:,.0f} events/s" if result.official_events_per_sec
+         else "not installed: pip install 'polygon-streamer[bench]'"),
+        ("service end to end, as deployed (unpinned)", f"{result.service_events_per_sec:,.0f} events/s"),
+        ("service pinned to one CPU (beside)",
+         f"{result.service_pinned_events_per_sec:,.0f} events/s, CPU per million "
+         f"{result.cpu_seconds_per_million_pinned:.2f} s" if result.service_pinned_events_per_sec else "not run"),
+        ("service / official client",
+         f"{result.service_to_official_ratio:.2f}" if result.service_to_official_ratio else "-"),
         ("service / parse ceiling", f"{result.service_to_parse_ratio:.2f}"),
         ("service / work ceiling", f"{result.service_to_work_ratio:.2f}"),
         ("CPU per million events", f"{result.cpu_seconds_per_million:.2f} s"),
@@ -457,3 +538,9 @@ def format_table(result: BenchResult) -> str:
 
 def to_json(result: BenchResult) -> str:
     return logs.dumps(result.__dict__)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "official":
+        _official_peer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    sys.exit("usage: python -m polygon_streamer.bench official HOST:PORT CLUSTER SUBSCRIPTION EVENTS")

@@ -205,14 +205,16 @@ def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: b
 @click.option("--sink", "sinks", default="ndjson", show_default=True, help="ndjson, zmq or ndjson,zmq")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object instead of the table")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="a progress bar on stderr")
-def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, progress: bool) -> int:
+@click.option("--pinned/--no-pinned", default=True, show_default=True,
+              help="also run the service pinned to one CPU, shown beside the unpinned (deployed) row")
+def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, progress: bool, pinned: bool) -> int:
     """Measure ceilings and the service end to end on the local server; exit 1 if anything was lost."""
     from . import bench as benchmark
 
     chosen = [name.strip() for name in sinks.split(",") if name.strip()]
     if not chosen or any(name not in ("ndjson", "zmq") for name in chosen):
         raise ConfigError(f"invalid --sink {sinks!r}: expected ndjson, zmq or ndjson,zmq")
-    result = benchmark.run(events, cluster, batch, chosen, progress)
+    result = benchmark.run(events, cluster, batch, chosen, progress, pinned)
     click.echo(benchmark.to_json(result) if as_json else benchmark.format_table(result))
     return 0 if result.ok else 1
 

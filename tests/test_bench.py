@@ -18,7 +18,8 @@ def test_bench_runs_with_both_sinks_and_reports_no_loss():
     assert report["written"] == {"ndjson": 20000, "zmq": 20000}
     assert sum(report["dropped"].values()) == 0
     for key in ("transport_events_per_sec", "parse_events_per_sec", "work_events_per_sec", "service_events_per_sec",
-                "cpu_seconds_per_million", "peak_rss_mb"):
+                "official_events_per_sec", "service_pinned_events_per_sec", "service_to_official_ratio",
+                "cpu_seconds_per_million", "cpu_seconds_per_million_pinned", "peak_rss_mb"):
         assert report[key] > 0, key
     # CPU time comes in 10 ms ticks: on a run this short only the busiest thread is sure to show.
     assert "dispatcher" in report["cpu_seconds_per_million_by_thread"]
