@@ -172,6 +172,12 @@ def _include(raw: str) -> tuple[str, ...]:
     return patterns
 
 
+def _cpu_affinity(raw: str):
+    from .affinity import parse
+
+    return parse(raw)
+
+
 def _log_level(raw: str) -> str:
     from .logs import parse_directives
 
@@ -252,6 +258,8 @@ SETTINGS: tuple[Setting, ...] = (
             "level or directives, e.g. warn,polygon_events=info (RUST_LOG if unset)"),
     Setting("shutdown_timeout_secs", "SHUTDOWN_TIMEOUT_SECS", "10", _seconds(0, False),
             "drain and flush deadline on SIGTERM/SIGINT"),
+    Setting("cpu_affinity", "CPU_AFFINITY", "auto", _cpu_affinity,
+            "auto (one CPU: the idlest allowed), off, or CPUs such as 2 or 0,2-3 for the Python threads"),
 )
 
 SETTINGS_BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -298,6 +306,7 @@ class Config:
     ready_delay_ms: int
     log_level: str
     shutdown_timeout_secs: float
+    cpu_affinity: str | tuple[int, ...] = "auto"
     api_key_file: str | None = None
 
     def redacted(self) -> dict[str, Any]:
@@ -312,7 +321,7 @@ class Config:
             elif item.name == "metrics_addr":
                 value = format_addr(value)
             elif isinstance(value, tuple):
-                value = ",".join(value)
+                value = ",".join(map(str, value))
             out[item.name] = value
         return out
 

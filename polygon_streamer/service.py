@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Callable
 
-from . import __version__, logs
+from . import __version__, affinity, logs
 from .config import Config, ConfigError, format_addr
 from .dispatch import Dispatcher, stop_inbound
 from .metrics import LatencyHistogram, MetricsServer, make_registry
@@ -88,6 +88,7 @@ class Service:
             except OSError as exc:
                 raise ConfigError(f"invalid METRICS_ADDR (--metrics-addr) {format_addr(self.config.metrics_addr)!r}: "
                                   f"cannot listen there ({exc.strerror or exc}); pick a free host:port") from None
+            self._confine()
         except SinkConfigError as exc:
             for sink in opened:
                 sink.close()
@@ -109,6 +110,20 @@ class Service:
         _log.info("started", extra={"fields": {"version": __version__, "cluster": self.config.cluster,
                                                "sinks": ",".join(self.config.sinks),
                                                "metrics": format_addr(self.metrics_server.address)}})
+
+    def _confine(self) -> None:
+        """CPU_AFFINITY, for this thread and so for every thread started after it (affinity.py says why)."""
+        shown = self.config.redacted()["cpu_affinity"]
+        try:
+            cpus = affinity.choose(self.config.cpu_affinity, self.config.cluster)
+        except ValueError as exc:
+            raise ConfigError(f"invalid CPU_AFFINITY (--cpu-affinity) {shown!r}: {exc}") from None
+        if cpus is None:
+            return
+        allowed = sorted(os.sched_getaffinity(0))
+        affinity.confine_calling_thread(cpus)
+        _log.info("threads confined to CPU %s of %s (CPU_AFFINITY=%s)", ",".join(map(str, sorted(cpus))),
+                  ",".join(map(str, allowed)), shown, extra={"fields": {"cpus": sorted(cpus), "allowed": allowed}})
 
     def install_signal_handlers(self) -> None:
         """Handlers only record; the main thread acts (run())."""

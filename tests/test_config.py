@@ -118,3 +118,15 @@ def test_the_shipped_env_file_documents_every_variable():
     text = (ROOT / "etc" / "polygon-streamer" / "example.env").read_text()
     for setting in SETTINGS:
         assert f"{setting.env}=" in text, setting.env
+
+
+def test_cpu_affinity_accepts_auto_off_and_cpu_lists_and_rejects_the_rest():
+    from polygon_streamer.affinity import parse
+
+    assert parse("auto") == "auto" and parse(" OFF ") == "off"
+    assert parse("2") == (2,) and parse("0,2-3") == (0, 2, 3)
+    for bad in ("", "x", "3-1", "1,,2", "-1", "1-"):
+        with pytest.raises(ValueError):
+            parse(bad)
+    with pytest.raises(ConfigError, match="CPU_AFFINITY"):
+        build_config({"cpu_affinity": "fast"}, require_key=False)

@@ -10,6 +10,7 @@ import ujson
 
 from helpers import ROOT, Streamer, base_env, free_port, report, wait_for
 from polygon_streamer.mockserver import ODD_EVENTS_KEPT
+from polygon_streamer.affinity import parse as parse_cpus
 from polygon_streamer.reader import Backoff
 
 
@@ -282,3 +283,40 @@ def test_backoff_doubles_with_jitter_within_bounds():
     real = Backoff(0.5, 10.0)
     for _ in range(200):
         assert 0.5 <= real.next_delay() <= 10.0
+
+
+def allowed_cpus_by_thread(pid):
+    """OS thread name -> the CPUs it may run on (Cpus_allowed_list)."""
+    tasks = f"/proc/{pid}/task"
+    out = {}
+    for tid in os.listdir(tasks):
+        try:
+            name = open(f"{tasks}/{tid}/comm").read().strip()
+            status = open(f"{tasks}/{tid}/status").read()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        listed = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+        out[name] = set(parse_cpus(listed))
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to choose from")
+def test_cpu_affinity_auto_confines_the_python_threads_to_one_cpu_and_off_does_not(mock_server, spawn):
+    everything = os.sched_getaffinity(0)
+    confined = spawn(SINK="zmq", ZMQ_BIND="true", ZMQ_ENDPOINT=f"tcp://127.0.0.1:{free_port()}")
+    confined.wait_ready()
+    threads = allowed_cpus_by_thread(confined.proc.pid)
+    chosen = [threads[name] for name in ("reader", "dispatcher", "sink-zmq", "heartbeat", "metrics-http")]
+    assert len({frozenset(cpus) for cpus in chosen}) == 1 and len(chosen[0]) == 1, threads
+    assert any(name.startswith("ZMQbg") and cpus == everything for name, cpus in threads.items()), \
+        "libzmq's threads keep every CPU"
+    assert any(m.startswith("threads confined to CPU") for m in confined.log_messages())
+    assert confined.stop() == 0
+    free = spawn(CPU_AFFINITY="off")
+    free.wait_ready()
+    assert allowed_cpus_by_thread(free.proc.pid)["dispatcher"] == everything
+    assert free.stop() == 0
+    outside = spawn(CPU_AFFINITY="4095")
+    assert outside.proc.wait(20) == 2
+    outside.stop()
+    assert "CPU_AFFINITY" in outside.stderr_lines[-1] and "is allowed" in outside.stderr_lines[-1]
