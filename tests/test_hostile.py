@@ -11,7 +11,7 @@ import signal
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import TEST_KEY, Streamer, base_env, free_port, strict_json, wait_for
@@ -195,6 +195,8 @@ def fragmented(frame: bytes, parts: int, opcode: int) -> bytes:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Found by this test: a frame whose only event was a status skipped its other elements uncounted.
+@example(batch=[(b'[null,{"ev":"status","status":"success","message":"m"}]', 1, 1)])
 @given(st.lists(st.tuples(frames(), st.sampled_from([1, 2]), st.integers(1, 3)), min_size=1, max_size=4))
 def test_the_service_survives_hostile_frames_and_accounts_for_every_element(hostile_service, batch):
     server, streamer, dest = hostile_service["server"], hostile_service["streamer"], hostile_service["dest"]
