@@ -12,9 +12,6 @@ from .sinks import TICK_SECS, SinkQueue
 from .threads import ServiceThread
 
 STOP = None
-# A batch handed to the sinks joins the frames that were waiting together while it holds fewer events than this, so
-# that a sink queue's capacity (in batches) bounds memory about as it did with one frame per batch at batch 100.
-MAX_BATCH_EVENTS = 100
 
 _log = logs.get("polygon_streamer")
 
@@ -35,7 +32,8 @@ class Dispatcher(ServiceThread):
 
     def loop(self) -> None:
         get = self.inbound.get
-        get_ready = self.inbound.get_nowait
+        normalize = self.normalizer.normalize
+        observe = self.latency.observe
         sink_queues = self.sink_queues
         while True:
             try:
@@ -44,40 +42,25 @@ class Dispatcher(ServiceThread):
                 if self.stopping.is_set():
                     return
                 continue
-            # Every frame already waiting joins this batch: one hand-over to each sink for all of them, instead of
-            # a queue operation and a sink wake-up per frame (small frames arrive many at a time).
-            ingest_ms = item[0] if item is not STOP else 0
-            batch: list[tuple] = []
-            while item is not STOP:
-                self._normalize(item, batch)
-                if len(batch) >= MAX_BATCH_EVENTS:
-                    break
-                try:
-                    item = get_ready()
-                except queue.Empty:
-                    break
-            if batch:
-                for sink_queue in sink_queues:
-                    sink_queue.offer(ingest_ms, batch)
             if item is STOP:
                 for sink_queue in sink_queues:
                     while not sink_queue.close(time.monotonic() + TICK_SECS) and not self.stopping.is_set():
                         if sink_queue.consumer is not None and not sink_queue.consumer.is_alive():
                             break
                 return
-
-    def _normalize(self, item: tuple[int, bytes], batch: list[tuple]) -> None:
-        ingest_ms, data = item
-        self.frames += 1
-        try:
-            records, newest = self.normalizer.normalize(data, ingest_ms)
-        except FrameError as exc:
-            self._parse_warning.warn(f"skipped a frame: {exc}", frame_bytes=len(data),
-                                     parse_errors_total=self.normalizer.parse_errors)
-            return
-        if newest is not None:
-            self.latency.observe((ingest_ms - newest) / 1000.0)
-        batch += records
+            ingest_ms, data = item
+            self.frames += 1
+            try:
+                records, newest = normalize(data, ingest_ms)
+            except FrameError as exc:
+                self._parse_warning.warn(f"skipped a frame: {exc}", frame_bytes=len(data),
+                                         parse_errors_total=self.normalizer.parse_errors)
+                continue
+            if newest is not None:
+                observe((ingest_ms - newest) / 1000.0)
+            if records:
+                for sink_queue in sink_queues:
+                    sink_queue.offer(ingest_ms, records)
 
 
 def stop_inbound(inbound: queue.Queue, deadline: float) -> bool:

@@ -161,8 +161,8 @@ class ServiceCollector:
             capacity[sink_queue.name] = sink_queue.capacity
             written[sink_queue.name] = sink_queue.stats.written
             dropped[sink_queue.name] = sink_queue.stats.dropped
-        yield _gauge("polygon_queue_depth", "Frames (inbound) or batches (sinks) waiting in each queue", labels=["queue"], samples=depth)
-        yield _gauge("polygon_queue_capacity", "Capacity of each queue in frames (inbound) or batches (sinks)", labels=["queue"],
+        yield _gauge("polygon_queue_depth", "Batches (frames) waiting in each queue", labels=["queue"], samples=depth)
+        yield _gauge("polygon_queue_capacity", "Capacity of each queue in batches (frames)", labels=["queue"],
                      samples=capacity)
         yield _counter("polygon_sink_written_total", "Events handed to each sink", labels=["sink"], samples=written)
         yield _counter("polygon_sink_drops_total", "Events dropped because a sink's queue was full",
