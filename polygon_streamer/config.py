@@ -220,6 +220,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backoff_max_secs", "BACKOFF_MAX_SECS", "60", _seconds(0, False), "reconnect delay ceiling"),
     Setting("read_timeout_secs", "READ_TIMEOUT_SECS", "60", _seconds(0, False),
             "reconnect after this long without a frame"),
+    Setting("stale_after_secs", "STALE_AFTER_SECS", "0", _seconds(0, True),
+            "reconnect after this long without a data event while subscribed (statuses do not count); 0: off"),
     Setting("max_frame_bytes", "MAX_FRAME_BYTES", "16777216", _int(1024),
             "largest WebSocket message accepted, in bytes; a larger one ends the session (counted)"),
     Setting("heartbeat_interval_secs", "HEARTBEAT_INTERVAL_SECS", "30", _seconds(0, True),
@@ -307,6 +309,7 @@ class Config:
     log_level: str
     shutdown_timeout_secs: float
     cpu_affinity: str | tuple[int, ...] = "auto"
+    stale_after_secs: float = 0.0
     api_key_file: str | None = None
 
     def redacted(self) -> dict[str, Any]:

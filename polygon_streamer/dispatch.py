@@ -1,19 +1,25 @@
-"""Inbound queue -> normalize, filter, sample, seq -> every sink's queue, one batch per frame."""
+"""Inbound queue -> normalize, filter, sample, seq -> every sink's queue, one batch per frame; a Gap notice in the
+inbound queue becomes one gap record for every sink, in order with the data."""
 
 from __future__ import annotations
 
+import operator
 import queue
 import time
 
 from . import logs
 from .metrics import LatencyHistogram
-from .normalize import FrameError, FrameNormalizer
+from .normalize import FrameError, FrameNormalizer, Gap
 from .sinks import TICK_SECS, SinkQueue
 from .threads import ServiceThread
 
 STOP = None
+CODE = operator.itemgetter(1)
+# polygon_last_event_timestamp_seconds is kept per code; codes come from the network, so the table is bounded.
+_LAST_SEEN_LIMIT = 1000
 
 _log = logs.get("polygon_streamer")
+_gap_log = logs.get("polygon_gaps")
 
 
 class Dispatcher(ServiceThread):
@@ -29,12 +35,16 @@ class Dispatcher(ServiceThread):
         self.latency = latency
         self.frames = 0
         self._parse_warning = logs.RateLimitedWarning(_log, warn_interval_secs)
+        self._sequence_warning = logs.RateLimitedWarning(_log, warn_interval_secs)
+        # code -> ingest ms of its last event delivered (polygon_last_event_timestamp_seconds)
+        self.last_seen_ms: dict[str, int] = {}
 
     def loop(self) -> None:
         get = self.inbound.get
         normalize = self.normalizer.normalize
         observe = self.latency.observe
         sink_queues = self.sink_queues
+        last_seen = self.last_seen_ms
         while True:
             try:
                 item = get(timeout=TICK_SECS)
@@ -49,7 +59,11 @@ class Dispatcher(ServiceThread):
                             break
                 return
             ingest_ms, data = item
+            if data.__class__ is Gap:
+                self.gap(data, ingest_ms)
+                continue
             self.frames += 1
+            anomalies = self.normalizer.sequence_anomalies_total
             try:
                 records, newest = normalize(data, ingest_ms)
             except FrameError as exc:
@@ -59,8 +73,31 @@ class Dispatcher(ServiceThread):
             if newest is not None:
                 observe((ingest_ms - newest) / 1000.0)
             if records:
+                last_seen.update(dict.fromkeys(map(CODE, records), ingest_ms))
+                if len(last_seen) > _LAST_SEEN_LIMIT:
+                    last_seen.clear()
                 for sink_queue in sink_queues:
                     sink_queue.offer(ingest_ms, records)
+            if self.normalizer.sequence_anomalies_total != anomalies:
+                self._warn_sequence()
+
+    def gap(self, gap: Gap, ingest_ms: int) -> None:
+        """One gap record, to every sink; a new session also restarts the `q` checks."""
+        if gap.reason not in ("inbound_drop", "sink_drop"):
+            self.normalizer.new_session()
+        record = self.normalizer.gap_record(gap, ingest_ms)
+        _gap_log.warning("gap in the data: %s", gap.detail,
+                         extra={"fields": {"reason": gap.reason, "gap_ms": self.normalizer.last_gap_ms,
+                                           "dropped_events": gap.dropped_events, "seq": record[0]}})
+        for sink_queue in self.sink_queues:
+            sink_queue.offer(ingest_ms, [record])
+
+    def _warn_sequence(self) -> None:
+        code, symbol, q, previous, reason = self.normalizer.last_sequence_anomaly
+        self._sequence_warning.warn(f"sequence anomaly: {code} {symbol} q={q} after q={previous} ({reason}); "
+                                    "the event is delivered as received", type=code, symbol=symbol, q=q,
+                                    previous_q=previous, reason=reason,
+                                    sequence_anomalies_total=self.normalizer.sequence_anomalies_total)
 
 
 def stop_inbound(inbound: queue.Queue, deadline: float) -> bool:

@@ -9,8 +9,8 @@ from typing import Any, Iterable, TextIO
 
 import ujson
 
-TARGETS = ("polygon_events", "polygon_stats", "polygon_config", "polygon_conn", "polygon_ndjson", "polygon_zmq",
-           "polygon_streamer")
+TARGETS = ("polygon_events", "polygon_gaps", "polygon_stats", "polygon_config", "polygon_conn", "polygon_ndjson",
+           "polygon_zmq", "polygon_streamer")
 
 OFF = logging.CRITICAL + 10
 TRACE = 5

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import MetricsHandler
 
 from . import __version__, logs, protocol
+from .normalize import GAP_REASONS, SEQUENCED
 from .threads import set_os_thread_name
 
 # The HTTP port must not let its clients starve the service of threads and descriptors: at most this many
@@ -95,6 +96,7 @@ class ServiceCollector:
 
     def __init__(self, service):
         self._service = service
+        self._started_ms = time.time() * 1000
         import websocket
 
         self._build_labels = {"version": __version__, "python": platform.python_version(),
@@ -152,6 +154,32 @@ class ServiceCollector:
         yield _counter("polygon_channel_dropped_frames_total", "Frames dropped because the inbound queue was full",
                        reader.channel_dropped_frames)
         yield _gauge("polygon_connected", "1 while authenticated to the server", 1 if reader.connected else 0)
+        yield _counter("polygon_stale_timeouts_total",
+                       "Sessions ended after STALE_AFTER_SECS without a data event while subscribed",
+                       reader.stale_timeouts)
+        yield _counter("polygon_gaps_total", "Gap records: interruptions of the data stream, by reason",
+                       labels=["reason"], samples=_with_zeros(GAP_REASONS, normalizer.gaps))
+        yield _counter("polygon_gap_seconds_total",
+                       "Sum of the gap records' gap_ms: last data event before a hole to the first after it",
+                       normalizer.gap_seconds)
+        now_ms = time.time() * 1000
+        last_ms = normalizer.last_ingest_ms if normalizer.last_ingest_ms is not None else self._started_ms
+        yield _gauge("polygon_last_event_age_seconds",
+                     "Seconds since the last data event was received (since start if none yet)",
+                     max(0.0, (now_ms - last_ms) / 1000.0))
+        last_seen: dict[str, float] = {}
+        for code, ingest_ms in list(service.dispatcher.last_seen_ms.items()):
+            label = code if code in shapes else protocol.UNKNOWN_LABEL
+            last_seen[label] = max(last_seen.get(label, 0.0), ingest_ms / 1000.0)
+        yield _gauge("polygon_last_event_timestamp_seconds",
+                     "When the last event of each code was received (Unix time); absent until one is",
+                     labels=["type"], samples=last_seen)
+        sequence = {(code, reason): 0 for code in SEQUENCED.get(service.config.cluster, ())
+                    for reason in ("duplicate", "backwards")}
+        sequence.update(dict(normalizer.sequence_anomalies))
+        yield _counter("polygon_sequence_anomalies_total",
+                       "Events whose q repeats or goes back within a session (delivered as received), by code and reason",
+                       labels=["type", "reason"], samples=sequence)
 
         depth = {"inbound": service.inbound.qsize()}
         capacity = {"inbound": service.config.channel_cap}

@@ -142,6 +142,7 @@ class MockOptions:
     seed: int = 1
     reject_auth: bool = False          # auth_failed, then an abrupt close (what the real server does)
     auth_failed_message: str = "authentication failed"
+    auth_failed_as_error: bool = False  # reject_auth answers with an `error` status and keeps the connection open
     max_connections: bool = False      # after the acks: max_connections status, then close 1008
     not_authorized_codes: tuple[str, ...] = ()  # subscribe to these codes -> status error "not authorized"
     drop_after: int = 0                # abrupt close after this many events on each connection
@@ -358,6 +359,9 @@ class _Connection:
                 stats.auth_attempts.append(time.monotonic())
                 key_ok = options.api_key is None or message.get("params") == options.api_key
                 if options.reject_auth or not key_ok:
+                    if options.auth_failed_as_error:
+                        self.send([_status("error", options.auth_failed_message)])
+                        continue
                     self.send([_status("auth_failed", options.auth_failed_message)])
                     self.abort()
                 authed = True

@@ -2,7 +2,8 @@
 
 A record is a plain tuple, built once per event and shared by every sink:
     (seq, type, symbol, kind, ts, line)
-where line is the schema.md record as one compact JSON object without a trailing newline.
+where line is the schema.md record as one compact JSON object without a trailing newline. A gap record (schema.md,
+"The gap record") has the same shape with type and kind "gap", built from a Gap notice by gap_record().
 """
 
 from __future__ import annotations
@@ -24,6 +25,49 @@ _IDENTITY_CACHE_LIMIT = 200_000
 # The identity cache is bounded in bytes as well: a feed of huge symbols must not hold memory (frames are capped by
 # MAX_FRAME_BYTES, so one entry is too). 32 MB is 200,000 entries of a long options symbol.
 _IDENTITY_CACHE_BYTES = 32 * 1024 * 1024
+
+
+# Codes whose `q` increases per symbol (protocol.md: stocks and options trades and quotes): checked for duplicates
+# and values that go backwards, never dropped or reordered for it.
+SEQUENCED = {"stocks": ("T", "Q"), "options": ("T", "Q")}
+_NO_Q = -(1 << 64)
+
+GAP = "gap"
+GAP_REASONS = ("disconnect", "read_timeout", "server_close", "status", "stale", "max_connections", "inbound_drop",
+               "sink_drop", "shutdown")
+
+
+class Gap:
+    """A hole in the data stream, told to the dispatcher in order with the frames (the reader puts it into the
+    inbound queue just before the first frame after the hole) or noticed by a sink's queue. Becomes one gap record.
+
+    reason: one of GAP_REASONS; detail: the log's sentence; interrupted_ms: when the hole began (the session's end,
+    the first dropped frame); resumed_ms: the first data after it (None: data never resumed, e.g. at shutdown)."""
+
+    __slots__ = ("reason", "detail", "interrupted_ms", "resumed_ms", "close_code", "close_reason",
+                 "dropped_events", "subscription")
+
+    def __init__(self, reason: str, detail: str, interrupted_ms: int, resumed_ms: int | None = None,
+                 close_code: int | None = None, close_reason: str | None = None,
+                 dropped_events: int | None = None, subscription: str | None = None):
+        self.reason = reason
+        self.detail = detail
+        self.interrupted_ms = interrupted_ms
+        self.resumed_ms = resumed_ms
+        self.close_code = close_code
+        self.close_reason = close_reason
+        self.dropped_events = dropped_events
+        self.subscription = subscription
+
+    def __repr__(self) -> str:
+        return f"Gap({self.reason!r}, {self.detail!r}, dropped_events={self.dropped_events})"
+
+
+def _clean_text(text: str | None) -> str | None:
+    """Text for a record: valid UTF-8 whatever came from the network (lone surrogates become U+FFFD)."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text
 
 
 class FrameError(ValueError):
@@ -143,8 +187,10 @@ class FrameNormalizer:
     and the counters that metrics.py exports (single writer, read at scrape time)."""
 
     def __init__(self, cluster: str, hostname: str, app_version: str,
-                 include: Iterable[str] = (), sample_quotes: int = 1):
+                 include: Iterable[str] = (), sample_quotes: int = 1, subscription: str = ""):
         self.cluster = cluster
+        self.subscription = subscription
+        self._sequenced = SEQUENCED.get(cluster, ())
         self._shapes = protocol.SHAPES[cluster]
         self._include = IncludeFilter(include)
         self._sample_quotes = sample_quotes
@@ -152,8 +198,9 @@ class FrameNormalizer:
         self._feed_json = _json_str(cluster)
         self._tail = (f',"hostname":{_json_str(hostname)},"app_version":{_json_str(app_version)},'
                       f'"schema_version":1,"seq":')
-        # (code, symbol) -> (identity JSON fragment, kind, included, the code's label in events_by_type)
-        self._identities: dict[tuple[str, str], tuple[str | None, str, bool, str]] = {}
+        # (code, symbol) -> (identity JSON fragment, kind, included, the code's label in events_by_type,
+        #                    [last q] for a sequenced code or None)
+        self._identities: dict[tuple[str, str], tuple[str | None, str, bool, str, list | None]] = {}
         self._identity_bytes = 0
         # code -> (symbol key, time key) for the inlined common case of _locate
         self._fast_keys = {code: (shape.symbol_keys[0], shape.time_keys[0]) for code, shape in self._shapes.items()}
@@ -165,11 +212,22 @@ class FrameNormalizer:
         self.parse_errors = 0
         self.filtered = 0
         self.sampled_out = 0
+        # (code, "duplicate" | "backwards") -> count; the latest one, for the dispatcher's rate-limited log.
+        self.sequence_anomalies: dict[tuple[str, str], int] = {}
+        self.sequence_anomalies_total = 0
+        self.last_sequence_anomaly: tuple[str, str, int, int, str] | None = None
+        # The last data event before now: what a gap record says was received before the hole.
+        self.last_ingest_ms: int | None = None
+        self.last_ts: int | None = None
+        self.gaps: dict[str, int] = {}
+        self.gap_seconds = 0.0
+        self.gap_records = 0  # gap records that took a seq (seq - gap_records: data events delivered)
+        self.last_gap_ms: int | None = None
 
     def _count(self, table: dict[str, int], key: str, amount: int = 1) -> None:
         table[key] = table.get(key, 0) + amount
 
-    def _identity(self, code: str, symbol: str) -> tuple[str | None, str, bool, str]:
+    def _identity(self, code: str, symbol: str) -> tuple[str | None, str, bool, str, list | None]:
         """The record's identity fragment for (code, symbol); None if it cannot be valid UTF-8 (a lone surrogate)."""
         if len(self._identities) >= _IDENTITY_CACHE_LIMIT or self._identity_bytes >= _IDENTITY_CACHE_BYTES:
             self._identities.clear()
@@ -185,7 +243,7 @@ class FrameNormalizer:
         included = not self._include or self._include.matches(code, symbol)
         # Codes come from the network: the unknown ones share one label, so that they cannot grow the metrics.
         label = code if code in self._shapes else protocol.UNKNOWN_LABEL
-        entry = (fragment, kind, included, label)
+        entry = (fragment, kind, included, label, [_NO_Q] if code in self._sequenced else None)
         self._identities[(code, symbol)] = entry
         self._identity_bytes += 2 * len(code) + 2 * len(symbol) + 200  # key, fragment and the entry itself
         return entry
@@ -252,7 +310,13 @@ class FrameNormalizer:
                 continue
             else:
                 symbol, ts = self._locate(event, code)
-            fragment, kind, included, label = identities.get((code, symbol)) or self._identity(code, symbol)
+            fragment, kind, included, label, last_q = identities.get((code, symbol)) or self._identity(code, symbol)
+            if last_q is not None:
+                q = event.get("q")
+                if type(q) is int:
+                    if q <= last_q[0]:
+                        self._sequence_anomaly(code, symbol, q, last_q[0])
+                    last_q[0] = q
             if fragment is None:
                 self._count(self.bad_events, "invalid_unicode")
                 continue
@@ -284,4 +348,58 @@ class FrameNormalizer:
         # The frame's last event stands for the frame in the latency histogram (feeds are time-ordered).
         newest = records[-1][4] if records else None
         self.seq = seq
+        if events:
+            self.last_ingest_ms = ingest_ms
+            if records:
+                self.last_ts = newest
         return records, newest
+
+    @property
+    def events(self) -> int:
+        """Data events offered to the sinks (seq also numbers the gap records)."""
+        return self.seq - self.gap_records
+
+    def _sequence_anomaly(self, code: str, symbol: str, q: int, previous: int) -> None:
+        reason = "duplicate" if q == previous else "backwards"
+        key = (code, reason)
+        self.sequence_anomalies[key] = self.sequence_anomalies.get(key, 0) + 1
+        self.sequence_anomalies_total += 1
+        self.last_sequence_anomaly = (code, symbol, q, previous, reason)
+
+    def new_session(self) -> None:
+        """A new connection: `q` is checked within a session only (protocol.md: comparing it across reconnects is
+        uncertain), so the last values are forgotten."""
+        self._identities.clear()
+        self._identity_bytes = 0
+
+    def gap_record(self, gap: Gap, ingest_ms: int, seq: int | None = None, last_ingest_ms: int | None = None,
+                   last_ts: int | None = None, count: bool = True) -> tuple:
+        """The gap record of schema.md, counted in gaps and gap_seconds (count_gap). By default it takes the next
+        seq (every sink gets it) and the last data event this normalizer saw; a sink's queue passes its own
+        (sink_drop) and counts the record once it is queued."""
+        if seq is None:
+            self.seq += 1
+            self.gap_records += 1
+            seq = self.seq
+            last_ingest_ms, last_ts = self.last_ingest_ms, self.last_ts
+        began = last_ingest_ms if last_ingest_ms is not None else gap.interrupted_ms
+        gap_ms = max(0, gap.resumed_ms - began) if gap.resumed_ms is not None else None
+        payload = {"reason": gap.reason, "detail": _clean_text(gap.detail), "close_code": gap.close_code,
+                   "close_reason": _clean_text(gap.close_reason),
+                   "subscription": _clean_text(gap.subscription if gap.subscription is not None
+                                               else self.subscription),
+                   "last_ingest_ts": last_ingest_ms, "resumed_ingest_ts": gap.resumed_ms, "gap_ms": gap_ms,
+                   "dropped_events": gap.dropped_events}
+        line = (f'{{"ingest_ts":{ingest_ms},"type":"gap","kind":"gap","symbol":"","topic":"gap",'
+                f'"feed":{self._feed_json},"ts":{"null" if last_ts is None else last_ts},'
+                f'"payload":{ujson.dumps(payload, ensure_ascii=False, escape_forward_slashes=False)}'
+                f'{self._tail}{seq}}}')
+        self.last_gap_ms = gap_ms
+        if count:
+            self.count_gap(gap.reason, gap_ms)
+        return (seq, GAP, "", GAP, last_ts, line)
+
+    def count_gap(self, reason: str, gap_ms: int | None) -> None:
+        self.gaps[reason] = self.gaps.get(reason, 0) + 1
+        if gap_ms is not None:
+            self.gap_seconds += gap_ms / 1000.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import queue
 import random
 import socket
@@ -16,7 +17,7 @@ from websocket._abnf import frame_buffer  # the same class and recv_length() in 
 
 from . import logs, protocol
 from .config import Config
-from .normalize import FrameError, parse_frame
+from .normalize import FrameError, Gap, parse_frame
 from .threads import ServiceThread, set_os_thread_name
 
 _log = logs.get("polygon_conn")
@@ -34,7 +35,7 @@ SERVER_MESSAGE_CHARS = 300
 CLOSE_MESSAGE_TOO_BIG = 1009
 # One socket read takes up to this much: every frame that has arrived, at batch 1 hundreds of them.
 READ_CHUNK_BYTES = 256 * 1024
-EV_MARKER = b'"ev":'
+EV_MARKER = b'"ev"'  # also `"ev" : "T"`: the count is an estimate where it is used (readiness, drops)
 STATUS_MARKER = b'"status"'
 
 
@@ -144,12 +145,17 @@ class BoundedWebSocket(websocket.WebSocket):
 
 
 class SessionEnd(Exception):
-    """Why a connection ended; status is the Polygon status that ended it, if any."""
+    """Why a connection ended: reason is the log's sentence, gap the one word of the gap record's reason
+    (schema.md), status the Polygon status that ended it, close_code / close_reason the server's close frame."""
 
-    def __init__(self, reason: str, status: str | None = None):
+    def __init__(self, reason: str, status: str | None = None, gap: str = "disconnect",
+                 close_code: int | None = None, close_reason: str | None = None):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.gap = gap
+        self.close_code = close_code
+        self.close_reason = close_reason
 
 
 class ReaderStats:
@@ -163,6 +169,7 @@ class ReaderStats:
         self.reconnect_success = 0
         self.reconnect_failure = 0
         self.read_timeouts = 0
+        self.stale_timeouts = 0
         self.oversize_frames = 0
         self.errors = 0
         self.heartbeats_sent = 0
@@ -184,6 +191,12 @@ class Reader(ServiceThread):
         # Readiness, read by the HTTP thread. Data events are counted until READY_MIN_MESSAGES is reached, no further.
         self.subscribed_at: float | None = None
         self.events_since_subscribe = 0
+        # Why the last session ended and when the next attempt is due (for /ready and /health).
+        self.last_end: SessionEnd | None = None
+        self.retry_at: float | None = None
+        # Holes not yet told downstream, in order: the session gap (told before the first data of a later session)
+        # and inbound drops (told before the next frame that finds room).
+        self._pending_gaps: list[Gap] = []
 
     # -- the reconnect loop -------------------------------------------------------------------------------------
 
@@ -197,6 +210,13 @@ class Reader(ServiceThread):
             end = self._session(attempt)
             if self.stopping.is_set():
                 break
+            self.last_end = end
+            if self.subscribed_at is not None and not any(gap.resumed_ms is None and gap.reason != "inbound_drop"
+                                                          for gap in self._pending_gaps):
+                # The stream was interrupted: the first data of a later session is preceded by a gap record.
+                self._pending_gaps.append(Gap(end.gap, end.reason, time.time_ns() // 1_000_000,
+                                              close_code=end.close_code, close_reason=end.close_reason,
+                                              subscription=self._config.subscription))
             healthy = self.subscribed_at is not None and time.monotonic() - self.subscribed_at >= HEALTHY_SESSION_SECS
             if attempt > 1 and self.subscribed_at is None:
                 self.stats.reconnect_failure += 1  # a success is counted as it subscribes (_session)
@@ -204,9 +224,11 @@ class Reader(ServiceThread):
             if healthy:
                 self._backoff.reset()
             delay = self._backoff.next_delay()
-            if end.status == protocol.MAX_CONNECTIONS:
-                # Another connection on this key and cluster took our slot: cool down for the ceiling.
+            if end.status in (protocol.MAX_CONNECTIONS, protocol.AUTH_FAILED):
+                # Another connection on this key and cluster took our slot, or the key was refused: retrying
+                # soon cannot help (and hammers the server), so cool down for the ceiling.
                 delay = self._backoff.ceiling
+            self.retry_at = time.monotonic() + delay
             _log.warning("disconnected: %s; reconnecting in %.2fs", end.reason, delay,
                          extra={"fields": {"reason": end.reason, "status": end.status, "delay_secs": round(delay, 3),
                                            "session_secs": round(time.monotonic() - started, 3),
@@ -276,8 +298,9 @@ class Reader(ServiceThread):
 
     # -- protocol -----------------------------------------------------------------------------------------------
 
-    def _recv(self, ws: websocket.WebSocket, deadline: float) -> tuple[int, bytes]:
-        """One data message; SessionEnd on stop, close, or no data message before the deadline.
+    def _recv(self, ws: websocket.WebSocket, deadline: float, stale_deadline: float = math.inf) -> tuple[int, bytes]:
+        """One data message; SessionEnd on stop, close, no message before the deadline, or (STALE_AFTER_SECS) no
+        data event before the stale deadline.
 
         Frames are read one by one (not with recv_data, which answers pings and joins fragments inside its own loop):
         the deadline is checked after every frame, so a server that sends only pings, or fragments that never end,
@@ -318,12 +341,19 @@ class Reader(ServiceThread):
                         ws.send_close()
                     except Exception:
                         pass
-                    raise SessionEnd(f"closed by the server (code {status}{', ' + reason if reason else ''})")
+                    raise SessionEnd(f"closed by the server (code {status}{', ' + reason if reason else ''})",
+                                     gap="server_close", close_code=status, close_reason=reason or None)
                 elif code == websocket.ABNF.OPCODE_PING:
                     ws.pong(frame.data)
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 self.stats.read_timeouts += 1
-                raise SessionEnd(f"read timeout: no data message for {self._config.read_timeout_secs:g}s")
+                raise SessionEnd(f"read timeout: no data message for {self._config.read_timeout_secs:g}s",
+                                 gap="read_timeout")
+            if now >= stale_deadline:
+                self.stats.stale_timeouts += 1
+                raise SessionEnd(f"stale: no data event for {self._config.stale_after_secs:g}s while subscribed "
+                                 "(STALE_AFTER_SECS)", gap="stale")
 
     def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
         deadline = time.monotonic() + self._config.read_timeout_secs
@@ -341,7 +371,14 @@ class Reader(ServiceThread):
                     return
                 if status in protocol.TERMINAL_STATUSES:
                     message = str(event.get("message", ""))[:SERVER_MESSAGE_CHARS]
-                    raise SessionEnd(f"{status} while waiting for {step}: {message}".strip(), status)
+                    raise SessionEnd(f"{status} while waiting for {step}: {message}".strip(), status,
+                                     gap="max_connections" if status == protocol.MAX_CONNECTIONS else "status")
+                if status == protocol.ERROR and step == "auth_success":
+                    # The older form of auth_failed: the server answers auth with an error status (and may leave
+                    # the connection open). Nothing else can answer auth, so the handshake ends here.
+                    message = str(event.get("message", ""))[:SERVER_MESSAGE_CHARS]
+                    raise SessionEnd(f"auth_failed (an error status) while waiting for {step}: {message}".strip(),
+                                     protocol.AUTH_FAILED, gap="status")
 
     def _handshake(self, ws: websocket.WebSocket) -> None:
         # The spec's own example shows "success" for the connect event; the server sends "connected".
@@ -412,8 +449,10 @@ class Reader(ServiceThread):
         wall = time.time_ns
         stopping = self.stopping.is_set
         deadline = clock() + read_timeout
+        stale_after = self._config.stale_after_secs
+        stale_deadline = clock() + stale_after if stale_after else math.inf
         while not stopping():
-            _, data = self._recv(ws, deadline)
+            _, data = self._recv(ws, deadline, stale_deadline)
             ingest_ms = wall() // 1_000_000
             deadline = clock() + read_timeout
             statuses = 0
@@ -423,22 +462,66 @@ class Reader(ServiceThread):
                     if terminal is not None:
                         if has_data:
                             self._offer(put, ingest_ms, data, statuses)
-                        raise SessionEnd(f"server sent {terminal}", terminal)
+                        raise SessionEnd(f"server sent {terminal}", terminal,
+                                         gap="max_connections" if terminal == protocol.MAX_CONNECTIONS else "status")
                     if not has_data:
                         continue
             if self.events_since_subscribe < ready_min:
                 self.events_since_subscribe += max(0, data.count(EV_MARKER) - statuses)
+            if stale_after:
+                stale_deadline = clock() + stale_after
             self._offer(put, ingest_ms, data, statuses)
 
     def _offer(self, put, ingest_ms: int, data: bytes, statuses: int) -> None:
+        if self._pending_gaps and not self._offer_gaps(put, ingest_ms):
+            self._drop(ingest_ms, data, statuses)
+            return
         try:
             put((ingest_ms, data))
         except queue.Full:
-            self.stats.channel_drops += max(0, data.count(EV_MARKER) - statuses)
-            self.stats.channel_dropped_frames += 1
-            self._bp_warning.warn("inbound queue full: dropping frames (CHANNEL_CAP)",
-                                  capacity_frames=self._config.channel_cap,
-                                  dropped_events_total=self.stats.channel_drops)
+            self._drop(ingest_ms, data, statuses)
+
+    def _drop(self, ingest_ms: int, data: bytes, statuses: int) -> None:
+        events = max(0, data.count(EV_MARKER) - statuses)
+        self.stats.channel_drops += events
+        self.stats.channel_dropped_frames += 1
+        last = self._pending_gaps[-1] if self._pending_gaps else None
+        if last is None or last.reason != "inbound_drop":
+            last = Gap("inbound_drop", "", ingest_ms, dropped_events=0, subscription=self._config.subscription)
+            self._pending_gaps.append(last)
+        last.dropped_events += events
+        last.detail = (f"inbound queue full (CHANNEL_CAP {self._config.channel_cap} frames): "
+                       f"{last.dropped_events} event(s) dropped")
+        self._bp_warning.warn("inbound queue full: dropping frames (CHANNEL_CAP)",
+                              capacity_frames=self._config.channel_cap,
+                              dropped_events_total=self.stats.channel_drops)
+
+    def _offer_gaps(self, put, resumed_ms: int) -> bool:
+        """Tell the pending holes, in order, ahead of the frame that ends them; False if the queue has no room."""
+        while self._pending_gaps:
+            gap = self._pending_gaps[0]
+            gap.resumed_ms = resumed_ms
+            try:
+                put((gap.interrupted_ms if gap.reason == "inbound_drop" else resumed_ms, gap))
+            except queue.Full:
+                gap.resumed_ms = None
+                return False
+            self._pending_gaps.pop(0)
+        return True
+
+    def shutdown_gaps(self) -> list[tuple[int, Gap]]:
+        """After the reader has stopped: the holes never told because data did not resume, as inbound items. A
+        session gap becomes `shutdown` (the service stopped inside it); drops keep their reason."""
+        now_ms = time.time_ns() // 1_000_000
+        items = []
+        for gap in self._pending_gaps:
+            if gap.reason != "inbound_drop":
+                gap = Gap("shutdown", f"the service stopped before data resumed after: {gap.detail}",
+                          gap.interrupted_ms, close_code=gap.close_code, close_reason=gap.close_reason,
+                          subscription=gap.subscription)
+            items.append((gap.interrupted_ms if gap.reason == "inbound_drop" else now_ms, gap))
+        self._pending_gaps = []
+        return items
 
 
 class Heartbeat(ServiceThread):

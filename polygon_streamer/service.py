@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Callable
 
-from . import __version__, affinity, logs
+from . import __version__, affinity, logs, protocol
 from .config import Config, ConfigError, format_addr
 from .dispatch import Dispatcher, stop_inbound
 from .metrics import LatencyHistogram, MetricsServer, make_registry
@@ -58,11 +58,13 @@ class Service:
         self.stop_after_events = stop_after_events
         self.inbound: queue.Queue = queue.Queue(config.channel_cap)
         self.normalizer = FrameNormalizer(config.cluster, socket.gethostname(), __version__,
-                                          config.ndjson_include, config.ndjson_sample_quotes)
+                                          config.ndjson_include, config.ndjson_sample_quotes, config.subscription)
         self.latency = LatencyHistogram()
         built = build_sinks(config) if sinks is None else sinks
         self.sinks = [sink for sink, _ in built]
         self.sink_queues = [sink_queue for _, sink_queue in built]
+        for sink_queue in self.sink_queues:
+            sink_queue.normalizer = self.normalizer  # sink_drop gap records
         self.reader = Reader(config, self.inbound)
         self.dispatcher = Dispatcher(self.inbound, self.normalizer, self.sink_queues, self.latency,
                                      config.bp_warn_interval_secs)
@@ -151,7 +153,7 @@ class Service:
                 _log.error("stopping: thread(s) died: %s", ", ".join(dead), extra={"fields": {"threads": dead}})
                 self.shutdown("a thread died")
                 return 1
-            if self.stop_after_events is not None and self.normalizer.seq >= self.stop_after_events:
+            if self.stop_after_events is not None and self.normalizer.events >= self.stop_after_events:
                 return self.shutdown(f"delivered {self.stop_after_events} events")
             now = time.monotonic()
             if self.config.stats_interval_secs > 0 and now >= next_stats:
@@ -205,7 +207,17 @@ class Service:
         return 1
 
     def _stop_inbound(self, deadline: float) -> bool:
-        """Queue STOP behind the accepted frames, answering a second SIGTERM/SIGINT while the queue is full."""
+        """Queue STOP behind the accepted frames (and the gap records of holes data never came back from),
+        answering a second SIGTERM/SIGINT while the queue is full."""
+        for item in self.reader.shutdown_gaps():
+            while True:
+                try:
+                    self.inbound.put(item, timeout=MAIN_TICK_SECS)
+                    break
+                except queue.Full:
+                    if time.monotonic() >= deadline:
+                        return False
+                    self._check_second_signal()
         while time.monotonic() < deadline:
             if stop_inbound(self.inbound, min(deadline, time.monotonic() + MAIN_TICK_SECS)):
                 return True
@@ -237,7 +249,7 @@ class Service:
 
     def unwritten_events(self) -> int:
         with self.inbound.mutex:
-            frames = [item[1] for item in self.inbound.queue if item is not None]
+            frames = [item[1] for item in self.inbound.queue if item is not None and isinstance(item[1], bytes)]
         pending = sum(frame.count(b'"ev":') for frame in frames)
         return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads)
 
@@ -260,7 +272,23 @@ class Service:
         dead = self.dead_threads()
         if dead:
             return False, "UNHEALTHY: thread(s) not running: " + ", ".join(dead)
+        refused = self._refused()
+        if refused:
+            return True, f"OK (not ready: {refused})"
         return True, "OK"
+
+    def _refused(self) -> str | None:
+        """Why the server will not stream to us, while that lasts (the process itself is healthy: a restart would
+        not help)."""
+        end = self.reader.last_end
+        if self.reader.stats.connected or end is None or end.status not in (protocol.AUTH_FAILED,
+                                                                            protocol.MAX_CONNECTIONS):
+            return None
+        what = "authentication failed" if end.status == protocol.AUTH_FAILED else \
+            "max_connections: another connection uses this key and cluster"
+        retry_at = self.reader.retry_at
+        wait = f"; retrying in {max(0.0, retry_at - time.monotonic()):.0f}s" if retry_at is not None else ""
+        return f"{what} ({end.reason}){wait}"
 
     def ready(self) -> tuple[bool, str]:
         reader = self.reader
@@ -268,7 +296,8 @@ class Service:
         if self._stopping:
             return False, "NOT READY: stopping"
         if not reader.stats.connected or subscribed_at is None:
-            return False, "NOT READY: not subscribed"
+            refused = self._refused()
+            return False, f"NOT READY: {refused}" if refused else "NOT READY: not subscribed"
         if reader.events_since_subscribe < self.config.ready_min_messages:
             return False, (f"NOT READY: {reader.events_since_subscribe} of {self.config.ready_min_messages} "
                            "data events since subscribe")
@@ -283,7 +312,8 @@ class Service:
         reader = self.reader.stats
         return {
             "frames": reader.messages_received,
-            "events": self.normalizer.seq,
+            "events": self.normalizer.events,
+            "gaps": sum(self.normalizer.gaps.values()),
             "channel_drops": reader.channel_drops,
             "sink_drops": sum(q.stats.dropped for q in self.sink_queues),
             "written": {q.name: q.stats.written for q in self.sink_queues},

@@ -59,10 +59,14 @@ def test_dropped_every_n_events_for_a_whole_run_counters_match(mock_server, spaw
     gaps = [b - a for a, b in zip(attempts, attempts[1:])]
     assert all(gap >= min(0.5, 0.05 * 2 ** k) / 2 for k, gap in enumerate(gaps)), gaps
     records = [ujson.loads(line) for line in dest.read_text().splitlines()]
-    got = [(r["type"], r["symbol"], r["payload"]["q"]) for r in records]
+    got = [(r["type"], r["symbol"], r["payload"]["q"]) for r in records if r["kind"] != "gap"]
     assert got == [tuple(sent) for sent in mock_server.stats.sent[:len(got)]], "every event, in order"
     assert len(got) >= (connections - 1) * 200 + 100
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    gaps = [index for index, r in enumerate(records) if r["kind"] == "gap"]
+    assert gaps == [200 + 201 * k for k in range(connections - 1)], "one gap record per reconnect, where it happened"
+    assert all(records[i]["payload"]["reason"] == "disconnect" and records[i]["payload"]["gap_ms"] >= 0 for i in gaps)
+    assert streamer.shutdown_report()["gaps"] == connections - 1
     report("dropped every 200 events", connections=connections, reconnects=connections - 1, events=len(got),
            losses=0)
 
@@ -139,13 +143,21 @@ def test_a_sink_stalled_for_30_s_stays_bounded_counts_drops_exactly_and_recovers
              >= 100_000, timeout=60, what="the rest of the stream after the stall")
     assert streamer.stop() == 0
     reader.closed.wait(10)
-    seqs = [ujson.loads(line)["seq"] for line in reader.lines]
+    lines = [ujson.loads(line) for line in reader.lines]
+    seqs = [line["seq"] for line in lines if line["kind"] != "gap"]
     final = streamer.shutdown_report()
     assert final["events"] == 100_000 and final["sink_drops"] > 0
     assert len(seqs) + final["sink_drops"] == 100_000, "events in = written + dropped, exactly"
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[-1] == 100_000
     gaps = sum(b - a - 1 for a, b in zip(seqs, seqs[1:]))
     assert gaps == final["sink_drops"], "every gap in seq is a counted drop"
+    # ...and the file says so itself: a sink_drop record where each hole is, with its count, at the hole's last seq.
+    records = [(index, line) for index, line in enumerate(lines) if line["kind"] == "gap"]
+    assert records and sum(line["payload"]["dropped_events"] for _, line in records) == final["sink_drops"]
+    for index, line in records:
+        assert line["payload"]["reason"] == "sink_drop" and line["type"] == "gap"
+        assert lines[index - 1]["seq"] + line["payload"]["dropped_events"] == line["seq"] == lines[index + 1]["seq"] - 1
+        assert line["ingest_ts"] >= lines[index - 1]["ingest_ts"] and line["ts"] == lines[index - 1]["ts"]
     report("sink stalled 30 s", events=100_000, written=len(seqs), counted_drops=final["sink_drops"],
            peak_rss_mb=peak_rss // 1024, peak_sink_queue=int(peak_depth), uncounted=0)
 
@@ -161,18 +173,26 @@ def test_an_overflowing_inbound_queue_counts_every_dropped_event_and_frame(mock_
     streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), CHANNEL_CAP="2", BP_WARN_INTERVAL_SECS="1",
                      NDJSON_CHANNEL_CAP="100000")
     wait_for(lambda: streamer.metric("polygon_ndjson_written_total") + streamer.metric("polygon_channel_drops_total")
-             >= 200_000, timeout=60, what="every event written or counted as dropped")
+             - streamer.metric("polygon_gaps_total", reason="inbound_drop") >= 200_000, timeout=60,
+             what="every event written or counted as dropped")
     drops = streamer.metric("polygon_channel_drops_total")
     frames = streamer.metric("polygon_channel_dropped_frames_total")
-    written = streamer.metric("polygon_ndjson_written_total")
+    gap_records = streamer.metric("polygon_gaps_total", reason="inbound_drop")
+    written = streamer.metric("polygon_ndjson_written_total")  # lines: events and gap records
     assert drops > 0 and drops == frames * 10, (drops, frames)
-    assert written + drops == 200_000 == mock_server.stats.events_sent
+    assert gap_records > 0 and written - gap_records + drops == 200_000 == mock_server.stats.events_sent
     assert streamer.metric("polygon_ndjson_drops_total") == 0
     assert any(m.startswith("inbound queue full") for m in streamer.log_messages())
     assert streamer.stop() == 0
     final = streamer.shutdown_report()
     assert final["channel_drops"] == drops
-    assert seqs_of(dest) == list(range(1, int(written) + 1)), "seq is given after the inbound queue: no gap"
+    seqs = seqs_of(dest)
+    assert seqs == list(range(1, len(seqs) + 1)), "seq is given after the inbound queue: no gap"
+    # Drops after the last frame that found room are told at shutdown: the file may end with one more gap record.
+    told = [r["payload"] for r in map(ujson.loads, dest.read_text().splitlines()) if r["kind"] == "gap"]
+    assert len(told) == final["gaps"] in (gap_records, gap_records + 1) and len(seqs) - len(told) == written - gap_records
+    assert sum(p["dropped_events"] for p in told) == drops, "the file tells every drop"
+    assert all(p["reason"] == "inbound_drop" and p["gap_ms"] >= 0 for p in told)
     report("inbound queue overflow", events=200_000, written=int(written), counted_drops=int(drops),
            dropped_frames=int(frames), uncounted=0)
 

@@ -23,9 +23,12 @@ def sent_by_server(server):
 
 
 def received(streamer):
+    """(type, symbol, q) of every data event on stdout (gap records left out)."""
     out = []
     for record in streamer.events():
         fields = record["fields"]
+        if record["target"] == "polygon_gaps":
+            continue
         payload = fields["line"].split(" ", 1)[1]
         out.append((fields["type"], fields["symbol"], ujson.loads(payload).get("q")))
     return out
@@ -97,7 +100,22 @@ def test_reconnects_after_dropped_connections_and_loses_nothing_it_read(mock_ser
     sent = sent_by_server(mock_server)
     got = received(streamer)
     assert got == sent[:len(got)] and len(got) >= 180
-    assert [e["fields"]["seq"] for e in streamer.events()] == list(range(1, len(got) + 1))
+    records = streamer.events()
+    assert [e["fields"]["seq"] for e in records] == list(range(1, len(records) + 1)), "gap records take a seq too"
+    # One gap record per interruption, in order: just before the first event of each later connection.
+    gaps = [index for index, e in enumerate(records) if e["target"] == "polygon_gaps"]
+    assert len(gaps) >= 3 and all(records[index + 1]["fields"]["seq"] == records[index]["fields"]["seq"] + 1
+                                  and ujson.loads(records[index + 1]["fields"]["line"].split(" ", 1)[1])["q"] == 1
+                                  for index in gaps)
+    assert [index - previous for previous, index in zip([-1] + gaps, gaps)] == [61] * len(gaps)
+    for index in gaps:
+        gap = records[index]
+        assert gap["level"] == "WARN" and gap["fields"]["type"] == "gap"
+        payload = ujson.loads(gap["fields"]["line"].split(" ", 1)[1])
+        assert payload["reason"] == "disconnect" and payload["detail"].startswith("connection closed by the server")
+        assert payload["subscription"] == "T.*" and payload["dropped_events"] is None
+        assert payload["gap_ms"] == payload["resumed_ingest_ts"] - payload["last_ingest_ts"] >= 0
+        assert gap["fields"]["ts"] == ujson.loads(records[index - 1]["fields"]["line"].split(" ", 1)[1])["t"]
     messages = streamer.log_messages()
     assert any(m.startswith("disconnected: connection closed by the server") for m in messages), messages
 
@@ -115,23 +133,39 @@ def test_read_timeout_reconnects_and_is_counted(mock_server, spawn):
     report("server goes silent", read_timeouts=int(timeouts), events=len(streamer.stdout_lines), losses=0)
 
 
-def test_auth_failed_is_logged_with_the_server_message_and_retried_with_growing_backoff(mock_server, spawn):
+def test_auth_failed_is_logged_with_the_server_message_and_cools_down_for_the_ceiling(mock_server, spawn):
     mock_server.options.reject_auth = True
     mock_server.options.auth_failed_message = "Your plan doesn't include websocket access."
-    streamer = spawn(BACKOFF_INITIAL_SECS="0.1", BACKOFF_MAX_SECS="0.8")
-    wait_for(lambda: len(mock_server.stats.auth_attempts) >= 5, timeout=15, what="5 auth attempts")
-    assert streamer.get("/ready")[0] == 503
+    streamer = spawn(BACKOFF_INITIAL_SECS="0.05", BACKOFF_MAX_SECS="0.6")
+    wait_for(lambda: len(mock_server.stats.auth_attempts) >= 4, timeout=15, what="4 auth attempts")
+    status, text = streamer.get("/ready")
+    assert status == 503 and text.startswith("NOT READY: authentication failed (auth_failed while waiting"), text
+    status, text = streamer.get("/health")
+    assert status == 200 and text.startswith("OK (not ready: authentication failed"), text
     times = list(mock_server.stats.auth_attempts)
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert all(gap >= 0.1 for gap in gaps), gaps          # never a tight loop
-    assert gaps[3] > gaps[0], gaps                        # the delay grows
+    # Retrying a refused key soon cannot help: every retry waits for the ceiling, from the first one.
+    assert all(gap >= 0.6 for gap in gaps), gaps
     errors = [r for r in streamer.logs() if r.get("level") == "ERROR" and r["fields"].get("status") == "auth_failed"]
     assert errors and errors[0]["fields"]["server_message"] == "Your plan doesn't include websocket access."
     assert errors[0]["fields"]["cluster"] == "stocks"
     mock_server.options.reject_auth = False
     streamer.wait_ready(timeout=10)
-    assert streamer.metric("polygon_status_total", status="auth_failed") >= 5
+    assert streamer.get("/health") == (200, "OK\n")
+    assert streamer.metric("polygon_status_total", status="auth_failed") >= 4
     report("auth_failed", attempts=len(times), gaps_s="/".join(f"{g:.2f}" for g in gaps), ready_meanwhile=503)
+    assert streamer.stop() == 0
+
+
+def test_an_error_status_answering_auth_ends_the_handshake_at_once(mock_server, spawn):
+    """The older form of auth_failed: an `error` status, the connection left open. Not a READ_TIMEOUT_SECS wait."""
+    mock_server.options.reject_auth = True
+    mock_server.options.auth_failed_as_error = True
+    streamer = spawn(BACKOFF_INITIAL_SECS="0.05", BACKOFF_MAX_SECS="0.3", READ_TIMEOUT_SECS="30")
+    wait_for(lambda: len(mock_server.stats.auth_attempts) >= 3, timeout=10, what="3 auth attempts")
+    ends = [r["fields"] for r in streamer.logs() if r["fields"].get("message", "").startswith("disconnected")]
+    assert ends and ends[0]["reason"].startswith("auth_failed (an error status) while waiting for auth_success")
+    assert ends[0]["status"] == "auth_failed" and ends[0]["session_secs"] < 5
     assert streamer.stop() == 0
 
 

@@ -86,7 +86,10 @@ class SinkStats:
 
 class SinkQueue:
     """The dispatcher's side of one sink's queue. drop_when_full: the user chose a bounded queue, so a full queue
-    drops the batch and counts every event in it; otherwise the dispatcher waits (backpressure upstream)."""
+    drops the batch and counts every event in it; otherwise the dispatcher waits (backpressure upstream).
+    After a drop, the first batch that finds room is preceded by a sink_drop gap record saying how many events
+    are missing (schema.md); it takes the seq of the last dropped event, so the sink's seq stays increasing and
+    the other sinks (which got those events) see no hole."""
 
     def __init__(self, name: str, capacity: int, drop_when_full: bool, warn_interval_secs: float):
         self.name = name
@@ -97,13 +100,26 @@ class SinkQueue:
         self._warning = logs.RateLimitedWarning(logs.get(f"polygon_{name}" if name in ("ndjson", "zmq")
                                                          else "polygon_streamer"), warn_interval_secs)
         self.consumer: threading.Thread | None = None
+        self.normalizer = None  # set by the service: builds the sink_drop gap records
+        self._last_ingest_ms: int | None = None  # the last batch queued: what the gap record says came before
+        self._last_ts: int | None = None
+        self._pending_drops = 0  # events dropped since the last batch queued
+        self._first_drop_ms = 0
+        self._last_dropped_seq = 0
+        self._before_drop: tuple[int | None, int | None] = (None, None)
 
     def offer(self, ingest_ms: int, records: list[tuple]) -> None:
         if self.drop_when_full:
+            if self._pending_drops and not self._offer_gap(ingest_ms, self.queue.put_nowait):
+                self._drop(records, "queue full", ingest_ms)
+                return
             try:
                 self.queue.put_nowait((ingest_ms, records))
             except queue.Full:
-                self._drop(records, "queue full")
+                self._drop(records, "queue full", ingest_ms)
+                return
+            self._last_ingest_ms = ingest_ms
+            self._last_ts = records[-1][4]
             return
         while True:
             try:
@@ -111,18 +127,49 @@ class SinkQueue:
                 return
             except queue.Full:
                 if self.consumer is not None and not self.consumer.is_alive():
-                    self._drop(records, "sink thread stopped")
+                    self._drop(records, "sink thread stopped", ingest_ms)
                     return
 
-    def _drop(self, records: list[tuple], why: str) -> None:
+    def _drop(self, records: list[tuple], why: str, ingest_ms: int) -> None:
+        if not self._pending_drops:
+            self._first_drop_ms = ingest_ms
+            self._before_drop = (self._last_ingest_ms, self._last_ts)
+        self._pending_drops += len(records)
+        self._last_dropped_seq = records[-1][0]
         self.stats.dropped += len(records)
         self._warning.warn(f"{self.name} sink: {why}, dropping events", sink=self.name,
                            capacity_frames=self.capacity, dropped_events_total=self.stats.dropped)
 
+    def _offer_gap(self, resumed_ms: int | None, put) -> bool:
+        """Queue the sink_drop gap record for the drops since the last queued batch; False if there is no room."""
+        if self.normalizer is None:
+            return True
+        from ..normalize import Gap
+
+        dropped = self._pending_drops
+        gap = Gap("sink_drop", f"{self.name} sink queue full ({self.capacity} batches): {dropped} event(s) dropped",
+                  self._first_drop_ms, resumed_ms, dropped_events=dropped)
+        last_ingest_ms, last_ts = self._before_drop
+        record = self.normalizer.gap_record(gap, self._first_drop_ms, seq=self._last_dropped_seq,
+                                            last_ingest_ms=last_ingest_ms, last_ts=last_ts, count=False)
+        gap_ms = self.normalizer.last_gap_ms
+        try:
+            put((self._first_drop_ms, [record]))
+        except queue.Full:
+            return False
+        self.normalizer.count_gap(gap.reason, gap_ms)
+        self._pending_drops = 0
+        return True
+
     def close(self, deadline: float) -> bool:
-        """Queue STOP behind everything already accepted; False if the sink did not make room by the deadline."""
+        """Queue STOP behind everything already accepted (and the gap record of drops not yet told); False if the
+        sink did not make room by the deadline."""
         while time.monotonic() < deadline:
             try:
+                if self._pending_drops:
+                    self._offer_gap(None, lambda item: self.queue.put(item, timeout=TICK_SECS))
+                    if self._pending_drops:
+                        continue
                 self.queue.put(STOP, timeout=TICK_SECS)
                 return True
             except queue.Full:

@@ -22,6 +22,7 @@ import time
 
 from .. import logs, protocol
 from ..config import Config
+from ..normalize import GAP
 from ..threads import ServiceThread
 from . import Sink, SinkConfigError, SinkStats, stdout_gone
 
@@ -171,7 +172,7 @@ class NdjsonSink(Sink):
         if not os.access(directory, os.W_OK | os.X_OK):
             raise SinkConfigError(f"{where}: directory {directory} is not writable by this user "
                                   f"(uid {os.geteuid()}); fix its owner or mode")
-        paths = [split_path(path, kind) for kind in protocol.KINDS] if self._config.ndjson_split_per_type \
+        paths = [split_path(path, kind) for kind in protocol.KINDS + (GAP,)] if self._config.ndjson_split_per_type \
             else [path]
         for candidate in paths:
             if os.path.exists(candidate) and not os.access(candidate, os.W_OK):
@@ -266,12 +267,17 @@ class NdjsonSink(Sink):
         if self._config.ndjson_split_per_type:
             touched: dict[str, int] = {}
             for record in records:
-                output = self._output_for(record[3])
-                if not output.buffered:
-                    output.first_buffered_at = now
-                output.lines.append(record[5])
-                output.events += 1
-                touched[record[3]] = touched.get(record[3], 0) + 1
+                kinds = [record[3]]
+                if record[3] == GAP:
+                    # A hole is in every kind's stream: each file that has data tells it where it happened.
+                    kinds = [kind for kind in self._outputs if kind != GAP] or [GAP]
+                for kind in kinds:
+                    output = self._output_for(kind)
+                    if not output.buffered:
+                        output.first_buffered_at = now
+                    output.lines.append(record[5])
+                    output.events += 1
+                    touched[kind] = touched.get(kind, 0) + 1
             outputs = []
             for kind, events in touched.items():
                 output = self._outputs[kind]

@@ -1,4 +1,5 @@
-"""The stdout sink: each event as a structured log record (target polygon_events) on stdout, for jq and humans."""
+"""The stdout sink: each event as a structured log record (target polygon_events) on stdout, for jq and humans;
+a gap record as a WARN record of target polygon_gaps, in order with the events."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from typing import BinaryIO
 
 from .. import logs
+from ..normalize import GAP
 from . import Sink, stdout_gone
 
 PAYLOAD_START = ',"payload":'
@@ -21,24 +23,38 @@ class StdoutSink(Sink):
         super().__init__()
         self._stream = stream
         self._enabled = False
+        self._gaps_enabled = False
 
     def open(self) -> None:
         if self._stream is None:
             self._stream = sys.stdout.buffer
         # schema.md: written only when the polygon_events target is enabled at info.
         self._enabled = logs.get("polygon_events").isEnabledFor(logging.INFO)
+        self._gaps_enabled = logs.get("polygon_gaps").isEnabledFor(logging.WARNING)
 
     def write(self, records: list[tuple], ingest_ms: int) -> None:
-        if not self._enabled:
+        if not self._enabled and not self._gaps_enabled:
             return
-        head = f'{{"timestamp":"{logs.iso_timestamp(time.time())}","level":"INFO","target":"polygon_events","fields":'
+        now = logs.iso_timestamp(time.time())
+        head = f'{{"timestamp":"{now}","level":"INFO","target":"polygon_events","fields":'
         dumps = logs.dumps
         out = []
-        for seq, code, symbol, _kind, ts, line in records:
+        for seq, code, symbol, kind, ts, line in records:
             payload = line[line.index(PAYLOAD_START) + len(PAYLOAD_START):line.rindex(PAYLOAD_END)]
+            if kind == GAP and code == GAP:
+                if self._gaps_enabled:
+                    fields = {"message": "gap", "type": code, "symbol": symbol, "ts": ts, "seq": seq,
+                              "line": f"gap {payload}"}
+                    out.append(f'{{"timestamp":"{now}","level":"WARN","target":"polygon_gaps","fields":'
+                               f'{dumps(fields)}}}\n')
+                continue
+            if not self._enabled:
+                continue
             fields = {"message": "event", "type": code, "symbol": symbol, "ts": ts, "seq": seq,
                       "line": f"{code}:{symbol} {payload}"}
             out.append(f"{head}{dumps(fields)}}}\n")
+        if not out:
+            return
         try:
             self._stream.write("".join(out).encode("utf-8"))
             self._stream.flush()

@@ -15,6 +15,7 @@ import zmq
 
 from .. import logs
 from ..config import Config
+from ..normalize import GAP
 from . import Sink, SinkConfigError, SinkStats
 
 _log = logs.get("polygon_zmq")
@@ -107,7 +108,9 @@ class ZmqSink(Sink):
         if len(self._topics) >= _TOPIC_CACHE_LIMIT or self._topic_bytes >= _TOPIC_CACHE_BYTES:
             self._topics.clear()
             self._topic_bytes = 0
-        topic = f"{self._prefix}{code}:{symbol}".encode("utf-8")
+        # A gap record's topic is `gap` (schema.md), so that SUBSCRIBE "gap" gets every hole.
+        topic = f"{self._prefix}{code}:{symbol}".encode("utf-8") if (code, symbol) != (GAP, "") \
+            else f"{self._prefix}{GAP}".encode("utf-8")
         self._topics[(code, symbol)] = topic
         self._topic_bytes += 3 * len(topic) + 200  # the key's strings, the topic and the entry
         return topic
