@@ -3,7 +3,8 @@
 It speaks protocol.md for every cluster (the URL path picks it): `connected`, auth with a key check, subscribe with
 acks (codes, symbols, `*` and `PREFIX*`), then a stream of realistic events shaped like shared/fixtures, with a
 per-(code, symbol) sequence in `q`, at a chosen rate and batch size. Fault modes reproduce what the real service does
-to clients (rejected auth, eviction, drops, silence, garbage frames, odd events, a hung upgrade).
+to clients (rejected auth, eviction, drops, silence, garbage frames, odd events, a hung upgrade, a close frame with a
+code, silence while statuses still flow, repeated and backwards `q`).
 Threads and blocking sockets; wsproto for the upgrade and for what the client sends.
 """
 
@@ -156,6 +157,14 @@ class MockOptions:
     hang_upgrade: bool = False         # accept TCP and never answer the upgrade
     trickle_upgrade: float = 0.0       # answer the upgrade one byte every this many seconds
     record: bool = False               # keep (code, symbol, q) of every data event sent, in order
+    silent_status_every: float = 0.0   # once `count` is reached: a status frame every this many seconds (data stops,
+                                       # the connection looks alive)
+    duplicate_q_every: int = 0         # every Nth data frame also repeats its first event (same q)
+    backwards_q_every: int = 0         # every Nth data frame also carries its first event with q two lower
+    evict_after: int = 0               # after this many events: max_connections status, then close 1008
+    close_after: int = 0               # send a close frame (close_code, close_reason) after this many events
+    close_code: int = 1011
+    close_reason: str = "internal server error"
     frame_pool: int = 0                # benchmarks: cycle this many pre-rendered frames, sent in large chunks
 
 
@@ -169,6 +178,7 @@ class MockStats:
     sent: list = field(default_factory=list)              # (code, symbol, q) when options.record
     pings: int = 0
     huge_frame_events: int = 0
+    sequence_faults: list = field(default_factory=list)  # (reason, code, q) of each extra event sent
 
 
 def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
@@ -452,16 +462,29 @@ class _Connection:
             limit = drop_after
         interval = batch / options.rate if options.rate > 0 else 0.0
         next_send = time.monotonic()
+        next_status = 0.0
         while not self.server.stopping.is_set():
             self._send_injected()
             if not self.server.streaming.is_set():
                 self._pump(0.05)
                 next_send = time.monotonic()
                 continue
+            if options.evict_after and self.sent_events >= options.evict_after:
+                self.send([_status("max_connections", "Maximum number of websocket connections exceeded. ")])
+                self.sock.sendall(self.ws.send(CloseConnection(code=1008, reason="max connections")))
+                raise _Closed()
+            if options.close_after and self.sent_events >= options.close_after:
+                self.sock.sendall(self.ws.send(CloseConnection(code=options.close_code,
+                                                               reason=options.close_reason)))
+                self._pump(1.0)  # the client's answering close
+                raise _Closed()
             if limit and self.sent_events >= limit:
                 if drop_after and self.sent_events >= drop_after:
                     self.abort()
-                self._pump(0.2)  # silence: keep answering pings and closes
+                if options.silent_status_every and time.monotonic() >= next_status:
+                    self.send([_status("success", "still here")])
+                    next_status = time.monotonic() + options.silent_status_every
+                self._pump(min(0.2, options.silent_status_every or 0.2))  # silence: keep answering pings, closes
                 continue
             if interval:
                 wait = next_send - time.monotonic()
@@ -490,6 +513,12 @@ class _Connection:
                 stats.frames_sent += 1
                 stats.huge_frame_events += copies
             payload = events
+            if options.duplicate_q_every and n % options.duplicate_q_every == 0:
+                payload = payload + [dict(events[0])]
+                stats.sequence_faults.append(("duplicate", events[0]["ev"], events[0]["q"]))
+            if options.backwards_q_every and n % options.backwards_q_every == 0 and events[0]["q"] > 2:
+                payload = payload + [dict(events[0], q=events[0]["q"] - 2)]
+                stats.sequence_faults.append(("backwards", events[0]["ev"], events[0]["q"] - 2))
             if options.odd_events_every and n % options.odd_events_every == 0:
                 payload = events[:1] + ODD_EVENTS + events[1:]
             if options.status_in_data_every and n % options.status_in_data_every == 0:

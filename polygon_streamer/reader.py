@@ -309,6 +309,10 @@ class Reader(ServiceThread):
         size = 0
         opcode = 0
         while True:
+            if time.monotonic() >= stale_deadline:  # checked before each frame: statuses keep arriving
+                self.stats.stale_timeouts += 1
+                raise SessionEnd(f"stale: no data event for {self._config.stale_after_secs:g}s while subscribed "
+                                 "(STALE_AFTER_SECS)", gap="stale")
             try:
                 frame = ws.recv_frame()
             except websocket.WebSocketTimeoutException:
@@ -345,15 +349,11 @@ class Reader(ServiceThread):
                                      gap="server_close", close_code=status, close_reason=reason or None)
                 elif code == websocket.ABNF.OPCODE_PING:
                     ws.pong(frame.data)
-            now = time.monotonic()
-            if now >= deadline:
+            if time.monotonic() >= deadline:
                 self.stats.read_timeouts += 1
                 raise SessionEnd(f"read timeout: no data message for {self._config.read_timeout_secs:g}s",
                                  gap="read_timeout")
-            if now >= stale_deadline:
-                self.stats.stale_timeouts += 1
-                raise SessionEnd(f"stale: no data event for {self._config.stale_after_secs:g}s while subscribed "
-                                 "(STALE_AFTER_SECS)", gap="stale")
+
 
     def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
         deadline = time.monotonic() + self._config.read_timeout_secs
