@@ -21,8 +21,14 @@ demo: install
 	$(BIN)/polygon-streamer demo $(DEMO_ARGS)
 
 # The Debian package test needs root and apt and changes the system (a package, a user): it runs in CI
-# (CI=true) or when asked (PACKAGE_TEST=1).
+# (CI=true) or when asked (PACKAGE_TEST=1). There, the system tools some tests use are installed first (promtool,
+# from Debian's prometheus package, checks the README's alert rules); elsewhere those tests skip and say why.
+SYSTEM_TEST_PACKAGES := prometheus
 test: install
+	@if { [ "$${CI:-}" = true ] || [ -n "$${PACKAGE_TEST:-}" ]; } && command -v apt-get > /dev/null \
+		&& ! command -v promtool > /dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(SYSTEM_TEST_PACKAGES) > /dev/null; fi
 	$(BIN)/python -m pytest -q
 	@if [ "$${CI:-}" = true ] || [ -n "$${PACKAGE_TEST:-}" ]; then bash tests/debian_package.sh; \
 	else echo "Debian package test skipped: set PACKAGE_TEST=1 (needs root and apt)"; fi

@@ -68,6 +68,15 @@ def show_config(**values) -> int:
 
 
 @cli.command()
+def schema() -> int:
+    """Print the record schema every sink writes (data events, gap records) and exit."""
+    from importlib import resources
+
+    click.echo(resources.files("polygon_streamer").joinpath("schema.md").read_text(encoding="utf-8"), nl=False)
+    return 0
+
+
+@cli.command()
 @setting_options(skip=_DEMO_FIXED)
 @click.option("--rate", type=click.FloatRange(min=0), default=20.0, show_default=True,
               help="events per second from the local server (0: as fast as possible)")

@@ -67,6 +67,9 @@ getent passwd polygon-streamer > /dev/null || fail "no polygon-streamer user"
 [ "$(head -1 /usr/bin/polygon-streamer)" = "#!/usr/bin/python3" ] || fail "/usr/bin/polygon-streamer is not on Debian's python3"
 (cd / && /usr/bin/python3 -c "import polygon_streamer, websocket; assert polygon_streamer.__file__.startswith('/usr/lib/python3/dist-packages/'); assert websocket.__file__.startswith('/usr/lib/python3/dist-packages/')") \
     || fail "the installed service does not use Debian's libraries"
+(cd / && /usr/bin/polygon-streamer schema | grep -q '^## The gap record') || fail "polygon-streamer schema: the schema is not installed"
+[ -e /usr/share/doc/polygon-streamer/schema.md.gz ] || [ -e /usr/share/doc/polygon-streamer/schema.md ] \
+    || fail "the schema document is not in /usr/share/doc/polygon-streamer"
 
 step "running the installed demo on Debian's python3"
 (cd / && timeout 60 /usr/bin/polygon-streamer demo --max-events 25 --rate 500 --metrics-addr 127.0.0.1:0 \
