@@ -64,7 +64,7 @@ class Gap:
 
 
 def _clean_text(text: str | None) -> str | None:
-    """Text for a record: valid UTF-8 whatever came from the network (lone surrogates become U+FFFD)."""
+    """Text for a record: valid UTF-8 whatever came from the network (a lone surrogate becomes "?")."""
     if text is None:
         return None
     return text.encode("utf-8", "replace").decode("utf-8") if not text.isascii() else text

@@ -5,7 +5,7 @@ import pytest
 
 from helpers import FIXTURES
 from polygon_streamer import protocol
-from polygon_streamer.normalize import FrameError, FrameNormalizer, IncludeFilter, parse_frame, time_to_ms
+from polygon_streamer.normalize import FrameError, FrameNormalizer, Gap, IncludeFilter, parse_frame, time_to_ms
 
 INGEST = 1700000000150
 
@@ -172,3 +172,41 @@ def test_frames_that_cannot_be_split_safely_are_re_encoded(frame):
     assert len(records) == 1
     assert out[0]["payload"] == ujson.loads(frame)[0]
     assert "\\/" not in records[0][5]
+
+
+def test_a_gap_record_follows_the_schema_and_takes_the_next_seq():
+    normalizer = FrameNormalizer("forex", "ingest-1", "0.1.0", subscription="C.*")
+    normalizer.normalize(b'[{"ev":"C","p":"USD/EUR","a":1.1,"b":1.0,"t":1700000000100,"q":1}]', INGEST)
+    gap = Gap("server_close", "closed by the server (code 1011, bad \udc80 day)", INGEST + 10, INGEST + 5000,
+              close_code=1011, close_reason="bad \udc80 day")
+    seq, code, symbol, kind, ts, line = normalizer.gap_record(gap, INGEST + 5000)
+    assert (seq, code, symbol, kind, ts) == (2, "gap", "", "gap", 1700000000100)
+    record = ujson.loads(line)
+    assert line.encode("utf-8").decode("utf-8") == line, "valid UTF-8 whatever the server sent"
+    assert record == {
+        "ingest_ts": INGEST + 5000, "type": "gap", "kind": "gap", "symbol": "", "topic": "gap", "feed": "forex",
+        "ts": 1700000000100,
+        "payload": {"reason": "server_close", "detail": "closed by the server (code 1011, bad ? day)",
+                    "close_code": 1011, "close_reason": "bad ? day", "subscription": "C.*",
+                    "last_ingest_ts": INGEST, "resumed_ingest_ts": INGEST + 5000, "gap_ms": 5000,
+                    "dropped_events": None},
+        "hostname": "ingest-1", "app_version": "0.1.0", "schema_version": 1, "seq": 2}
+    assert normalizer.gaps == {"server_close": 1} and normalizer.gap_seconds == 5.0
+    assert normalizer.events == 1 and normalizer.seq == 2
+
+
+def test_q_repeats_and_steps_back_are_counted_per_symbol_and_every_event_is_kept():
+    normalizer = FrameNormalizer("stocks", "h", "v")
+    events = [("T", "A", 1), ("T", "B", 1), ("T", "A", 2), ("T", "A", 2), ("Q", "A", 1), ("T", "A", 1),
+              ("T", "A", 3), ("T", "B", 5), ("Q", "A", 0)]
+    frame = ujson.dumps([{"ev": code, "sym": sym, "t": 1700000000000, "q": q} for code, sym, q in events])
+    records, _ = normalizer.normalize(frame.encode(), INGEST)
+    assert len(records) == len(events)
+    assert normalizer.sequence_anomalies == {("T", "duplicate"): 1, ("T", "backwards"): 1, ("Q", "backwards"): 1}
+    assert normalizer.last_sequence_anomaly == ("Q", "A", 0, 1, "backwards")
+    normalizer.new_session()  # q restarts with each connection
+    normalizer.normalize(b'[{"ev":"T","sym":"A","t":1700000000000,"q":1}]', INGEST)
+    assert normalizer.sequence_anomalies_total == 3
+    crypto = FrameNormalizer("crypto", "h", "v")
+    crypto.normalize(b'[{"ev":"XT","pair":"X","t":1,"q":5},{"ev":"XT","pair":"X","t":1,"q":5}]', INGEST)
+    assert crypto.sequence_anomalies_total == 0, "only stocks and options T and Q carry a per-symbol q"
