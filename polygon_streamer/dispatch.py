@@ -41,7 +41,8 @@ class Dispatcher(ServiceThread):
 
     def loop(self) -> None:
         get = self.inbound.get
-        normalize = self.normalizer.normalize
+        normalizer = self.normalizer
+        normalize = normalizer.normalize
         observe = self.latency.observe
         sink_queues = self.sink_queues
         last_seen = self.last_seen_ms
@@ -63,23 +64,28 @@ class Dispatcher(ServiceThread):
                 self.gap(data, ingest_ms)
                 continue
             self.frames += 1
-            anomalies = self.normalizer.sequence_anomalies_total
+            anomalies = normalizer.sequence_anomalies_total
             try:
                 records, newest = normalize(data, ingest_ms)
             except FrameError as exc:
                 self._parse_warning.warn(f"skipped a frame: {exc}", frame_bytes=len(data),
-                                         parse_errors_total=self.normalizer.parse_errors)
+                                         parse_errors_total=normalizer.parse_errors)
                 continue
             if newest is not None:
                 observe((ingest_ms - newest) / 1000.0)
             if records:
-                last_seen.update(dict.fromkeys(map(CODE, records), ingest_ms))
-                if len(last_seen) > _LAST_SEEN_LIMIT:
-                    last_seen.clear()
+                if len(records) == 1:
+                    last_seen[records[0][1]] = ingest_ms  # one new key at most: the size is checked below
+                else:
+                    last_seen.update(dict.fromkeys(map(CODE, records), ingest_ms))
+                    if len(last_seen) > _LAST_SEEN_LIMIT:
+                        last_seen.clear()
                 for sink_queue in sink_queues:
                     sink_queue.offer(ingest_ms, records)
-            if self.normalizer.sequence_anomalies_total != anomalies:
+            if normalizer.sequence_anomalies_total != anomalies:
                 self._warn_sequence()
+            if not self.frames & 0x3FF and len(last_seen) > _LAST_SEEN_LIMIT:
+                last_seen.clear()
 
     def gap(self, gap: Gap, ingest_ms: int) -> None:
         """One gap record, to every sink; a new session also restarts the `q` checks."""
