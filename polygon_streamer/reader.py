@@ -36,7 +36,10 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 # One socket read takes up to this much: every frame that has arrived, at batch 1 hundreds of them.
 READ_CHUNK_BYTES = 256 * 1024
 EV_MARKER = b'"ev"'  # also `"ev" : "T"`: the count is an estimate where it is used (readiness, drops)
-STATUS_MARKER = b'"status"'
+# A frame that may hold a status object is parsed here, and statuses are told from data by the parsed elements. A
+# status spells `status` with letters or with \u escapes (JSON allows nothing else), so a frame with neither is data.
+STATUS_MARKER = b"status"
+ESCAPE_MARKER = b"\\u"
 
 
 def public_url(url: str) -> str:
@@ -456,7 +459,7 @@ class Reader(ServiceThread):
             ingest_ms = wall() // 1_000_000
             deadline = clock() + read_timeout
             statuses = 0
-            if STATUS_MARKER in data:
+            if STATUS_MARKER in data or ESCAPE_MARKER in data:
                 statuses, terminal, has_data = self._statuses_in(data)
                 if statuses:
                     if terminal is not None:

@@ -205,6 +205,19 @@ def test_status_and_data_written_with_spaces_keep_the_data(mock_server, spawn, t
                                                         "q": 9}
 
 
+def test_a_status_spelled_with_escapes_is_still_a_status(mock_server, spawn, tmp_path):
+    dest = tmp_path / "escaped.ndjson"
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), NDJSON_FLUSH_INTERVAL_MS="50", SUBSCRIPTION="T.AAPL")
+    streamer.wait_ready()
+    before = streamer.metric("polygon_status_total", status="success")
+    mock_server.inject(ws_frame(1, b'[{"ev":"st\\u0061tus","st\\u0061tus":"succ\\u0065ss","message":"escaped"},'
+                                   b'{"ev":"T","sym":"ESCAPED","p":1.5,"t":1700000000000,"q":9}]'))
+    wait_for(lambda: any(r["symbol"] == "ESCAPED" for r in records_of(dest)), what="the data event")
+    assert streamer.metric("polygon_status_total", status="success") == before + 1
+    assert any(r["fields"].get("server_message") == "escaped" for r in streamer.logs())
+    assert streamer.stop() == 0
+
+
 def test_stopping_inside_a_hole_writes_a_shutdown_gap(mock_server, spawn, tmp_path):
     mock_server.options.drop_after = 30
     dest = tmp_path / "hole.ndjson"
