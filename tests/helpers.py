@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import jsonschema
 import ujson
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +28,19 @@ def strict_json(line: str):
     def refuse(constant):
         raise ValueError(f"non-standard constant {constant}")
     return json.loads(line.encode("utf-8").decode("utf-8"), parse_constant=refuse)
+
+
+RECORD_SCHEMA = json.loads((ROOT / "polygon_streamer" / "schema.json").read_text())
+_record_validator = jsonschema.Draft202012Validator(RECORD_SCHEMA)
+RECORD_KEYS = RECORD_SCHEMA["$defs"]["event"]["required"]
+
+
+def valid_record(line: str) -> dict:
+    """A line a sink wrote: strict JSON, valid against the shipped JSON Schema, keys in the documented order."""
+    record = strict_json(line)
+    _record_validator.validate(record)
+    assert list(record) == RECORD_KEYS, list(record)
+    return record
 
 
 def free_port() -> int:

@@ -10,12 +10,12 @@ import pytest
 import ujson
 import zmq
 
-from helpers import ROOT, free_port, report, strict_json, wait_for
+from helpers import ROOT, free_port, report, valid_record, wait_for
 from polygon_streamer.mockserver import ws_frame
 
 
 def records_of(path):
-    return [strict_json(line) for line in path.read_text().splitlines()]
+    return [valid_record(line) for line in path.read_text().splitlines()]
 
 
 def gaps_in(records):
@@ -146,7 +146,7 @@ def test_a_reconnect_gap_reaches_a_zeromq_subscriber_of_topic_gap(mock_server, s
         wait_for(a_gap, timeout=15, what="a gap message on topic gap")
         topic, payload = received[0]
         assert topic == b"gap"
-        record = strict_json(payload.decode())
+        record = valid_record(payload.decode())
         check_gap_shape(record)
         assert record["payload"]["reason"] == "disconnect"
         assert streamer.stop() == 0

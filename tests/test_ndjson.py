@@ -7,9 +7,8 @@ import subprocess
 import time
 
 import pytest
-import ujson
 
-from helpers import report, wait_for
+from helpers import report, valid_record, wait_for
 from polygon_streamer.sinks.ndjson import rotated_name, split_path
 
 
@@ -26,7 +25,7 @@ def read_lines(path):
     with opener(path, "rt", encoding="utf-8") as handle:
         text = handle.read()
     assert text == "" or text.endswith("\n"), f"{path} ends with a torn line"
-    return [ujson.loads(line) for line in text.splitlines()]
+    return [valid_record(line) for line in text.splitlines()]
 
 
 def size_of(path):

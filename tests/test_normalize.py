@@ -1,9 +1,10 @@
 """Normalization of every cluster's fixture frames, exactly as schema.md says (pure functions, no I/O)."""
 
-import ujson
+import jsonschema
 import pytest
+import ujson
 
-from helpers import FIXTURES
+from helpers import FIXTURES, valid_record
 from polygon_streamer import protocol
 from polygon_streamer.normalize import FrameError, FrameNormalizer, Gap, IncludeFilter, parse_frame, time_to_ms
 
@@ -210,3 +211,16 @@ def test_q_repeats_and_steps_back_are_counted_per_symbol_and_every_event_is_kept
     crypto = FrameNormalizer("crypto", "h", "v")
     crypto.normalize(b'[{"ev":"XT","pair":"X","t":1,"q":5},{"ev":"XT","pair":"X","t":1,"q":5}]', INGEST)
     assert crypto.sequence_anomalies_total == 0, "only stocks and options T and Q carry a per-symbol q"
+
+
+def test_every_fixture_record_and_a_gap_record_are_valid_against_the_shipped_json_schema():
+    for cluster in protocol.CLUSTERS:
+        normalizer = FrameNormalizer(cluster, "ingest-1", "0.1.0")
+        for frame in fixture_frames(cluster):
+            records, _ = normalizer.normalize(frame.encode(), INGEST)
+            for record in records:
+                valid_record(record[5])
+        gap = Gap("inbound_drop", "inbound queue full", INGEST, INGEST + 10, dropped_events=3)
+        valid_record(normalizer.gap_record(gap, INGEST)[5])
+    with pytest.raises(jsonschema.ValidationError):  # the schema does refuse: a gap that hides how much is missing
+        valid_record(FrameNormalizer("stocks", "h", "v").gap_record(Gap("sink_drop", "x", INGEST), INGEST)[5])
