@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 from typing import Callable
@@ -13,11 +14,21 @@ from .config import SETTINGS, Config, ConfigError, build_config
 
 # Settings the demo sets itself.
 _DEMO_FIXED = ("api_key", "api_key_file", "ws_url", "feed")
-DEMO_DEFAULTS = {"cluster": "stocks", "subscription": "T.*,Q.*"}
+# The demo's subscription, per cluster: trades and quotes where the cluster has them.
+DEMO_SUBSCRIPTIONS = {"stocks": "T.*,Q.*", "options": "T.*,Q.*", "futures": "T.*,Q.*", "crypto": "XT.*,XQ.*",
+                      "forex": "C.*", "indices": "V.*"}
+DEMO_DEFAULTS = {"cluster": "stocks"}
+_DEMO_HELP_DEFAULTS = {
+    "cluster": "stocks",
+    "subscription": "the cluster's trades and quotes: " + ", ".join(
+        f"{topics} ({cluster})" for cluster, topics in DEMO_SUBSCRIPTIONS.items() if cluster != "options"
+        and cluster != "futures").replace("(stocks)", "(stocks, options, futures)"),
+}
 
 
-def setting_options(skip: tuple[str, ...] = ()) -> Callable:
-    """One click option per setting of config.py, each also read from its environment variable."""
+def setting_options(skip: tuple[str, ...] = (), shown_defaults: dict[str, str] | None = None) -> Callable:
+    """One click option per setting of config.py, each also read from its environment variable; the help shows
+    shown_defaults where a command has defaults of its own."""
 
     def decorate(command: Callable) -> Callable:
         for setting in reversed(SETTINGS):
@@ -25,6 +36,8 @@ def setting_options(skip: tuple[str, ...] = ()) -> Callable:
                 continue
             envvar = [setting.env, "RUST_LOG"] if setting.field == "log_level" else setting.env
             default_text = f"default: {setting.default}" if setting.default not in (None, "") else "default: unset"
+            if shown_defaults and setting.field in shown_defaults:
+                default_text = f"default: {shown_defaults[setting.field]}"
             command = click.option(setting.flag, setting.field, envvar=envvar, default=None, type=str,
                                    show_envvar=True, metavar="VALUE",
                                    help=f"{setting.help} [{default_text}]")(command)
@@ -77,7 +90,7 @@ def schema() -> int:
 
 
 @cli.command()
-@setting_options(skip=_DEMO_FIXED)
+@setting_options(skip=_DEMO_FIXED, shown_defaults=_DEMO_HELP_DEFAULTS)
 @click.option("--rate", type=click.FloatRange(min=0), default=20.0, show_default=True,
               help="events per second from the local server (0: as fast as possible)")
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True, help="events per frame")
@@ -89,11 +102,12 @@ def demo(rate: float, batch: int, max_events: int, **values) -> int:
 
     key = secrets.token_hex(16)
     raw = _settings(values)
+    cluster = build_config(raw, require_key=False, defaults=DEMO_DEFAULTS).cluster
+    defaults = dict(DEMO_DEFAULTS, subscription=DEMO_SUBSCRIPTIONS[cluster])
     server = MockServer(options=MockOptions(api_key=key, rate=rate, batch=batch, count=max_events)).start()
     try:
-        cluster = build_config(raw, require_key=False, defaults=DEMO_DEFAULTS).cluster
         raw.update(api_key=key, ws_url=server.url(cluster))
-        config = build_config(raw, defaults=DEMO_DEFAULTS)
+        config = build_config(raw, defaults=defaults)
         _start_logging(config)
         from .service import run_service
 
@@ -128,7 +142,11 @@ def mock_server(host: str, port: int, key: str | None, hold: bool, **options) ->
 
     from .mockserver import MockOptions, MockServer
 
-    server = MockServer(host, port, MockOptions(api_key=key, **options))
+    try:
+        server = MockServer(host, port, MockOptions(api_key=key, **options))
+    except OSError as exc:
+        raise ConfigError(f"invalid --host/--port {host}:{port}: cannot listen there "
+                          f"({os.strerror(exc.errno) if exc.errno else exc}); pick a free port, or 0 for any") from None
     if hold:
         server.streaming.clear()
         signal.signal(signal.SIGUSR1, lambda *_: server.streaming.set())
@@ -173,7 +191,10 @@ def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: b
     try:
         sock.connect(endpoint) if connect else sock.bind(endpoint)
     except zmq.ZMQError as exc:
-        raise ConfigError(f"invalid ZMQ_ENDPOINT (--endpoint) {endpoint!r}: {exc.strerror}") from None
+        sock.close(0)
+        context.term()
+        raise ConfigError(f"invalid ZMQ_ENDPOINT (--endpoint) {endpoint!r}: cannot "
+                          f"{'connect' if connect else 'bind'}: {exc.strerror}") from None
     stop = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.append(True))

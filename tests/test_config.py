@@ -1,5 +1,6 @@
 """Configuration: every bad value is one line naming the variable, exit 2, before any connection."""
 
+import json
 import os
 import subprocess
 import sys
@@ -112,6 +113,38 @@ def test_metrics_port_in_use_is_exit_2(mock_server):
     assert result.returncode == 2
     assert f"METRICS_ADDR (--metrics-addr) '127.0.0.1:{port}'" in result.stderr
     assert mock_server.stats.connections == 0, "a config error must stop the service before it connects"
+
+
+@pytest.mark.parametrize("command", [
+    ["mock-server", "--port", "{port}"],
+    ["zmq-sub", "--endpoint", "tcp://127.0.0.1:{port}"],
+    ["demo", "--max-events", "1", "--metrics-addr", "127.0.0.1:{port}"],
+])
+def test_every_command_that_binds_a_busy_port_says_in_use_in_one_line_and_exits_2(command):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(*[part.format(port=port) for part in command])
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith('{"timestamp"')]
+    assert len(errors) == 1 and errors[0].startswith("polygon-streamer: invalid ") and "in use" in errors[0], \
+        result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_demo_help_shows_the_defaults_it_uses_and_each_cluster_streams_its_own_codes():
+    help_text = " ".join(run_cli("demo", "--help").stdout.split())
+    assert "market cluster [default: stocks]" in help_text
+    assert "XT.*,XQ.* (crypto)" in help_text and "[default: T.*]" not in help_text
+    for cluster, codes in (("crypto", {"XT", "XQ"}), ("forex", {"C"}), ("indices", {"V"}), ("options", {"T", "Q"})):
+        result = run_cli("demo", "--max-events", "4", "--rate", "200", "--metrics-addr", "127.0.0.1:0",
+                         env={"POLYGON_CLUSTER": cluster}, timeout=30)
+        assert result.returncode == 0, result.stderr
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        assert len(lines) == 4 and {line["fields"]["type"] for line in lines} == codes, (cluster, lines)
 
 
 def test_the_shipped_env_file_documents_every_variable():
