@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Builds the .deb, checks it, installs it with apt, runs the installed service on Debian's python3, verifies the
-# units, rotates a live NDJSON file with the shipped logrotate configuration and proves by seq that no line was
-# lost, then purges the package. Needs root and apt (a Debian 12 machine); .ci/run calls it through `make test`.
+# Builds the .deb in a clean Debian 12 chroot from its own Build-Depends (tests/clean_chroot_build.sh), checks it
+# (contents, lintian with no warning), installs it with apt, runs the installed service on Debian's python3, verifies
+# the units (and their hardening), rotates a live NDJSON file with the shipped logrotate configuration and its real
+# postrotate and proves by seq that no line was lost, checks that the cron job does nothing once the package is
+# removed, then purges it and checks that nothing of it is left. Needs root and apt (a Debian 12 machine); .ci/run
+# calls it through `make test`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,20 +22,16 @@ export DEBIAN_FRONTEND=noninteractive
 
 [ "$(id -u)" = 0 ] || fail "needs root (apt-get install, a system user, logrotate su)"
 
-step "installing build and test tools"
+step "installing the tools that check the package"
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends debhelper dh-python dh-sequence-installsysusers python3-all \
-    python3-setuptools python3-pytest python3-ujson python3-websocket python3-zmq python3-prometheus-client \
-    python3-click python3-wsproto lintian systemd logrotate cron dpkg-dev fakeroot > "$WORK/apt.log" 2>&1 \
-    || { tail -20 "$WORK/apt.log"; fail "apt-get install of the build tools"; }
+apt-get install -y -qq --no-install-recommends debootstrap lintian systemd logrotate cron procps util-linux \
+    > "$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log"; fail "apt-get install of the check tools"; }
 dpkg -s polygon-streamer > /dev/null 2>&1 && apt-get purge -y -qq polygon-streamer > /dev/null
 
-step "building with dpkg-buildpackage"
-SRC="$WORK/polygon-streamer-0.1.0"
-mkdir -p "$SRC"
-(cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 tar -cf -) | (cd "$SRC" && tar -xf -)
-(cd "$SRC" && dpkg-buildpackage -us -uc -b > "$WORK/build.log" 2>&1) || { tail -30 "$WORK/build.log"; fail "build"; }
-DEB="$WORK/polygon-streamer_0.1.0_all.deb"
+step "building in a clean Debian 12 chroot"
+bash "$ROOT/tests/clean_chroot_build.sh" "$WORK/out" || fail "the clean chroot build"
+cp "$WORK/out/build.log" "$WORK/build.log"
+DEB="$WORK/out/polygon-streamer_0.1.0_all.deb"
 [ -f "$DEB" ] || fail "no .deb produced"
 
 step "checking contents and metadata"
@@ -40,10 +39,13 @@ dpkg -c "$DEB" | awk '{print $6}' > "$WORK/contents"
 for path in ./usr/bin/polygon-streamer ./etc/polygon-streamer/example.env ./etc/polygon-streamer/logrotate.conf \
             ./etc/cron.d/polygon-streamer ./usr/lib/sysusers.d/polygon-streamer.conf \
             ./usr/lib/tmpfiles.d/polygon-streamer.conf ./usr/lib/python3/dist-packages/polygon_streamer/reader.py \
-            ./usr/share/man/man1/polygon-streamer.1.gz; do
+            ./usr/share/man/man1/polygon-streamer.1.gz ./usr/share/doc/polygon-streamer/README.md \
+            ./usr/share/doc/polygon-streamer/schema.md ./usr/share/doc/polygon-streamer/schema.json \
+            ./usr/lib/python3/dist-packages/polygon_streamer/schema.json; do
     grep -qx "$path" "$WORK/contents" || fail "missing $path"
 done
-for unit in polygon-streamer.service polygon-streamer@.service; do
+for unit in polygon-streamer.service polygon-streamer@.service polygon-streamer-logrotate.service \
+            polygon-streamer-logrotate.timer; do
     grep -Eqx "\./(usr/)?lib/systemd/system/$unit" "$WORK/contents" || fail "missing unit $unit"
 done
 ! grep -q "site-packages\|\.venv\|/tests/" "$WORK/contents" || fail "the package ships pip or test files"
@@ -52,8 +54,8 @@ dpkg-deb -f "$DEB" Depends | grep -q "python3-zmq (>= 24.0.1)" || fail "Depends 
 dpkg-deb -f "$DEB" Recommends | grep -q "python3-wsproto" || fail "Recommends lacks python3-wsproto"
 grep -q "passed" "$WORK/build.log" || fail "the build ran no tests"
 
-step "lintian"
-lintian --fail-on error "$DEB" > "$WORK/lintian.log" 2>&1 || { cat "$WORK/lintian.log"; fail "lintian errors"; }
+step "lintian (no error, no warning)"
+lintian --fail-on error,warning "$DEB" > "$WORK/lintian.log" 2>&1 || { cat "$WORK/lintian.log"; fail "lintian"; }
 cat "$WORK/lintian.log"
 
 step "installing with apt"
@@ -68,8 +70,9 @@ getent passwd polygon-streamer > /dev/null || fail "no polygon-streamer user"
 (cd / && /usr/bin/python3 -c "import polygon_streamer, websocket; assert polygon_streamer.__file__.startswith('/usr/lib/python3/dist-packages/'); assert websocket.__file__.startswith('/usr/lib/python3/dist-packages/')") \
     || fail "the installed service does not use Debian's libraries"
 (cd / && /usr/bin/polygon-streamer schema | grep -q '^## The gap record') || fail "polygon-streamer schema: the schema is not installed"
-[ -e /usr/share/doc/polygon-streamer/schema.md.gz ] || [ -e /usr/share/doc/polygon-streamer/schema.md ] \
-    || fail "the schema document is not in /usr/share/doc/polygon-streamer"
+for link in $(sed -n 's/^Documentation=//p' /lib/systemd/system/polygon-streamer@.service); do
+    case "$link" in file://*) [ -f "${link#file://}" ] || fail "the unit's Documentation= link $link is dead";; esac
+done
 
 step "running the installed demo on Debian's python3"
 (cd / && timeout 60 /usr/bin/polygon-streamer demo --max-events 25 --rate 500 --metrics-addr 127.0.0.1:0 \
@@ -88,13 +91,25 @@ sed 's/^NoNewPrivileges=yes/NoNewPrivilegez=yes/' "$UNITDIR/polygon-streamer@.se
 UNIT="$UNITDIR/polygon-streamer@.service"
 for line in 'ExecStart=/usr/bin/polygon-streamer run' 'ExecReload=/bin/kill -HUP $MAINPID' 'Restart=on-failure' \
             'RestartPreventExitStatus=2' 'User=polygon-streamer' 'EnvironmentFile=/etc/polygon-streamer/%i.env' \
-            'NoNewPrivileges=yes' 'ProtectSystem=strict' 'PrivateTmp=yes' 'LogsDirectory=polygon-streamer' \
+            'NoNewPrivileges=yes' 'ProtectSystem=strict' 'PrivateTmp=yes' 'ReadWritePaths=/var/log/polygon-streamer' \
+            'LimitNOFILE=8192' \
             'KillMode=mixed' 'PartOf=polygon-streamer.service' 'ReloadPropagatedFrom=polygon-streamer.service'; do
     grep -qxF "$line" "$UNIT" || fail "the template unit lacks: $line"
 done
 stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s$/\1/p' "$UNIT")
 [ "${stop:-0}" -gt 10 ] || fail "TimeoutStopSec must exceed SHUTDOWN_TIMEOUT_SECS (10 s)"
 grep -qxF 'ExecReload=/bin/true' "$UNITDIR/polygon-streamer.service" || fail "the umbrella unit cannot be reloaded"
+! grep -q '^LogsDirectory=' "$UNIT" || fail "LogsDirectory= with User= re-owns the log directory and loses the group adm"
+[ "$(stat -c '%a %U %G' /var/log/polygon-streamer)" = "2750 polygon-streamer adm" ] \
+    || fail "/var/log/polygon-streamer is $(stat -c '%a %U %G' /var/log/polygon-streamer), not 2750 polygon-streamer adm"
+out=$(verify "$UNITDIR/polygon-streamer-logrotate.timer" "$UNITDIR/polygon-streamer-logrotate.service")
+[ -z "$out" ] || { echo "$out"; fail "systemd-analyze verify of the logrotate timer printed warnings"; }
+cp "$UNIT" "$WORK/polygon-streamer@stocks.service"
+exposure=$(systemd-analyze security --offline=true "$WORK/polygon-streamer@stocks.service" 2>&1 \
+    | sed -n 's/.*Overall exposure level for polygon-streamer@stocks.service: \([0-9.]*\).*/\1/p')
+[ -n "$exposure" ] || fail "systemd-analyze security gave no exposure level"
+awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }' || fail "the instance unit's exposure is $exposure, above 2.0"
+step "instance unit exposure (systemd-analyze security --offline): $exposure"
 
 step "rotating a live NDJSON file with the shipped logrotate configuration"
 EVENTS=24000
@@ -112,12 +127,6 @@ rm -f /var/log/polygon-streamer/pkgtest.ndjson*
     /usr/bin/polygon-streamer run) 2> "$WORK/streamer.err" &
 STREAMER=$!
 PIDS+=($STREAMER)
-# No systemd runs here: a systemctl on PATH for logrotate's postrotate delivers what the umbrella unit's reload
-# propagates to each instance (ExecReload=/bin/kill -HUP $MAINPID).
-mkdir -p "$WORK/bin"
-printf '#!/bin/sh\n[ "$1 $2" = "reload polygon-streamer.service" ] && exec kill -HUP %s\nexit 1\n' "$STREAMER" \
-    > "$WORK/bin/systemctl"
-chmod 755 "$WORK/bin/systemctl"
 written() {
     /usr/bin/python3 - "$METRICS" <<'EOF'
 import sys, urllib.request
@@ -138,7 +147,7 @@ next_second() { wait_until 3 later_than "$(date +%s)"; }
 for round in 1 2 3; do
     wait_until 20 has_data || fail "no data in the live file before rotation $round"
     next_second   # dateformat has seconds: two rotations in one second would collide
-    PATH="$WORK/bin:$PATH" logrotate -f -s "$WORK/logrotate.state" /etc/polygon-streamer/logrotate.conf \
+    logrotate -f -s "$WORK/logrotate.state" /etc/polygon-streamer/logrotate.conf \
         > "$WORK/logrotate.$round.log" 2>&1 || { cat "$WORK/logrotate.$round.log"; fail "logrotate run $round"; }
     if grep -Eiq "ignoring|skipping|error" "$WORK/logrotate.$round.log"; then
         cat "$WORK/logrotate.$round.log"; fail "logrotate complained in run $round"
@@ -166,12 +175,36 @@ for name in files:
 assert sorted(seqs) == list(range(1, events + 1)), f"{len(seqs)} lines, {len(set(seqs))} distinct"
 print(f"debian_package: {events} events across {len(files)} files ({len(rotated)} rotated): none lost, none twice")
 EOF
+
+step "postrotate says so when there is no service to signal"
+rm -f /var/log/polygon-streamer/pkgtest.ndjson*
+setpriv --reuid=polygon-streamer --regid=polygon-streamer --init-groups sh -c \
+    'echo "{}" > /var/log/polygon-streamer/pkgtest.ndjson'
+logrotate -f -s "$WORK/logrotate.state" /etc/polygon-streamer/logrotate.conf > "$WORK/logrotate.none.log" 2>&1 || true
+grep -q "no 'polygon-streamer run' of user polygon-streamer is running" "$WORK/logrotate.none.log" \
+    || { cat "$WORK/logrotate.none.log"; fail "postrotate was silent with no service to signal"; }
 rm -f /var/log/polygon-streamer/pkgtest.ndjson*
 
-step "purging"
+step "removing: the cron job then does nothing"
+dpkg -L polygon-streamer > "$WORK/package.files"
 rm -f /etc/polygon-streamer/pkgtest.env
+apt-get remove -y -qq polygon-streamer > "$WORK/remove.log" 2>&1 || { cat "$WORK/remove.log"; fail "remove"; }
+[ -f /etc/cron.d/polygon-streamer ] || fail "the cron file (a conffile) should stay until purge"
+job=$(sed -n 's/^[0-9*][^ ]* [^ ]* [^ ]* [^ ]* [^ ]* root //p' /etc/cron.d/polygon-streamer)
+[ -n "$job" ] || fail "no job line in /etc/cron.d/polygon-streamer"
+rm -f /var/lib/logrotate/polygon-streamer.status
+out=$(sh -c "$job" 2>&1) || true
+[ -z "$out" ] && [ ! -e /var/lib/logrotate/polygon-streamer.status ] || fail "the cron job ran after remove: $out"
+
+step "purging: nothing of the package is left (the system user stays)"
 apt-get purge -y -qq polygon-streamer > "$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log"; fail "purge"; }
-[ ! -e /usr/bin/polygon-streamer ] || fail "/usr/bin/polygon-streamer left after purge"
-[ ! -e /etc/polygon-streamer/example.env ] || fail "conffiles left after purge"
-[ ! -e /etc/cron.d/polygon-streamer ] || fail "cron entry left after purge"
+left=""
+while read -r path; do
+    case "$path" in *polygon*) [ -e "$path" ] && left="$left $path";; esac
+done < "$WORK/package.files"
+for path in /etc/polygon-streamer /etc/cron.d/polygon-streamer /var/log/polygon-streamer /var/lib/polygon-streamer \
+            /var/lib/logrotate/polygon-streamer.status; do
+    [ -e "$path" ] && left="$left $path"
+done
+[ -z "$left" ] || fail "left after purge:$left"
 step "OK"
