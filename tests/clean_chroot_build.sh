@@ -63,6 +63,7 @@ else
     MIRROR=$(host_mirror)
     step "debootstrap bookworm (minbase) from $MIRROR, cached as $BASE"
     NEW=$(mktemp -d /tmp/polygon-chroot-base.XXXXXX)
+    chmod 755 "$NEW"
     debootstrap --variant=minbase bookworm "$NEW" "$MIRROR" > "$LOGS/debootstrap.log" 2>&1 \
         || { tail -20 "$LOGS/debootstrap.log"; rm -rf "$NEW"; die "debootstrap"; }
     copy_apt_sources "$NEW"
@@ -75,6 +76,7 @@ else
     rm -rf "$NEW"
 fi
 tar -C "$ROOTFS" -xf "$BASE"
+chmod 755 "$ROOTFS"  # the archive's "." came from a mktemp directory
 copy_apt_sources "$ROOTFS"
 mount -t proc proc "$ROOTFS/proc"
 mount --bind /dev "$ROOTFS/dev"
