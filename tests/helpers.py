@@ -18,6 +18,12 @@ import jsonschema
 import ujson
 from prometheus_client.parser import text_string_to_metric_families
 
+# Every test talks to 127.0.0.1 only. A proxy in the environment must not be asked for loopback: dh_auto_test sets
+# http_proxy to a dead 127.0.0.1:9 to keep package builds off the network, and urllib and websocket-client (in the
+# service's child processes too, which inherit this) honour it unless no_proxy says otherwise.
+for _name in ("no_proxy", "NO_PROXY"):
+    os.environ[_name] = ",".join(filter(None, [os.environ.get(_name), "127.0.0.1", "localhost", "::1"]))
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TEST_KEY = "test-key-9f8e7d6c5b4a"
