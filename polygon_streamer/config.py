@@ -188,7 +188,7 @@ def _log_level(raw: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # The declarations.
 
-SINK_NAMES = ("stdout", "ndjson", "zmq")
+SINK_NAMES = ("stdout", "ndjson", "zmq", "capture")
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ SETTINGS: tuple[Setting, ...] = (
             "polygon_stats log interval; 0 disables"),
     Setting("bp_warn_interval_secs", "BP_WARN_INTERVAL_SECS", "5", _seconds(0, True),
             "at most one inbound backpressure warning per interval"),
-    Setting("sink", "SINK", None, _sinks, "stdout, ndjson, zmq or a comma list (default stdout)"),
+    Setting("sink", "SINK", None, _sinks, "stdout, ndjson, zmq, capture or a comma list (default stdout)"),
     Setting("emit_ndjson", "EMIT_NDJSON", "false", _bool, "legacy: SINK=ndjson when SINK is unset"),
     Setting("ndjson_dest", "NDJSON_DEST", "stdout", _nonempty, "stdout or a file path"),
     Setting("ndjson_channel_cap", "NDJSON_CHANNEL_CAP", "2048", _int(1), "NDJSON queue capacity in frames"),
@@ -254,6 +254,14 @@ SETTINGS: tuple[Setting, ...] = (
             "ZeroMQ backpressure warning interval"),
     Setting("zmq_snd_hwm", "ZMQ_SND_HWM", None, _int(0), "ZeroMQ SNDHWM in messages (unset: libzmq default)"),
     Setting("zmq_topic_prefix", "ZMQ_TOPIC_PREFIX", "", _text, "prepended to every topic frame"),
+    Setting("capture_dest", "CAPTURE_DEST", None, _nonempty,
+            "SINK=capture: the file that records every frame as received (required with capture)"),
+    Setting("capture_channel_cap", "CAPTURE_CHANNEL_CAP", "8192", _int(1),
+            "capture queue capacity in frames; full: drop, counted"),
+    Setting("capture_max_bytes", "CAPTURE_MAX_BYTES", None, _int(1), "rotate the capture at this size (unset: off)"),
+    Setting("capture_rotate_secs", "CAPTURE_ROTATE_SECS", None, _seconds(0, False),
+            "rotate the capture every N s (unset: off)"),
+    Setting("capture_gzip", "CAPTURE_GZIP", "false", _bool, "gzip rotated capture files"),
     Setting("ready_min_messages", "READY_MIN_MESSAGES", "1", _int(0), "data events after subscribe before READY"),
     Setting("ready_delay_ms", "READY_DELAY_MS", "0", _int(0), "and at least this long after subscribe"),
     Setting("log_level", "LOG_LEVEL", "info", _log_level,
@@ -310,6 +318,11 @@ class Config:
     shutdown_timeout_secs: float
     cpu_affinity: str | tuple[int, ...] = "auto"
     stale_after_secs: float = 0.0
+    capture_dest: str | None = None
+    capture_channel_cap: int = 8192
+    capture_max_bytes: int | None = None
+    capture_rotate_secs: float | None = None
+    capture_gzip: bool = False
     api_key_file: str | None = None
 
     def redacted(self) -> dict[str, Any]:
@@ -378,6 +391,10 @@ def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
     if "stdout" in sinks and "ndjson" in sinks and values["ndjson_dest"] == "stdout":
         raise ConfigError("invalid SINK (--sink) 'stdout,ndjson' with NDJSON_DEST=stdout: both would write to "
                           "stdout; set NDJSON_DEST to a file path or drop one sink")
+    if "capture" in sinks and not values["capture_dest"]:
+        raise ConfigError("missing CAPTURE_DEST (--capture-dest) with SINK=capture: give the capture file's path")
+    if values["capture_dest"] in ("stdout", "-"):
+        raise ConfigError(f"invalid CAPTURE_DEST (--capture-dest) {values['capture_dest']!r}: expected a file path")
     if values["ndjson_split_per_type"] and values["ndjson_dest"] == "stdout":
         raise ConfigError("invalid NDJSON_SPLIT_PER_TYPE (--ndjson-split-per-type) 'true' with NDJSON_DEST=stdout: "
                           "splitting needs a file path in NDJSON_DEST")

@@ -182,10 +182,13 @@ class ReaderStats:
 
 
 class Reader(ServiceThread):
-    def __init__(self, config: Config, inbound: queue.Queue):
+    def __init__(self, config: Config, inbound: queue.Queue, capture=None):
         super().__init__("polygon-reader")
         self._config = config
         self._inbound = inbound
+        # SINK=capture: every message as received, handshakes and statuses included (sinks.SinkQueue).
+        self._capture = capture
+        self.last_recv_ns = 0  # when the last message was complete (time.time_ns())
         self.stats = ReaderStats()
         self._backoff = Backoff(config.backoff_initial_secs, config.backoff_max_secs)
         self._bp_warning = logs.RateLimitedWarning(_log, config.bp_warn_interval_secs)
@@ -328,8 +331,7 @@ class Reader(ServiceThread):
                     if fragments:
                         raise SessionEnd("protocol error: a new message began inside a fragmented one")
                     if frame.fin:
-                        self.stats.messages_received += 1
-                        return code, frame.data
+                        return self._received(code, frame.data)
                     opcode, fragments, size = code, [frame.data], len(frame.data)
                 elif code == websocket.ABNF.OPCODE_CONT:
                     if not fragments:
@@ -339,8 +341,7 @@ class Reader(ServiceThread):
                         raise FrameTooLarge(size, self._config.max_frame_bytes)
                     fragments.append(frame.data)
                     if frame.fin:
-                        self.stats.messages_received += 1
-                        return opcode, b"".join(fragments)
+                        return self._received(opcode, b"".join(fragments))
                 elif code == websocket.ABNF.OPCODE_CLOSE:
                     status = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else None
                     reason = frame.data[2:SERVER_MESSAGE_CHARS].decode("utf-8", "replace")
@@ -357,6 +358,13 @@ class Reader(ServiceThread):
                 raise SessionEnd(f"read timeout: no data message for {self._config.read_timeout_secs:g}s",
                                  gap="read_timeout")
 
+
+    def _received(self, code: int, data: bytes) -> tuple[int, bytes]:
+        self.stats.messages_received += 1
+        self.last_recv_ns = now_ns = time.time_ns()
+        if self._capture is not None:
+            self._capture.offer(now_ns // 1_000_000, [(now_ns, self.stats.sessions, data)])
+        return code, data
 
     def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
         deadline = time.monotonic() + self._config.read_timeout_secs
@@ -449,14 +457,13 @@ class Reader(ServiceThread):
         read_timeout = self._config.read_timeout_secs
         ready_min = self._config.ready_min_messages
         clock = time.monotonic
-        wall = time.time_ns
         stopping = self.stopping.is_set
         deadline = clock() + read_timeout
         stale_after = self._config.stale_after_secs
         stale_deadline = clock() + stale_after if stale_after else math.inf
         while not stopping():
             _, data = self._recv(ws, deadline, stale_deadline)
-            ingest_ms = wall() // 1_000_000
+            ingest_ms = self.last_recv_ns // 1_000_000
             deadline = clock() + read_timeout
             statuses = 0
             if STATUS_MARKER in data or ESCAPE_MARKER in data:

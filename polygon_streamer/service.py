@@ -48,6 +48,12 @@ def build_sinks(config: Config) -> list[tuple[Sink, SinkQueue]]:
 
             built.append((ZmqSink(config), SinkQueue("zmq", config.zmq_channel_cap, True,
                                                       config.zmq_warn_interval_secs)))
+        elif name == "capture":
+            from .sinks.capture import CaptureSink
+
+            # Fed by the reader, frame by frame as received; it never waits: a full queue drops, counted.
+            built.append((CaptureSink(config), SinkQueue("capture", config.capture_channel_cap, True,
+                                                          config.ndjson_warn_interval_secs)))
     return built
 
 
@@ -63,10 +69,12 @@ class Service:
         built = build_sinks(config) if sinks is None else sinks
         self.sinks = [sink for sink, _ in built]
         self.sink_queues = [sink_queue for _, sink_queue in built]
-        for sink_queue in self.sink_queues:
+        self.capture_queue = next((q for q in self.sink_queues if q.name == "capture"), None)
+        dispatched = [q for q in self.sink_queues if q is not self.capture_queue]
+        for sink_queue in dispatched:
             sink_queue.normalizer = self.normalizer  # sink_drop gap records
-        self.reader = Reader(config, self.inbound)
-        self.dispatcher = Dispatcher(self.inbound, self.normalizer, self.sink_queues, self.latency,
+        self.reader = Reader(config, self.inbound, self.capture_queue)
+        self.dispatcher = Dispatcher(self.inbound, self.normalizer, dispatched, self.latency,
                                      config.bp_warn_interval_secs)
         self.sink_threads = [SinkThread(sink, sink_queue) for sink, sink_queue in built]
         self.heartbeat = Heartbeat(self.reader, config.heartbeat_interval_secs) \
@@ -181,6 +189,8 @@ class Service:
             self.heartbeat.stop()
         # A reader stuck in a TCP connect has accepted nothing: do not let it eat the drain deadline.
         self._join([self.reader], min(deadline, time.monotonic() + 2.0))
+        if self.capture_queue is not None:  # the reader has stopped: nothing more comes to the capture
+            self.capture_queue.close(deadline)
         for thread in self.sink_threads:
             thread.close_deadline = deadline  # a sink whose disk refuses keeps retrying until then
         drained = self._stop_inbound(deadline) and self._join([self.dispatcher] + self.sink_threads, deadline)

@@ -118,8 +118,9 @@ class SinkQueue:
             except queue.Full:
                 self._drop(records, "queue full", ingest_ms)
                 return
-            self._last_ingest_ms = ingest_ms
-            self._last_ts = records[-1][4]
+            if self.normalizer is not None:
+                self._last_ingest_ms = ingest_ms
+                self._last_ts = records[-1][4]
             return
         while True:
             try:
@@ -135,7 +136,8 @@ class SinkQueue:
             self._first_drop_ms = ingest_ms
             self._before_drop = (self._last_ingest_ms, self._last_ts)
         self._pending_drops += len(records)
-        self._last_dropped_seq = records[-1][0]
+        if self.normalizer is not None:
+            self._last_dropped_seq = records[-1][0]
         self.stats.dropped += len(records)
         self._warning.warn(f"{self.name} sink: {why}, dropping events", sink=self.name,
                            capacity_frames=self.capacity, dropped_events_total=self.stats.dropped)

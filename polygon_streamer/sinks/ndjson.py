@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+from typing import NamedTuple
 import operator
 import os
 import queue
@@ -66,8 +67,8 @@ class Compressor(ServiceThread):
     """Gzips rotated files off the writer's thread. A failed gzip keeps the plain file and is tried again every
     GZIP_RETRY_SECS; on stop, the job under way finishes and the rest wait for the next start (_queue_leftovers)."""
 
-    def __init__(self) -> None:
-        super().__init__("polygon-ndjson-gzip")
+    def __init__(self, sink_name: str = "ndjson") -> None:
+        super().__init__(f"polygon-{sink_name}-gzip")
         self.jobs: queue.Queue = queue.Queue()
         self._retries: list[tuple[float, str]] = []
         self.compressed = 0
@@ -133,21 +134,42 @@ class _Output:
         return bool(self.lines or self.carry)
 
 
+class FileSettings(NamedTuple):
+    """What one file sink writes where: the NDJSON sink's settings, or the capture sink's (sinks/capture.py)."""
+
+    setting: str            # the settings' prefix, for errors: NDJSON -> NDJSON_DEST (--ndjson-dest)
+    dest: str
+    split_per_type: bool
+    flush_every: int
+    flush_interval_ms: int
+    max_bytes: int | None
+    rotate_secs: float | None
+    gzip: bool
+
+    @classmethod
+    def ndjson(cls, config: Config) -> "FileSettings":
+        return cls("NDJSON", config.ndjson_dest, config.ndjson_split_per_type, config.ndjson_flush_every,
+                   config.ndjson_flush_interval_ms, config.ndjson_max_bytes, config.ndjson_rotate_secs,
+                   config.ndjson_gzip)
+
+
 class NdjsonSink(Sink):
     name = "ndjson"
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, files: FileSettings | None = None):
         super().__init__()
         self._config = config
-        self._to_stdout = config.ndjson_dest == "stdout"
+        self._files = files = files or FileSettings.ndjson(config)
+        self._log = logs.get(f"polygon_{self.name}")
+        self._to_stdout = files.dest == "stdout"
         self._outputs: dict[str, _Output] = {}
-        self._flush_every = config.ndjson_flush_every
-        self._flush_interval = config.ndjson_flush_interval_ms / 1000.0
-        self._max_bytes = config.ndjson_max_bytes
-        self._rotate_secs = config.ndjson_rotate_secs
-        self._compressor = Compressor() if config.ndjson_gzip and not self._to_stdout else None
+        self._flush_every = files.flush_every
+        self._flush_interval = files.flush_interval_ms / 1000.0
+        self._max_bytes = files.max_bytes
+        self._rotate_secs = files.rotate_secs
+        self._compressor = Compressor(self.name) if files.gzip and not self._to_stdout else None
         self._retry_at = 0.0
-        self._error_warning = logs.RateLimitedWarning(_log, 5.0)
+        self._error_warning = logs.RateLimitedWarning(self._log, 5.0)
         self.written = 0
         self.bytes = 0
         self.rotations = 0
@@ -162,9 +184,9 @@ class NdjsonSink(Sink):
             output.fd = sys.stdout.fileno()
             self._outputs[""] = output
             return
-        path = self._config.ndjson_dest
+        path = self._files.dest
         directory = os.path.dirname(os.path.abspath(path))
-        where = f"invalid NDJSON_DEST (--ndjson-dest) {path!r}"
+        where = f"invalid {self._files.setting}_DEST (--{self._files.setting.lower()}-dest) {path!r}"
         if os.path.isdir(path):
             raise SinkConfigError(f"{where}: it is a directory; give a file path such as {path.rstrip('/')}/feed.ndjson")
         if not os.path.isdir(directory):
@@ -172,12 +194,12 @@ class NdjsonSink(Sink):
         if not os.access(directory, os.W_OK | os.X_OK):
             raise SinkConfigError(f"{where}: directory {directory} is not writable by this user "
                                   f"(uid {os.geteuid()}); fix its owner or mode")
-        paths = [split_path(path, kind) for kind in protocol.KINDS + (GAP,)] if self._config.ndjson_split_per_type \
+        paths = [split_path(path, kind) for kind in protocol.KINDS + (GAP,)] if self._files.split_per_type \
             else [path]
         for candidate in paths:
             if os.path.exists(candidate) and not os.access(candidate, os.W_OK):
                 raise SinkConfigError(f"{where}: {candidate} exists and is not writable by this user")
-        if not self._config.ndjson_split_per_type:
+        if not self._files.split_per_type:
             output = _Output(path)
             try:
                 self._open_file(output)
@@ -220,7 +242,7 @@ class NdjsonSink(Sink):
                     os.fsync(output.fd)
                 except OSError as exc:
                     self.write_errors += 1
-                    _log.error("fsync of %s failed at close: %s; recently written lines may not be on disk",
+                    self._log.error("fsync of %s failed at close: %s; recently written lines may not be on disk",
                                output.path, exc.strerror or exc, extra={"fields": {"path": output.path}})
                 os.close(output.fd)
                 output.fd = None
@@ -244,10 +266,10 @@ class NdjsonSink(Sink):
                         break
                     position = start
             os.ftruncate(output.fd, position)
-            _log.warning("%s ended inside a line the disk refused; cut back to its last whole line", output.path,
+            self._log.warning("%s ended inside a line the disk refused; cut back to its last whole line", output.path,
                          extra={"fields": {"path": output.path, "bytes_cut": end - position}})
         except OSError as exc:
-            _log.error("could not cut the torn end of %s: %s", output.path, exc.strerror or exc,
+            self._log.error("could not cut the torn end of %s: %s", output.path, exc.strerror or exc,
                        extra={"fields": {"path": output.path}})
 
     def unwritten(self) -> int:
@@ -258,13 +280,13 @@ class NdjsonSink(Sink):
     def _output_for(self, kind: str) -> _Output:
         output = self._outputs.get(kind)
         if output is None:
-            output = _Output(split_path(self._config.ndjson_dest, kind))
+            output = _Output(split_path(self._files.dest, kind))
             self._outputs[kind] = output
         return output
 
     def write(self, records: list[tuple], ingest_ms: int) -> None:
         now = time.monotonic()
-        if self._config.ndjson_split_per_type:
+        if self._files.split_per_type:
             touched: dict[str, int] = {}
             for record in records:
                 kinds = [record[3]]
@@ -323,7 +345,7 @@ class NdjsonSink(Sink):
                     except OSError as exc:
                         self.write_errors += 1
                         output.opened_at = now
-                        self._error_warning.warn(f"NDJSON time rotation failed, will retry: {exc.strerror or exc}",
+                        self._error_warning.warn(f"{self.name} time rotation failed, will retry: {exc.strerror or exc}",
                                                  path=output.path, write_errors_total=self.write_errors)
                 else:
                     output.opened_at = now
@@ -342,7 +364,7 @@ class NdjsonSink(Sink):
         lost = output.written_since_check
         self.lost += lost
         output.written_since_check = 0
-        _log.error("%s was deleted while open: %d event(s) written to it since the last check are lost; "
+        self._log.error("%s was deleted while open: %d event(s) written to it since the last check are lost; "
                    "opening the path again", output.path, lost,
                    extra={"fields": {"path": output.path, "lost_events": lost, "lost_events_total": self.lost}})
         os.close(output.fd)
@@ -353,7 +375,7 @@ class NdjsonSink(Sink):
         except OSError as exc:
             self.write_errors += 1
             self._retry_at = time.monotonic() + RETRY_SECS
-            self._error_warning.warn(f"NDJSON reopen failed, will retry: {exc.strerror or exc}", path=output.path,
+            self._error_warning.warn(f"{self.name} reopen failed, will retry: {exc.strerror or exc}", path=output.path,
                                      write_errors_total=self.write_errors)
 
     def _flush(self, output: _Output, final: bool = False) -> None:
@@ -384,12 +406,12 @@ class NdjsonSink(Sink):
             output.written_since_check += before - output.carry_events
             self.write_errors += 1
             self._retry_at = now + RETRY_SECS
-            self._error_warning.warn(f"NDJSON write failed, will retry: {exc.strerror or exc}",
+            self._error_warning.warn(f"{self.name} write failed, will retry: {exc.strerror or exc}",
                                      path=output.path or "stdout", errno=errno.errorcode.get(exc.errno, exc.errno),
                                      buffered_bytes=self._buffered_bytes(), write_errors_total=self.write_errors)
             return
         if self._retry_at:
-            _log.info("NDJSON writes resumed", extra={"fields": {"path": output.path or "stdout"}})
+            self._log.info(f"{self.name} writes resumed", extra={"fields": {"path": output.path or "stdout"}})
             self._retry_at = 0.0
         self.written += output.carry_events
         output.written_since_check += output.carry_events
@@ -440,7 +462,7 @@ class NdjsonSink(Sink):
             # reader can skip instead of gluing itself to the first line written now.
             os.write(output.fd, b"\n")
             output.size += 1
-            _log.warning("%s ended with a torn line (an earlier crash); terminated it", output.path,
+            self._log.warning("%s ended with a torn line (an earlier crash); terminated it", output.path,
                          extra={"fields": {"path": output.path}})
 
     @staticmethod
@@ -455,7 +477,7 @@ class NdjsonSink(Sink):
         os.close(output.fd)
         output.fd = None
         self.rotations += 1
-        _log.info("rotated %s to %s", output.path, target,
+        self._log.info("rotated %s to %s", output.path, target,
                   extra={"fields": {"path": output.path, "rotated": target}})
         self._open_file(output)
         if self._compressor:
@@ -469,7 +491,7 @@ class NdjsonSink(Sink):
             if output.mid_line:
                 # The disk refused the rest of a line: it must end in this file, so this one reopens later.
                 self.write_errors += 1
-                _log.error("reopen of %s deferred: the disk refused the end of a line; send SIGHUP again once "
+                self._log.error("reopen of %s deferred: the disk refused the end of a line; send SIGHUP again once "
                            "writes resume", output.path, extra={"fields": {"path": output.path}})
                 continue
             if output.fd is not None:
@@ -479,23 +501,27 @@ class NdjsonSink(Sink):
                 self._open_file(output)
             except OSError as exc:
                 self.write_errors += 1
-                _log.error("reopen of %s failed, will retry on the next write: %s", output.path, exc)
-        _log.info("reopened NDJSON file(s) after SIGHUP",
+                self._log.error("reopen of %s failed, will retry on the next write: %s", output.path, exc)
+        self._log.info(f"reopened {self.name} file(s) after SIGHUP",
                   extra={"fields": {"paths": [o.path for o in self._outputs.values()]}})
 
+    # What one line is, for the metrics' help texts.
+    unit = "Records (events and gap records)"
+
     def describe_metrics(self, queue_stats: SinkStats):
+        name, unit = self.name, self.unit
         return [
-            ("polygon_ndjson_written_total", "Events written to NDJSON files (or stdout)", self.written),
-            ("polygon_ndjson_bytes_total", "Bytes written by the NDJSON sink", self.bytes),
-            ("polygon_ndjson_rotations_total", "NDJSON files rotated (size or time)", self.rotations),
-            ("polygon_ndjson_write_errors_total", "Failed NDJSON writes or reopens (retried)", self.write_errors),
-            ("polygon_ndjson_drops_total", "Events dropped because the NDJSON queue was full",
+            (f"polygon_{name}_written_total", f"{unit} written to {name} files (or stdout)", self.written),
+            (f"polygon_{name}_bytes_total", f"Bytes written by the {name} sink", self.bytes),
+            (f"polygon_{name}_rotations_total", f"{name} files rotated (size or time)", self.rotations),
+            (f"polygon_{name}_write_errors_total", f"Failed {name} writes or reopens (retried)", self.write_errors),
+            (f"polygon_{name}_drops_total", f"{unit} dropped because the {name} queue was full",
              queue_stats.dropped),
-            ("polygon_ndjson_lost_events_total", "Events written to a live file that was then deleted while open",
+            (f"polygon_{name}_lost_events_total", f"{unit} written to a live file that was then deleted while open",
              self.lost),
-            ("polygon_ndjson_gzipped_total", "Rotated files gzipped",
+            (f"polygon_{name}_gzipped_total", "Rotated files gzipped",
              self._compressor.compressed if self._compressor else 0),
-            ("polygon_ndjson_gzip_errors_total", "Failed gzips of rotated files (the plain file is kept, retried)",
+            (f"polygon_{name}_gzip_errors_total", "Failed gzips of rotated files (the plain file is kept, retried)",
              self._compressor.errors if self._compressor else 0),
         ]
 

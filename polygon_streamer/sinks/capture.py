@@ -1,0 +1,74 @@
+"""The capture sink (SINK=capture): every frame exactly as received, one line each, for replay and reprocessing.
+
+    {"recv_ns":1764115200950123456,"cluster":"stocks","session":3,"frame":[...the frame, byte for byte...]}
+
+Fed by the reader itself (not the dispatcher), so it holds data and status frames alike, handshakes included, and
+frames the inbound queue later dropped. `session` counts connections since process start: a new number is a
+reconnect. A frame that cannot be embedded as it is (not strict JSON, not UTF-8, a raw line break in its
+whitespace) is kept as `"frame_text": "..."`, a JSON string, so every line stays one valid JSON object. Files,
+rotation, gzip, SIGHUP reopen, the lossless close and the counted drops are the NDJSON sink's (a subclass).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import ujson
+
+from ..config import Config
+from ..normalize import raw_event_texts
+from .ndjson import FileSettings, NdjsonSink
+
+# A line as this sink writes it: the prefix is fixed, so readers (replay, reprocess) take the frame back byte for byte.
+CAPTURE_LINE = re.compile(rb'\{"recv_ns":(\d+),"cluster":"([a-z]+)","session":(\d+),"(frame|frame_text)":')
+
+
+def _refuse(constant: str):
+    raise ValueError(f"not JSON: {constant}")
+
+
+def frame_json(data: bytes) -> str | None:
+    """The frame's text if it can be embedded as it is (strict JSON, valid UTF-8, on one line), else None."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text[:2] == "[{" and raw_event_texts(data, text.count("},{") + 1) is not None:
+        try:  # compact and proven strict by normalize's guard: parsing is the last check
+            ujson.loads(data)
+            return text
+        except ValueError:
+            return None
+    if "\n" in text or "\r" in text:
+        return None
+    try:
+        json.loads(text, parse_constant=_refuse)  # the strict parser for the rest (rare: statuses with spaces)
+    except (ValueError, RecursionError):
+        return None
+    return text
+
+
+class CaptureSink(NdjsonSink):
+    name = "capture"
+    unit = "Frames"
+
+    def __init__(self, config: Config):
+        super().__init__(config, FileSettings("CAPTURE", config.capture_dest, False, config.ndjson_flush_every,
+                                              config.ndjson_flush_interval_ms, config.capture_max_bytes,
+                                              config.capture_rotate_secs, config.capture_gzip))
+        self._head = f',"cluster":"{config.cluster}","session":'
+
+    def write(self, records: list[tuple], ingest_ms: int) -> None:
+        """records: (recv_ns, session, frame bytes) per frame."""
+        head = self._head
+        lines = []
+        for recv_ns, session, data in records:
+            text = frame_json(data)
+            if text is not None:
+                line = f'{{"recv_ns":{recv_ns}{head}{session},"frame":{text}}}'
+            else:
+                shown = data.decode("utf-8", "replace")
+                line = f'{{"recv_ns":{recv_ns}{head}{session},"frame_text":{json.dumps(shown, ensure_ascii=False)}}}'
+            lines.append((0, "", "", "capture", None, line))
+        super().write(lines, ingest_ms)
