@@ -116,6 +116,31 @@ def demo(rate: float, batch: int, max_events: int, **values) -> int:
         server.stop()
 
 
+_OFFLINE_FIXED = ("api_key", "api_key_file", "ws_url", "feed", "cluster")
+
+
+@cli.command()
+@click.argument("captures", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@setting_options(skip=_OFFLINE_FIXED)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="progress on stderr")
+def reprocess(captures: tuple[str, ...], progress: bool, **values) -> int:
+    """Run the pipeline (normalize, filters, sampling, sinks) over capture files, offline: no network, no key.
+
+    The cluster is the capture's. Exit 0 when everything is written, 1 if a capture line was skipped or an event
+    could not be written."""
+    from . import reprocess as offline
+    from .captures import CaptureFiles
+
+    cluster = offline.first_cluster(CaptureFiles(list(captures)))
+    if cluster is None:
+        raise ConfigError(f"no capture frame in {', '.join(captures)}: nothing to reprocess")
+    raw = _settings(values)
+    raw["cluster"] = cluster
+    config = build_config(raw, require_key=False)
+    _start_logging(config)
+    return offline.run(config, list(captures), progress)
+
+
 @cli.command("mock-server")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: a free port")

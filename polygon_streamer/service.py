@@ -86,15 +86,18 @@ class Service:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Open sinks and bind the metrics port before connecting; problems there are config errors (exit 2)."""
+    def start(self, network: bool = True) -> None:
+        """Open sinks and bind the metrics port before connecting; problems there are config errors (exit 2).
+        network=False (reprocess): the sinks and the dispatcher only; the caller feeds the inbound queue."""
         opened: list[Sink] = []
         try:
             for sink in self.sinks:
                 sink.open()
                 opened.append(sink)
             try:
-                self.metrics_server = MetricsServer(self.config.metrics_addr, self.registry, self.health, self.ready)
+                if network:
+                    self.metrics_server = MetricsServer(self.config.metrics_addr, self.registry, self.health,
+                                                        self.ready)
             except OSError as exc:
                 raise ConfigError(f"invalid METRICS_ADDR (--metrics-addr) {format_addr(self.config.metrics_addr)!r}: "
                                   f"cannot listen there ({exc.strerror or exc}); pick a free host:port") from None
@@ -113,6 +116,8 @@ class Service:
         for thread in self.sink_threads:
             thread.start()
         self.dispatcher.start()
+        if not network:
+            return
         self.reader.start()
         if self.heartbeat:
             self.heartbeat.start()
