@@ -141,6 +141,67 @@ def reprocess(captures: tuple[str, ...], progress: bool, **values) -> int:
     return offline.run(config, list(captures), progress)
 
 
+def _speed(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ConfigError(f"invalid --speed {text!r}: expected a number > 0 (1: the captured timing) or max")
+    return value
+
+
+@cli.command()
+@click.argument("captures", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: a free port")
+@click.option("--key", default=None, help="the only API key accepted (default: any)")
+@click.option("--speed", default="1", show_default=True,
+              help="1: the captured timing; N: N times faster; max: as fast as the client reads")
+@click.option("--from", "start", default=None, help="first receive time to serve: ISO 8601 UTC or Unix seconds")
+@click.option("--to", "end", default=None, help="last receive time to serve: ISO 8601 UTC or Unix seconds")
+@click.option("--loop", is_flag=True, help="start over after the last frame")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="progress on stderr")
+def replay(captures: tuple[str, ...], host: str, port: int, key: str | None, speed: str, start: str | None,
+           end: str | None, loop: bool, progress: bool) -> int:
+    """Serve capture files over the Polygon protocol (ws://HOST:PORT/CLUSTER) to any client, subscriptions
+    honoured, each connection from the start. Prints the base URL on stdout; runs until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    from .mockserver import MockOptions, MockServer
+    from .replay import Replay, parse_time
+
+    try:
+        window = parse_time(start), parse_time(end)
+    except ValueError as exc:
+        raise ConfigError(f"invalid --from/--to: {exc}") from None
+    source = Replay(captures, _speed(speed), window[0], window[1], loop, progress)
+    try:
+        server = MockServer(host, port, MockOptions(api_key=key), source=source)
+    except OSError as exc:
+        raise ConfigError(f"invalid --host/--port {host}:{port}: cannot listen there "
+                          f"({os.strerror(exc.errno) if exc.errno else exc}); pick a free port, or 0 for any") from None
+    server.start()
+    click.echo(f"replay: serving {len(captures)} capture file(s) on ws://{server.host}:{server.port}/CLUSTER",
+               err=True)
+    click.echo(f"ws://{server.host}:{server.port}")
+    sys.stdout.flush()
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    done.wait()
+    server.stop()
+    if source.skipped:
+        click.echo(f"replay: {len(source.skipped)} capture line(s) skipped:", err=True)
+        for skipped in source.skipped[:50]:
+            click.echo(f"  {skipped}", err=True)
+        return 1
+    return 0
+
+
 @cli.command("mock-server")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: a free port")

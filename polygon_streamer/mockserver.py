@@ -272,6 +272,7 @@ class _Connection:
         self.inbox: list[str] = []
         self.sent_events = 0
         self.data_frames = 0
+        self.subscribed: list[str] = []  # every subscribe's params, in order
 
     # -- socket plumbing --------------------------------------------------------------------------------------
 
@@ -357,11 +358,12 @@ class _Connection:
         streams: list[tuple[str, str]] = []
         authed = False
         while True:
-            message = self._next_message(0.2 if authed and streams else 3600)
+            subscribed = authed and bool(streams or (self.server.source is not None and self.subscribed))
+            message = self._next_message(0.2 if subscribed else 3600)
             if message is None:
                 if self.server.stopping.is_set():
                     raise _Closed()
-                if authed and streams:
+                if subscribed:
                     break
                 continue
             action = message.get("action")
@@ -382,7 +384,10 @@ class _Connection:
                     continue
                 params = str(message.get("params", ""))
                 stats.subscribes.append(params)
+                self.subscribed.append(params)
                 new_streams, acked, _unknown = streams_for(self.cluster, params)
+                if self.server.source is not None:  # a replay serves whatever the captures hold
+                    acked = [topic.strip() for topic in params.split(",") if topic.strip()]
                 refused = [t for t in acked if t.partition(".")[0] in options.not_authorized_codes]
                 acks = [_status("success", f"subscribed to: {t}") for t in acked if t not in refused]
                 if refused:
@@ -394,6 +399,9 @@ class _Connection:
                     self.send([_status("max_connections", "Maximum number of websocket connections exceeded. ")])
                     self.sock.sendall(self.ws.send(CloseConnection(code=1008, reason="max connections")))
                     raise _Closed()
+        if self.server.source is not None:  # replay: frames from captures instead of generated events
+            self.server.source(self, ",".join(self.subscribed))
+            return
         generator = EventGenerator(self.cluster, streams, options.seed + stats.connections)
         if options.frame_pool:
             self._stream_pool(generator)
@@ -533,8 +541,12 @@ class _Connection:
 class MockServer:
     """Listens on host:port (0: a free port) until stop()."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, options: MockOptions | None = None):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, options: MockOptions | None = None,
+                 source: Callable[["_Connection", str], None] | None = None):
+        """source: replaces the generated events (replay.py): called on each connection's thread once it has
+        subscribed, with the connection and its subscribe params; the handshake stays this server's."""
         self.options = options or MockOptions()
+        self.source = source
         self.stats = MockStats()
         self.stopping = threading.Event()
         self.streaming = threading.Event()  # clear it to hold data events (handshakes still complete)

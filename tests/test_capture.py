@@ -6,10 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import ujson
+import websocket
 
-from helpers import ROOT, wait_for
+from helpers import ROOT, Streamer, base_env, free_port, wait_for
 from polygon_streamer.sinks.capture import CAPTURE_LINE, frame_json
 
 
@@ -79,10 +81,10 @@ def reprocess(*args, timeout=120):
                           env={k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "NDJSON_", "SINK"))})
 
 
-def live_capture(mock_server, spawn, tmp_path):
+def live_capture(mock_server, spawn, tmp_path, odd_events=True):
     """A live run with two reconnects: its capture and what its NDJSON sink wrote."""
     mock_server.options.drop_after = 150
-    mock_server.options.odd_events_every = 11
+    mock_server.options.odd_events_every = 11 if odd_events else 0
     capture, ndjson = tmp_path / "live.capture", tmp_path / "live.ndjson"
     streamer = spawn(SINK="ndjson,capture", NDJSON_DEST=str(ndjson), CAPTURE_DEST=str(capture),
                      SUBSCRIPTION="T.*,Q.*", NDJSON_SAMPLE_QUOTES="3", NDJSON_FLUSH_INTERVAL_MS="50")
@@ -132,3 +134,100 @@ def test_reprocess_uses_what_it_can_of_damaged_captures_and_says_where(mock_serv
                 if isinstance(e, dict) and e.get("ev") not in ("status", None)]
     got = [r["payload"] for r in records if r["kind"] != "gap"]
     assert len(got) > len(captured) // 3 and all(p in captured for p in got), "the rest is used"
+
+
+class ReplayProcess:
+    """`polygon-streamer replay` as a child process; url is its ws://host:port."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-m", "polygon_streamer", "replay", "--port", "0",
+                                      "--no-progress", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.url = self.proc.stdout.readline().strip()
+        assert self.url.startswith("ws://"), self.proc.stderr.read()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(10)
+
+
+def consume(url, params, until_quiet=1.5, limit=100_000):
+    """A plain websocket-client consumer, as the official clients do it: (monotonic arrival, events) per frame."""
+    ws = websocket.create_connection(url, timeout=5)
+    try:
+        assert json.loads(ws.recv())[0]["status"] == "connected"
+        ws.send(json.dumps({"action": "auth", "params": "any-key"}))
+        assert json.loads(ws.recv())[0]["status"] == "auth_success"
+        ws.send(json.dumps({"action": "subscribe", "params": params}))
+        assert json.loads(ws.recv())[0]["status"] == "success"
+        ws.settimeout(until_quiet)
+        frames = []
+        while len(frames) < limit:
+            try:
+                message = ws.recv()
+                frames.append((time.monotonic(), json.loads(message)))
+            except websocket.WebSocketTimeoutException:
+                break
+        return frames
+    finally:
+        ws.close()
+
+
+def captured_events(capture):
+    return [(r["recv_ns"], e) for _, r in capture_lines(capture) if "frame" in r for e in r["frame"]
+            if isinstance(e, dict) and e.get("ev") not in ("status", None)]
+
+
+def test_replay_serves_the_capture_to_the_service_and_to_a_plain_client(mock_server, spawn, tmp_path):
+    # (No odd events here: a replay, as the real server, sends only the codes subscribed to.)
+    capture, live = live_capture(mock_server, spawn, tmp_path, odd_events=False)
+    replay = ReplayProcess(capture, "--speed", "max")
+    try:
+        out = tmp_path / "replayed.ndjson"
+        streamer = Streamer(base_env(replay.url + "/stocks", free_port(), SINK="ndjson", NDJSON_DEST=str(out),
+                                     SUBSCRIPTION="T.*,Q.*", NDJSON_SAMPLE_QUOTES="3",
+                                     NDJSON_FLUSH_INTERVAL_MS="50"))
+        live_data = [r for r in without_host(live) if r["kind"] != "gap"]
+        wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= len(live_data), timeout=20,
+                 what="the replayed events")
+        assert streamer.stop() == 0
+        replayed = [r for r in without_host(out) if r["kind"] != "gap"]
+        assert [r["payload"] for r in replayed] == [r["payload"] for r in live_data], "every event, in order"
+        # A client that subscribes to some symbols gets their events alone, as captured.
+        frames = consume(replay.url + "/stocks", "T.A*,Q.MSFT")
+        got = [event for _, events in frames for event in events]
+        expected = [e for _, e in captured_events(capture)
+                    if (e["ev"] == "T" and str(e.get("sym", "")).startswith("A")) or
+                    (e["ev"] == "Q" and e.get("sym") == "MSFT")]
+        assert got == expected and got
+        assert consume(replay.url + "/crypto", "XT.*", until_quiet=0.5) == [], "another cluster's capture: nothing"
+    finally:
+        assert replay.stop() == 0
+
+
+def test_replay_keeps_the_captured_timing_scaled_by_speed_within_the_chosen_window(mock_server, spawn, tmp_path):
+    mock_server.options.rate = 200
+    mock_server.options.batch = 2
+    capture = tmp_path / "paced.capture"
+    streamer = spawn(SINK="capture", CAPTURE_DEST=str(capture), SUBSCRIPTION="T.*", NDJSON_FLUSH_INTERVAL_MS="50")
+    wait_for(lambda: len(captured_events(capture)) >= 400 if capture.exists() else False, what="2 s of capture")
+    assert streamer.stop() == 0
+    events = captured_events(capture)
+    start_ns, end_ns = events[len(events) // 4][0], events[3 * len(events) // 4][0]
+    replay = ReplayProcess(capture, "--speed", "4", "--from", f"{start_ns / 1e9:.3f}", "--to", f"{end_ns / 1e9:.3f}")
+    try:
+        frames = consume(replay.url + "/stocks", "T.*")
+    finally:
+        assert replay.stop() == 0
+    by_first = {json.dumps(e, sort_keys=True): ns for ns, e in events}
+    sent_ns = [by_first[json.dumps(events_[0], sort_keys=True)] for _, events_ in frames]
+    window_ms = (start_ns // 1_000_000, end_ns // 1_000_000)
+    assert sent_ns and all(window_ms[0] <= ns // 1_000_000 <= window_ms[1] for ns in sent_ns), "only the window"
+    assert sent_ns[0] // 1_000_000 - window_ms[0] <= 50 and window_ms[1] - sent_ns[-1] // 1_000_000 <= 50
+    # Each frame arrives when the capture says, divided by 4 (measured against the capture's times).
+    arrival0, capture0 = frames[0][0], sent_ns[0]
+    for (arrived, _), ns in zip(frames, sent_ns):
+        expected = (ns - capture0) / 1e9 / 4
+        assert abs((arrived - arrival0) - expected) <= 0.1 + 0.1 * expected, (arrived - arrival0, expected)
+    span = (sent_ns[-1] - capture0) / 1e9
+    assert span >= 0.4, "a window long enough to tell the speed"
