@@ -326,6 +326,7 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
                # so the bench measures throughput, not the drop policy (the RSS reported includes the backlog).
                CHANNEL_CAP=str(events // batch + 16), NDJSON_CHANNEL_CAP=str(events // batch + 16),
                ZMQ_CHANNEL_CAP=str(events // batch + 16),
+               CAPTURE_DEST=os.path.join(workdir, "bench.capture"), CAPTURE_CHANNEL_CAP=str(events // batch + 16),
                # The same for the socket's pipe: the counting subscriber shares core 0 with the server and, on
                # pyzmq 24, receives at about 270k messages/s alone on a core, so it can fall behind the sink for a
                # while; it catches up after the run and the bench checks that it got every message.
@@ -357,7 +358,7 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
         while done < events:
             time.sleep(0.05)
             samples = _scrape(metrics_url)
-            done = min(_sink_done(samples, sink) for sink in sinks)
+            done = min(_sink_done(samples, sink) * (batch if sink == "capture" else 1) for sink in sinks)
             _progress(done, events, started, progress)
             if time.perf_counter() - started > 600:
                 result.problems.append("gave up after 600 s")
@@ -435,7 +436,8 @@ def _sink_written(samples: dict, sink: str) -> float:
 
 
 def _sink_done(samples: dict, sink: str) -> float:
-    """Events the sink has finished with: written, or dropped and counted."""
+    """Events the sink has finished with: written, or dropped and counted (capture: frames, each `batch` events;
+    its three handshake frames make up for the short last frame)."""
     drops = samples.get((f"polygon_{sink}_drops_total", ()), 0) + samples.get(("polygon_channel_drops_total", ()), 0)
     return _sink_written(samples, sink) + drops
 

@@ -318,7 +318,8 @@ def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: b
 @click.option("--cluster", type=click.Choice(["stocks", "options", "futures", "crypto", "forex", "indices"]),
               default="stocks", show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True, help="events per frame")
-@click.option("--sink", "sinks", default="ndjson", show_default=True, help="ndjson, zmq or ndjson,zmq")
+@click.option("--sink", "sinks", default="ndjson", show_default=True,
+              help="ndjson, zmq or ndjson,zmq; add capture to measure its cost (ndjson,capture)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object instead of the table")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="a progress bar on stderr")
 @click.option("--pinned/--no-pinned", default=True, show_default=True,
@@ -328,8 +329,9 @@ def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, prog
     from . import bench as benchmark
 
     chosen = [name.strip() for name in sinks.split(",") if name.strip()]
-    if not chosen or any(name not in ("ndjson", "zmq") for name in chosen):
-        raise ConfigError(f"invalid --sink {sinks!r}: expected ndjson, zmq or ndjson,zmq")
+    if not chosen or any(name not in ("ndjson", "zmq", "capture") for name in chosen) or chosen == ["capture"]:
+        raise ConfigError(f"invalid --sink {sinks!r}: expected ndjson, zmq or both, optionally with capture "
+                          "(e.g. ndjson,capture)")
     result = benchmark.run(events, cluster, batch, chosen, progress, pinned)
     click.echo(benchmark.to_json(result) if as_json else benchmark.format_table(result))
     return 0 if result.ok else 1
