@@ -141,6 +141,31 @@ def reprocess(captures: tuple[str, ...], progress: bool, **values) -> int:
     return offline.run(config, list(captures), progress)
 
 
+def _local_server(host: str, port: int, options, source=None):
+    """The local Polygon server (mock-server, replay), a busy port being one line and exit 2."""
+    from .mockserver import MockServer
+
+    try:
+        return MockServer(host, port, options, source=source)
+    except OSError as exc:
+        raise ConfigError(f"invalid --host/--port {host}:{port}: cannot listen there "
+                          f"({os.strerror(exc.errno) if exc.errno else exc}); pick a free port, or 0 for any") from None
+
+
+def _announce(server, what: str):
+    """Say where the server listens (the base URL alone on stdout, for scripts); the Event is set by SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    click.echo(what, err=True)
+    click.echo(f"ws://{server.host}:{server.port}")
+    sys.stdout.flush()
+    done = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: done.set())
+    return done
+
+
 def _speed(text: str) -> float | None:
     if text == "max":
         return None
@@ -168,10 +193,7 @@ def replay(captures: tuple[str, ...], host: str, port: int, key: str | None, spe
            end: str | None, loop: bool, progress: bool) -> int:
     """Serve capture files over the Polygon protocol (ws://HOST:PORT/CLUSTER) to any client, subscriptions
     honoured, each connection from the start. Prints the base URL on stdout; runs until SIGTERM/SIGINT."""
-    import signal
-    import threading
-
-    from .mockserver import MockOptions, MockServer
+    from .mockserver import MockOptions
     from .replay import Replay, parse_time
 
     try:
@@ -179,19 +201,10 @@ def replay(captures: tuple[str, ...], host: str, port: int, key: str | None, spe
     except ValueError as exc:
         raise ConfigError(f"invalid --from/--to: {exc}") from None
     source = Replay(captures, _speed(speed), window[0], window[1], loop, progress)
-    try:
-        server = MockServer(host, port, MockOptions(api_key=key), source=source)
-    except OSError as exc:
-        raise ConfigError(f"invalid --host/--port {host}:{port}: cannot listen there "
-                          f"({os.strerror(exc.errno) if exc.errno else exc}); pick a free port, or 0 for any") from None
+    server = _local_server(host, port, MockOptions(api_key=key), source)
     server.start()
-    click.echo(f"replay: serving {len(captures)} capture file(s) on ws://{server.host}:{server.port}/CLUSTER",
-               err=True)
-    click.echo(f"ws://{server.host}:{server.port}")
-    sys.stdout.flush()
-    done = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: done.set())
+    done = _announce(server, f"replay: serving {len(captures)} capture file(s) on ws://{server.host}:{server.port}"
+                             "/CLUSTER")
     done.wait()
     server.stop()
     if source.skipped:
@@ -224,26 +237,16 @@ def replay(captures: tuple[str, ...], host: str, port: int, key: str | None, spe
 def mock_server(host: str, port: int, key: str | None, hold: bool, **options) -> int:
     """Serve the Polygon protocol locally for every cluster (ws://HOST:PORT/stocks, /crypto, ...)."""
     import signal
-    import threading
 
-    from .mockserver import MockOptions, MockServer
+    from .mockserver import MockOptions
 
-    try:
-        server = MockServer(host, port, MockOptions(api_key=key, **options))
-    except OSError as exc:
-        raise ConfigError(f"invalid --host/--port {host}:{port}: cannot listen there "
-                          f"({os.strerror(exc.errno) if exc.errno else exc}); pick a free port, or 0 for any") from None
+    server = _local_server(host, port, MockOptions(api_key=key, **options))
     if hold:
         server.streaming.clear()
         signal.signal(signal.SIGUSR1, lambda *_: server.streaming.set())
     server.start()
-    click.echo(f"listening on ws://{server.host}:{server.port}/{{stocks,options,futures,crypto,forex,indices}}",
-               err=True)
-    click.echo(f"ws://{server.host}:{server.port}")
-    sys.stdout.flush()
-    done = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: done.set())
+    done = _announce(server, f"listening on ws://{server.host}:{server.port}/"
+                             "{stocks,options,futures,crypto,forex,indices}")
     primed_told = False
     while not done.wait(0.05):
         if hold and not primed_told and server.primed.is_set():
