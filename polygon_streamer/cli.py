@@ -116,6 +116,43 @@ def demo(rate: float, batch: int, max_events: int, **values) -> int:
         server.stop()
 
 
+@cli.command()
+@click.option("--metrics-addr", "addr", default="127.0.0.1:9898", show_default=True, envvar="METRICS_ADDR",
+              show_envvar=True, help="the running service's METRICS_ADDR")
+@click.option("--json", "as_json", is_flag=True, help="the JSON of GET /subscriptions as it is")
+def subscriptions(addr: str, as_json: bool) -> int:
+    """Show what a running service is subscribed to: each topic's state (pending, active, refused)."""
+    import urllib.error
+    import urllib.request
+
+    from .config import format_addr, parse_setting, SETTINGS_BY_FIELD
+
+    host_port = format_addr(parse_setting(SETTINGS_BY_FIELD["metrics_addr"], addr))
+    url = f"http://{host_port}/subscriptions"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the service is local: no proxy
+    try:
+        with opener.open(url, timeout=5) as response:
+            text = response.read().decode("utf-8")
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"polygon-streamer: cannot read {url}: {getattr(exc, 'reason', exc)} (is the service running "
+                   "with this METRICS_ADDR?)", err=True)
+        return 1
+    if as_json:
+        click.echo(text, nl=False)
+        return 0
+    import json
+
+    state = json.loads(text)
+    topics = state["topics"]
+    width = max([len("TOPIC")] + [len(topic) for topic in topics])
+    click.echo(f"{'TOPIC':<{width}}  {'STATE':<8}  MESSAGE")
+    for topic, entry in topics.items():
+        click.echo(f"{topic:<{width}}  {entry['state']:<8}  {entry.get('message', '')}".rstrip())
+    counts = state["counts"]
+    click.echo(f"{len(topics)} topic(s) from {state['source']}: " + ", ".join(f"{counts[k]} {k}" for k in counts))
+    return 0
+
+
 _OFFLINE_FIXED = ("api_key", "api_key_file", "ws_url", "feed", "cluster")
 
 

@@ -215,6 +215,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ws_url", "POLYGON_WS_URL", None, _ws_url, "full WebSocket URL (overrides cluster and feed host)",
             shown=redact_url),
     Setting("subscription", "SUBSCRIPTION", "T.*", _subscription, "subscribe params, e.g. T.*,Q.AAPL"),
+    Setting("subscription_file", "SUBSCRIPTION_FILE", None, _nonempty,
+            "a file of topics, one a line (# comments), used instead of SUBSCRIPTION and reread on SIGHUP"),
     Setting("channel_cap", "CHANNEL_CAP", "1024", _int(1), "inbound queue capacity in frames"),
     Setting("backoff_initial_secs", "BACKOFF_INITIAL_SECS", "1", _seconds(0, False), "first reconnect delay"),
     Setting("backoff_max_secs", "BACKOFF_MAX_SECS", "60", _seconds(0, False), "reconnect delay ceiling"),
@@ -323,6 +325,7 @@ class Config:
     capture_max_bytes: int | None = None
     capture_rotate_secs: float | None = None
     capture_gzip: bool = False
+    subscription_file: str | None = None
     api_key_file: str | None = None
 
     def redacted(self) -> dict[str, Any]:
@@ -398,6 +401,14 @@ def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
     if values["ndjson_split_per_type"] and values["ndjson_dest"] == "stdout":
         raise ConfigError("invalid NDJSON_SPLIT_PER_TYPE (--ndjson-split-per-type) 'true' with NDJSON_DEST=stdout: "
                           "splitting needs a file path in NDJSON_DEST")
+
+    if values["subscription_file"] is not None:
+        from .subscriptions import SubscriptionFileError, read_file
+
+        try:
+            values["subscription"] = ",".join(read_file(values["subscription_file"]))
+        except SubscriptionFileError as exc:
+            raise ConfigError(f"invalid SUBSCRIPTION_FILE (--subscription-file) {exc}") from None
 
     url = values["ws_url"] or protocol.feed_url(values["feed"], values["cluster"])
     fields = {f.name for f in dataclasses.fields(Config)}

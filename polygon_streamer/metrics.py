@@ -154,6 +154,9 @@ class ServiceCollector:
         yield _counter("polygon_channel_dropped_frames_total", "Frames dropped because the inbound queue was full",
                        reader.channel_dropped_frames)
         yield _gauge("polygon_connected", "1 while authenticated to the server", 1 if reader.connected else 0)
+        subscribed = service.subscriptions.snapshot()["counts"]
+        yield _gauge("polygon_subscriptions", "Desired topics by state: pending (sent, unanswered), active "
+                     "(acknowledged), refused (the server said error)", labels=["state"], samples=subscribed)
         yield _counter("polygon_stale_timeouts_total",
                        "Sessions ended after STALE_AFTER_SECS without a data event while subscribed",
                        reader.stale_timeouts)
@@ -229,6 +232,7 @@ def sink_metrics(sink, queue_stats) -> Iterable:
 class _Handler(MetricsHandler):
     health: Callable[[], tuple[bool, str]]
     ready: Callable[[], tuple[bool, str]]
+    subscriptions: Callable[[], dict] | None = None
     timeout = HTTP_IDLE_SECS
 
     def do_GET(self) -> None:
@@ -239,16 +243,18 @@ class _Handler(MetricsHandler):
             self._plain(*self.health())
         elif path == "/ready":
             self._plain(*self.ready())
+        elif path == "/subscriptions" and self.subscriptions is not None:
+            self._send(200, logs.dumps(self.subscriptions()) + "\n", "application/json")
         else:
-            self._send(404, "not found: try /metrics, /health or /ready\n")
+            self._send(404, "not found: try /metrics, /health, /ready or /subscriptions\n")
 
     def _plain(self, ok: bool, text: str) -> None:
         self._send(200 if ok else 503, text + "\n")
 
-    def _send(self, status: int, text: str) -> None:
+    def _send(self, status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
         body = text.encode("utf-8")
         self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -313,9 +319,11 @@ class MetricsServer:
     """/metrics from a private registry, /health and /ready from the service; 404 otherwise."""
 
     def __init__(self, addr: tuple[str, int], registry: CollectorRegistry,
-                 health: Callable[[], tuple[bool, str]], ready: Callable[[], tuple[bool, str]]):
+                 health: Callable[[], tuple[bool, str]], ready: Callable[[], tuple[bool, str]],
+                 subscriptions: Callable[[], dict] | None = None):
         handler = type("PolygonHandler", (_Handler,), {
-            "registry": registry, "health": staticmethod(health), "ready": staticmethod(ready)})
+            "registry": registry, "health": staticmethod(health), "ready": staticmethod(ready),
+            "subscriptions": staticmethod(subscriptions) if subscriptions else None})
         # Binding here, before any connection, turns a port in use into a config error (exit 2).
         self._server = _Server(addr, handler)
         self.address = self._server.server_address[:2]

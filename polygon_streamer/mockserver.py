@@ -146,6 +146,7 @@ class MockOptions:
     auth_failed_as_error: bool = False  # reject_auth answers with an `error` status and keeps the connection open
     max_connections: bool = False      # after the acks: max_connections status, then close 1008
     not_authorized_codes: tuple[str, ...] = ()  # subscribe to these codes -> status error "not authorized"
+    refuse_topics: tuple[str, ...] = ()  # subscribe to these topics (exactly as written) -> error "not authorized"
     drop_after: int = 0                # abrupt close after this many events on each connection
     bad_json_every: int = 0            # every Nth data frame is not JSON
     odd_events_every: int = 0          # every Nth data frame also carries ODD_EVENTS
@@ -173,6 +174,7 @@ class MockStats:
     connections: int = 0
     auth_attempts: list = field(default_factory=list)     # monotonic times
     subscribes: list = field(default_factory=list)        # params strings
+    unsubscribes: list = field(default_factory=list)      # params strings
     events_sent: int = 0
     frames_sent: int = 0
     sent: list = field(default_factory=list)              # (code, symbol, q) when options.record
@@ -219,11 +221,17 @@ class EventGenerator:
     def __bool__(self) -> bool:
         return bool(self._streams)
 
+    @property
+    def streams(self) -> list[tuple[str, str]]:
+        """The (code, symbol) streams served, a list the connection changes in place (subscribe, unsubscribe)."""
+        return self._streams
+
     def take(self, count: int) -> list[dict]:
         now = time.time_ns() // 1_000_000
         out = []
         streams = self._streams
         for _ in range(count):
+            self._next %= len(streams)  # the list may have shrunk (unsubscribe)
             code, symbol = streams[self._next]
             self._next = (self._next + 1) % len(streams)
             seq = self._seq.get((code, symbol), 0) + 1
@@ -382,19 +390,7 @@ class _Connection:
                 if not authed:
                     self.send([_status("auth_required", "authentication required")])
                     continue
-                params = str(message.get("params", ""))
-                stats.subscribes.append(params)
-                self.subscribed.append(params)
-                new_streams, acked, _unknown = streams_for(self.cluster, params)
-                if self.server.source is not None:  # a replay serves whatever the captures hold
-                    acked = [topic.strip() for topic in params.split(",") if topic.strip()]
-                refused = [t for t in acked if t.partition(".")[0] in options.not_authorized_codes]
-                acks = [_status("success", f"subscribed to: {t}") for t in acked if t not in refused]
-                if refused:
-                    acks.append(_status("error", "not authorized"))
-                if acks:
-                    self.send(acks)
-                streams += [s for s in new_streams if s[0] not in options.not_authorized_codes and s not in streams]
+                self._subscribe(str(message.get("params", "")), streams)
                 if options.max_connections:
                     self.send([_status("max_connections", "Maximum number of websocket connections exceeded. ")])
                     self.sock.sendall(self.ws.send(CloseConnection(code=1008, reason="max connections")))
@@ -407,6 +403,52 @@ class _Connection:
             self._stream_pool(generator)
         else:
             self._stream(generator)
+
+    def _subscribe(self, params: str, streams: list[tuple[str, str]]) -> None:
+        """Ack each topic (or refuse it: not_authorized_codes, refuse_topics) and add its streams."""
+        options = self.options
+        self.server.stats.subscribes.append(params)
+        self.subscribed.append(params)
+        _streams, acked, _unknown = streams_for(self.cluster, params)
+        if self.server.source is not None:  # a replay serves whatever the captures hold
+            acked = [topic.strip() for topic in params.split(",") if topic.strip()]
+        refused = [t for t in acked if t.partition(".")[0] in options.not_authorized_codes or t in options.refuse_topics]
+        acks = [_status("success", f"subscribed to: {t}") for t in acked if t not in refused]
+        if refused:
+            acks.append(_status("error", "not authorized"))
+        if acks:
+            self.send(acks)
+        for topic in acked:
+            if topic not in refused:
+                streams += [s for s in streams_for(self.cluster, topic)[0] if s not in streams]
+        # Codes interleaved per symbol (T:AAPL, Q:AAPL, T:MSFT, ...), the way a live mixed feed looks.
+        order = {symbol: index for index, symbol in enumerate(SYMBOLS[self.cluster])}
+        streams.sort(key=lambda stream: order.get(stream[1], len(order)))
+
+    def _unsubscribe(self, params: str, streams: list[tuple[str, str]]) -> None:
+        """Stop the topics' streams (at once: the next frame has none of them) and ack each."""
+        self.server.stats.unsubscribes.append(params)
+        topics = [topic.strip() for topic in params.split(",") if topic.strip()]
+        for topic in topics:
+            for stream in streams_for(self.cluster, topic)[0]:
+                if stream in streams:
+                    streams.remove(stream)
+        self.send([_status("success", f"unsubscribed to: {t}") for t in topics])
+
+    def _live_messages(self, streams: list[tuple[str, str]]) -> None:
+        """Subscribe and unsubscribe while streaming (what the client sent is in inbox, read by _pump)."""
+        while self.inbox:
+            try:
+                message = ujson.loads(self.inbox.pop(0))
+            except ValueError:
+                self.send([_status("error", "Invalid JSON")])
+                continue
+            if not isinstance(message, dict):
+                continue
+            if message.get("action") == "subscribe":
+                self._subscribe(str(message.get("params", "")), streams)
+            elif message.get("action") == "unsubscribe":
+                self._unsubscribe(str(message.get("params", "")), streams)
 
     def _stream_pool(self, generator: EventGenerator) -> None:
         """As fast as the socket takes it: pre-rendered frames, many per send, so the server outruns the client."""
@@ -473,6 +515,10 @@ class _Connection:
         next_status = 0.0
         while not self.server.stopping.is_set():
             self._send_injected()
+            self._live_messages(generator.streams)
+            if not generator:  # everything unsubscribed: quiet, answering pings
+                self._pump(0.05)
+                continue
             if not self.server.streaming.is_set():
                 self._pump(0.05)
                 next_send = time.monotonic()

@@ -25,6 +25,10 @@ def subscribe_message(params: str) -> str:
     return ujson.dumps({"action": "subscribe", "params": params}, escape_forward_slashes=False)
 
 
+def unsubscribe_message(params: str) -> str:
+    return ujson.dumps({"action": "unsubscribe", "params": params}, escape_forward_slashes=False)
+
+
 # Status values (protocol.md 2.4). The message text is free-form: never parse it.
 CONNECTED = "connected"
 AUTH_SUCCESS = "auth_success"

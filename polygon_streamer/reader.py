@@ -18,6 +18,7 @@ from websocket._abnf import frame_buffer  # the same class and recv_length() in 
 from . import logs, protocol
 from .config import Config
 from .normalize import FrameError, Gap, parse_frame
+from .subscriptions import Subscriptions
 from .threads import ServiceThread, set_os_thread_name
 
 _log = logs.get("polygon_conn")
@@ -182,9 +183,10 @@ class ReaderStats:
 
 
 class Reader(ServiceThread):
-    def __init__(self, config: Config, inbound: queue.Queue, capture=None):
+    def __init__(self, config: Config, inbound: queue.Queue, capture=None, subscriptions: Subscriptions | None = None):
         super().__init__("polygon-reader")
         self._config = config
+        self.subscriptions = subscriptions or Subscriptions(config.subscription.split(","), "SUBSCRIPTION")
         self._inbound = inbound
         # SINK=capture: every message as received, handshakes and statuses included (sinks.SinkQueue).
         self._capture = capture
@@ -222,7 +224,7 @@ class Reader(ServiceThread):
                 # The stream was interrupted: the first data of a later session is preceded by a gap record.
                 self._pending_gaps.append(Gap(end.gap, end.reason, time.time_ns() // 1_000_000,
                                               close_code=end.close_code, close_reason=end.close_reason,
-                                              subscription=self._config.subscription))
+                                              subscription=self.subscriptions.describe()))
             healthy = self.subscribed_at is not None and time.monotonic() - self.subscribed_at >= HEALTHY_SESSION_SECS
             if attempt > 1 and self.subscribed_at is None:
                 self.stats.reconnect_failure += 1  # a success is counted as it subscribes (_session)
@@ -288,6 +290,7 @@ class Reader(ServiceThread):
         finally:
             self.ws = None
             self.stats.connected = False
+            self.subscriptions.disconnected()
             self._close(ws)
 
     def _close(self, ws: websocket.WebSocket) -> None:
@@ -304,7 +307,8 @@ class Reader(ServiceThread):
 
     # -- protocol -----------------------------------------------------------------------------------------------
 
-    def _recv(self, ws: websocket.WebSocket, deadline: float, stale_deadline: float = math.inf) -> tuple[int, bytes]:
+    def _recv(self, ws: websocket.WebSocket, deadline: float, stale_deadline: float = math.inf,
+              live: bool = False) -> tuple[int, bytes]:
         """One data message; SessionEnd on stop, close, no message before the deadline, or (STALE_AFTER_SECS) no
         data event before the stale deadline.
 
@@ -314,7 +318,10 @@ class Reader(ServiceThread):
         fragments: list[bytes] = []
         size = 0
         opcode = 0
+        subscriptions = self.subscriptions
         while True:
+            if live and subscriptions.changed:
+                self._apply_changes(ws)
             if time.monotonic() >= stale_deadline:  # checked before each frame: statuses keep arriving
                 self.stats.stale_timeouts += 1
                 raise SessionEnd(f"stale: no data event for {self._config.stale_after_secs:g}s while subscribed "
@@ -397,16 +404,35 @@ class Reader(ServiceThread):
         ws.send(protocol.auth_message(self._config.api_key))
         self._await_status(ws, (protocol.AUTH_SUCCESS,), "auth_success")
         self.stats.connected = True
-        ws.send(protocol.subscribe_message(self._config.subscription))
+        messages = self.subscriptions.session_started()  # the whole desired set, in chunks
+        for params in messages:
+            ws.send(protocol.subscribe_message(params))
         self.events_since_subscribe = 0
         self.subscribed_at = time.monotonic()
-        _log.info("subscribing to %s", self._config.subscription,
-                  extra={"fields": {"params": self._config.subscription, "cluster": self._config.cluster}})
+        topics = self.subscriptions.desired
+        shown = ",".join(topics) if len(topics) <= 20 else f"{len(topics)} topics ({self.subscriptions.source})"
+        _log.info("subscribing to %s", shown, extra={"fields": {"topics": len(topics), "messages": len(messages),
+                                                               "source": self.subscriptions.source,
+                                                               "cluster": self._config.cluster}})
+
+    def _apply_changes(self, ws: websocket.WebSocket) -> None:
+        """The desired set changed (SIGHUP): send the difference on the live connection."""
+        change = self.subscriptions.take_change()
+        if change is None:
+            return
+        subscribe, unsubscribe = change
+        for params in unsubscribe:
+            ws.send(protocol.unsubscribe_message(params))
+        for params in subscribe:
+            ws.send(protocol.subscribe_message(params))
+        _log.info("subscriptions changed: %d message(s) to subscribe, %d to unsubscribe", len(subscribe),
+                  len(unsubscribe), extra={"fields": {"subscribe": subscribe[:3], "unsubscribe": unsubscribe[:3]}})
 
     def _handle_status(self, event: dict) -> str:
         """Log and count one status object; returns its status."""
         status = str(event.get("status", ""))[:SERVER_MESSAGE_CHARS]
         message = str(event.get("message", ""))[:SERVER_MESSAGE_CHARS]
+        self.subscriptions.on_statuses([(status, message)])
         label = status if status in protocol.KNOWN_STATUSES else protocol.UNKNOWN_LABEL
         self.stats.statuses[label] = self.stats.statuses.get(label, 0) + 1
         fields = {"status": status, "server_message": message, "cluster": self._config.cluster,
@@ -462,7 +488,7 @@ class Reader(ServiceThread):
         stale_after = self._config.stale_after_secs
         stale_deadline = clock() + stale_after if stale_after else math.inf
         while not stopping():
-            _, data = self._recv(ws, deadline, stale_deadline)
+            _, data = self._recv(ws, deadline, stale_deadline, True)
             ingest_ms = self.last_recv_ns // 1_000_000
             deadline = clock() + read_timeout
             statuses = 0
@@ -497,7 +523,7 @@ class Reader(ServiceThread):
         self.stats.channel_dropped_frames += 1
         last = self._pending_gaps[-1] if self._pending_gaps else None
         if last is None or last.reason != "inbound_drop":
-            last = Gap("inbound_drop", "", ingest_ms, dropped_events=0, subscription=self._config.subscription)
+            last = Gap("inbound_drop", "", ingest_ms, dropped_events=0, subscription=self.subscriptions.describe())
             self._pending_gaps.append(last)
         last.dropped_events += events
         last.detail = (f"inbound queue full (CHANNEL_CAP {self._config.channel_cap} frames): "

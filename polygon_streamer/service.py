@@ -19,6 +19,7 @@ from .metrics import LatencyHistogram, MetricsServer, make_registry
 from .normalize import FrameNormalizer
 from .reader import Heartbeat, Reader
 from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread
+from .subscriptions import SubscriptionFileError, Subscriptions, read_file
 
 _log = logs.get("polygon_streamer")
 _stats_log = logs.get("polygon_stats")
@@ -73,7 +74,8 @@ class Service:
         dispatched = [q for q in self.sink_queues if q is not self.capture_queue]
         for sink_queue in dispatched:
             sink_queue.normalizer = self.normalizer  # sink_drop gap records
-        self.reader = Reader(config, self.inbound, self.capture_queue)
+        self.subscriptions = Subscriptions(config.subscription.split(","), config.subscription_file or "SUBSCRIPTION")
+        self.reader = Reader(config, self.inbound, self.capture_queue, self.subscriptions)
         self.dispatcher = Dispatcher(self.inbound, self.normalizer, dispatched, self.latency,
                                      config.bp_warn_interval_secs)
         self.sink_threads = [SinkThread(sink, sink_queue) for sink, sink_queue in built]
@@ -97,7 +99,7 @@ class Service:
             try:
                 if network:
                     self.metrics_server = MetricsServer(self.config.metrics_addr, self.registry, self.health,
-                                                        self.ready)
+                                                        self.ready, self.subscriptions.snapshot)
             except OSError as exc:
                 raise ConfigError(f"invalid METRICS_ADDR (--metrics-addr) {format_addr(self.config.metrics_addr)!r}: "
                                   f"cannot listen there ({exc.strerror or exc}); pick a free host:port") from None
@@ -174,12 +176,29 @@ class Service:
                 next_stats = now + self.config.stats_interval_secs
 
     def _reopen(self) -> None:
+        if self.config.subscription_file:
+            self._reload_subscriptions()
         if self.config.ndjson_no_reopen:
             _log.info("SIGHUP ignored (NDJSON_NO_REOPEN)")
             return
         _log.info("SIGHUP: reopening files")
         for thread in self.sink_threads:
             thread.reopen_requested.set()
+
+    def _reload_subscriptions(self) -> None:
+        """SIGHUP: reread SUBSCRIPTION_FILE; the reader sends the difference on the live connection. A bad file is
+        logged with its line number and the running set is kept."""
+        path = self.config.subscription_file
+        try:
+            topics = read_file(path)
+        except SubscriptionFileError as exc:
+            _log.error("SIGHUP: %s; keeping the %d topics subscribed now", exc, len(self.subscriptions.desired),
+                       extra={"fields": {"path": path}})
+            return
+        added, removed = self.subscriptions.set_desired(topics)
+        _log.info("SIGHUP: %s reread: %d topic(s) added, %d removed", path, len(added), len(removed),
+                  extra={"fields": {"path": path, "added": added[:20], "removed": removed[:20],
+                                    "topics": len(topics)}})
 
     def shutdown(self, why: str) -> int:
         """Stop reading, drain every queue, flush and close every sink, all within SHUTDOWN_TIMEOUT_SECS.
@@ -313,6 +332,8 @@ class Service:
         if not reader.stats.connected or subscribed_at is None:
             refused = self._refused()
             return False, f"NOT READY: {refused}" if refused else "NOT READY: not subscribed"
+        if not self.subscriptions.active():
+            return False, "NOT READY: no topic acknowledged by the server yet (GET /subscriptions)"
         if reader.events_since_subscribe < self.config.ready_min_messages:
             return False, (f"NOT READY: {reader.events_since_subscribe} of {self.config.ready_min_messages} "
                            "data events since subscribe")

@@ -1,0 +1,166 @@
+"""What the service is subscribed to: the desired set (SUBSCRIPTION, or SUBSCRIPTION_FILE reread on SIGHUP) and each
+topic's state as the server answered (pending, active, refused), kept by the reader thread and read by /subscriptions.
+
+The desired set is the single source of truth: every session subscribes to all of it; a change made while connected
+is sent as the difference (unsubscribe the removed topics, subscribe the new ones) without reconnecting.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from . import protocol
+
+# Topics per subscribe/unsubscribe message. Polygon documents no limit; the official Python client sends everything
+# in one message and users report sets of 3,000-4,000 symbols. 500 topics keep a message near 5-10 KB, well below
+# any frame or proxy limit, and a refusal (`error` does not name the topic) is pinned to at most one chunk.
+CHUNK_TOPICS = 500
+
+PENDING, ACTIVE, REFUSED = "pending", "active", "refused"
+STATES = (PENDING, ACTIVE, REFUSED)
+
+
+class SubscriptionFileError(ValueError):
+    pass
+
+
+def check_topic(topic: str) -> str | None:
+    """Why a topic is not CODE.TICKER, or None."""
+    code, dot, ticker = topic.partition(".")
+    if not dot or not code or not ticker or not code.isalnum() or " " in topic or "," in topic:
+        return "expected a topic CODE.TICKER, e.g. T.AAPL, Q.*, XT.BTC-USD"
+    return None
+
+
+def parse_file(text: str, path: str = "SUBSCRIPTION_FILE") -> list[str]:
+    """One topic a line; `#` starts a comment; blank lines are skipped; duplicates count once (first place kept)."""
+    topics: list[str] = []
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        topic = line.split("#", 1)[0].strip()
+        if not topic:
+            continue
+        why = check_topic(topic)
+        if why:
+            raise SubscriptionFileError(f"{path}:{number}: {topic!r}: {why}")
+        if topic not in seen:
+            seen.add(topic)
+            topics.append(topic)
+    if not topics:
+        raise SubscriptionFileError(f"{path}: no topic in it (one topic a line, e.g. T.AAPL)")
+    return topics
+
+
+def read_file(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SubscriptionFileError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    return parse_file(text, path)
+
+
+def chunks(topics: list[str]) -> list[str]:
+    return [",".join(topics[start:start + CHUNK_TOPICS]) for start in range(0, len(topics), CHUNK_TOPICS)]
+
+
+class Subscriptions:
+    """The desired topics and their states. The reader owns the states; set_desired() may be called from any thread
+    (SIGHUP in the main thread): the reader picks the change up between frames (take_change)."""
+
+    def __init__(self, topics: list[str], source: str):
+        self.source = source
+        self._lock = threading.Lock()
+        self._desired: list[str] = list(topics)
+        self.changed = False  # read without the lock by the reader between frames (a plain bool)
+        self.states: dict[str, tuple[str, str]] = {}  # topic -> (state, the server's message)
+        self._in_flight: list[str] = []  # the last subscribe's topics still unanswered (for an `error` status)
+
+    @property
+    def desired(self) -> list[str]:
+        with self._lock:
+            return list(self._desired)
+
+    def set_desired(self, topics: list[str]) -> tuple[list[str], list[str]]:
+        """The new desired set; returns (added, removed) against the current one."""
+        with self._lock:
+            old = set(self._desired)
+            added = [topic for topic in topics if topic not in old]
+            removed = [topic for topic in self._desired if topic not in set(topics)]
+            self._desired = list(topics)
+            self.changed = self.changed or bool(added or removed)
+        return added, removed
+
+    # -- the reader's side ----------------------------------------------------------------------------------------
+
+    def session_started(self) -> list[str]:
+        """A new session subscribes to the whole desired set: every topic pending. Returns the messages' params."""
+        with self._lock:
+            topics = list(self._desired)
+            self.changed = False
+        self.states = {topic: (PENDING, "") for topic in topics}
+        self._in_flight = list(topics)
+        return chunks(topics)
+
+    def take_change(self) -> tuple[list[str], list[str]] | None:
+        """While connected: (subscribe params, unsubscribe params) to send, or None if nothing changed."""
+        with self._lock:
+            if not self.changed:
+                return None
+            self.changed = False
+            desired = list(self._desired)
+        wanted = set(desired)
+        added = [topic for topic in desired if topic not in self.states]
+        removed = [topic for topic in self.states if topic not in wanted]
+        for topic in removed:
+            del self.states[topic]
+        for topic in added:
+            self.states[topic] = (PENDING, "")
+        self._in_flight = added
+        return chunks(added), chunks(removed)
+
+    def on_statuses(self, statuses: list[tuple[str, str]]) -> None:
+        """The statuses of one frame (status, message): acks make topics active; an `error` (it does not name the
+        topic) refuses the topics of the last subscribe still pending."""
+        errors = []
+        for status, message in statuses:
+            if status == protocol.SUCCESS and message.startswith("subscribed to: "):
+                topic = message[len("subscribed to: "):].strip()
+                if topic in self.states:
+                    self.states[topic] = (ACTIVE, "")
+                    if topic in self._in_flight:
+                        self._in_flight.remove(topic)
+            elif status == protocol.ERROR:
+                errors.append(message)
+        if errors:
+            for topic in self._in_flight:
+                if self.states.get(topic, (None,))[0] == PENDING:
+                    self.states[topic] = (REFUSED, errors[0])
+            self._in_flight = []
+
+    def disconnected(self) -> None:
+        for topic, (state, message) in list(self.states.items()):
+            if state == ACTIVE:
+                self.states[topic] = (PENDING, "")
+
+    # -- readers (HTTP thread) ------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        states = dict(self.states)
+        desired = self.desired
+        topics = {}
+        for topic in desired:
+            state, message = states.get(topic, (PENDING, ""))
+            topics[topic] = {"state": state, **({"message": message} if message else {})}
+        counts = {state: 0 for state in STATES}
+        for entry in topics.values():
+            counts[entry["state"]] += 1
+        return {"source": self.source, "counts": counts, "topics": topics}
+
+    def describe(self) -> str:
+        """The desired set for a log line or a gap record: the params, or how many topics from where."""
+        topics = self.desired
+        return ",".join(topics) if len(topics) <= 20 else f"{len(topics)} topics ({self.source})"
+
+    def active(self) -> int:
+        return sum(1 for state, _ in list(self.states.values()) if state == ACTIVE)
