@@ -345,8 +345,9 @@ class NdjsonSink(Sink):
                     except OSError as exc:
                         self.write_errors += 1
                         output.opened_at = now
-                        self._error_warning.warn(f"{self.name} time rotation failed, will retry: {exc.strerror or exc}",
-                                                 path=output.path, write_errors_total=self.write_errors)
+                        self._error_warning.warn(
+                            f"{self._files.setting} time rotation failed, will retry: {exc.strerror or exc}",
+                            path=output.path, write_errors_total=self.write_errors)
                 else:
                     output.opened_at = now
 
@@ -375,8 +376,8 @@ class NdjsonSink(Sink):
         except OSError as exc:
             self.write_errors += 1
             self._retry_at = time.monotonic() + RETRY_SECS
-            self._error_warning.warn(f"{self.name} reopen failed, will retry: {exc.strerror or exc}", path=output.path,
-                                     write_errors_total=self.write_errors)
+            self._error_warning.warn(f"{self._files.setting} reopen failed, will retry: {exc.strerror or exc}",
+                                     path=output.path, write_errors_total=self.write_errors)
 
     def _flush(self, output: _Output, final: bool = False) -> None:
         if not output.buffered:
@@ -406,12 +407,12 @@ class NdjsonSink(Sink):
             output.written_since_check += before - output.carry_events
             self.write_errors += 1
             self._retry_at = now + RETRY_SECS
-            self._error_warning.warn(f"{self.name} write failed, will retry: {exc.strerror or exc}",
+            self._error_warning.warn(f"{self._files.setting} write failed, will retry: {exc.strerror or exc}",
                                      path=output.path or "stdout", errno=errno.errorcode.get(exc.errno, exc.errno),
                                      buffered_bytes=self._buffered_bytes(), write_errors_total=self.write_errors)
             return
         if self._retry_at:
-            self._log.info(f"{self.name} writes resumed", extra={"fields": {"path": output.path or "stdout"}})
+            self._log.info(f"{self._files.setting} writes resumed", extra={"fields": {"path": output.path or "stdout"}})
             self._retry_at = 0.0
         self.written += output.carry_events
         output.written_since_check += output.carry_events
@@ -502,7 +503,7 @@ class NdjsonSink(Sink):
             except OSError as exc:
                 self.write_errors += 1
                 self._log.error("reopen of %s failed, will retry on the next write: %s", output.path, exc)
-        self._log.info(f"reopened {self.name} file(s) after SIGHUP",
+        self._log.info(f"reopened {self._files.setting} file(s) after SIGHUP",
                   extra={"fields": {"paths": [o.path for o in self._outputs.values()]}})
 
     # What one line is, for the metrics' help texts.
