@@ -101,6 +101,14 @@ _LONE_MINUS = re.compile(rb"-[,}\].]").search
 _LEADING_ZERO = re.compile(rb"0[0-9](?<=[:,\[-]0[0-9])").search
 
 
+def strict_compact(raw: bytes) -> bool:
+    """A frame `[{...}]` with no whitespace, no escapes and none of the spellings ujson accepts and JSON forbids
+    (so, once it parses, it is strict JSON as it stands)."""
+    return raw[:2] == b"[{" and raw[-2:] == b"}]" and len(raw.translate(None, _NOT_COMPACT)) == len(raw) \
+        and not (_NAN(raw) or (b"y" in raw and b"Infinity" in raw) or _DOT_WITHOUT_DIGITS(raw)
+                 or _LONE_MINUS(raw) or _LEADING_ZERO(raw))
+
+
 def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
     """The text of each event of a compact frame `[{...},{...}]`, or None when it cannot be told safely.
 
@@ -117,9 +125,7 @@ def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
             raw = data.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate
             return None
-    if not (raw[:2] == b"[{" and raw[-2:] == b"}]") or len(raw.translate(None, _NOT_COMPACT)) != len(raw) \
-            or _NAN(raw) or (b"y" in raw and b"Infinity" in raw) or _DOT_WITHOUT_DIGITS(raw) \
-            or _LONE_MINUS(raw) or _LEADING_ZERO(raw):
+    if not strict_compact(raw):
         return None
     try:
         text = raw.decode("utf-8") if isinstance(data, bytes) else data

@@ -17,7 +17,7 @@ import re
 import ujson
 
 from ..config import Config
-from ..normalize import raw_event_texts
+from ..normalize import strict_compact
 from .ndjson import FileSettings, NdjsonSink
 
 # A line as this sink writes it: the prefix is fixed, so readers (replay, reprocess) take the frame back byte for byte.
@@ -34,7 +34,7 @@ def frame_json(data: bytes) -> str | None:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if text[:2] == "[{" and raw_event_texts(data, text.count("},{") + 1) is not None:
+    if strict_compact(data):
         try:  # compact and proven strict by normalize's guard: parsing is the last check
             ujson.loads(data)
             return text
