@@ -264,10 +264,14 @@ def streams_for(cluster: str, params: str) -> tuple[list[tuple[str, str]], list[
         for symbol in chosen:
             if (code, symbol) not in streams:
                 streams.append((code, symbol))
-    # Interleave codes per symbol (T:AAPL, Q:AAPL, T:MSFT, ...) the way a live mixed feed looks.
-    order = {symbol: index for index, symbol in enumerate(symbols)}
-    streams.sort(key=lambda stream: order.get(stream[1], len(order)))
+    interleave(cluster, streams)
     return streams, acked, unknown
+
+
+def interleave(cluster: str, streams: list[tuple[str, str]]) -> None:
+    """Codes interleaved per symbol (T:AAPL, Q:AAPL, T:MSFT, ...), the way a live mixed feed looks; in place."""
+    order = {symbol: index for index, symbol in enumerate(SYMBOLS[cluster])}
+    streams.sort(key=lambda stream: order.get(stream[1], len(order)))
 
 
 class _Connection:
@@ -421,9 +425,7 @@ class _Connection:
         for topic in acked:
             if topic not in refused:
                 streams += [s for s in streams_for(self.cluster, topic)[0] if s not in streams]
-        # Codes interleaved per symbol (T:AAPL, Q:AAPL, T:MSFT, ...), the way a live mixed feed looks.
-        order = {symbol: index for index, symbol in enumerate(SYMBOLS[self.cluster])}
-        streams.sort(key=lambda stream: order.get(stream[1], len(order)))
+        interleave(self.cluster, streams)
 
     def _unsubscribe(self, params: str, streams: list[tuple[str, str]]) -> None:
         """Stop the topics' streams (at once: the next frame has none of them) and ack each."""

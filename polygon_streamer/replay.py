@@ -19,33 +19,14 @@ import ujson
 from . import protocol
 from .captures import CaptureFiles
 from .mockserver import ws_frame
-from .normalize import FrameError, parse_frame
+from .normalize import FrameError, IncludeFilter, parse_frame
 
 PROGRESS_SECS = 1.0
 
 
-class TopicMatcher:
-    """Subscribe params (`T.AAPL,Q.*,XT.BTC-*`) -> does (code, symbol) match?"""
-
-    def __init__(self, params: str):
-        self._rules: dict[str, tuple[set[str], tuple[str, ...], bool]] = {}
-        for topic in (part.strip() for part in params.split(",") if part.strip()):
-            code, _, ticker = topic.partition(".")
-            exact, prefixes, everything = self._rules.get(code, (set(), (), False))
-            if ticker == "*":
-                everything = True
-            elif ticker.endswith("*"):
-                prefixes += (ticker[:-1],)
-            else:
-                exact.add(ticker)
-            self._rules[code] = (exact, prefixes, everything)
-
-    def matches(self, code: str, symbol: str) -> bool:
-        rule = self._rules.get(code)
-        if rule is None:
-            return False
-        exact, prefixes, everything = rule
-        return everything or symbol in exact or bool(prefixes and symbol.startswith(prefixes))
+def topic_filter(params: str) -> IncludeFilter:
+    """Subscribe params (`T.AAPL,Q.*,XT.BTC-*`) as the include filter they mean (`T:AAPL,Q:*,XT:BTC-*`)."""
+    return IncludeFilter(topic.strip().replace(".", ":", 1) for topic in params.split(",") if topic.strip())
 
 
 def symbol_of(cluster: str, event: dict) -> str:
@@ -95,7 +76,7 @@ class Replay:
         self.finished = threading.Event()  # a connection reached the end of the captures (the first pass)
 
     def __call__(self, connection, params: str) -> None:
-        matcher = TopicMatcher(params)
+        matcher = topic_filter(params)
         stopping = connection.server.stopping
         next_report = time.monotonic() + PROGRESS_SECS
         while not stopping.is_set():
@@ -144,7 +125,7 @@ class Replay:
             connection._pump(0.2)
 
     @staticmethod
-    def _select(frame, matcher: TopicMatcher, cluster: str) -> tuple[bytes | None, int]:
+    def _select(frame, matcher: IncludeFilter, cluster: str) -> tuple[bytes | None, int]:
         """The frame to send (as captured when every event matches) and its number of events."""
         try:
             events = parse_frame(frame.data)
