@@ -109,6 +109,32 @@ def strict_compact(raw: bytes) -> bool:
                  or _LONE_MINUS(raw) or _LEADING_ZERO(raw))
 
 
+class ParsedFrame:
+    """A frame parsed once for everyone who needs it (SINK=capture: the reader parses, the capture sink embeds the
+    frame as it is when `text` is set, the dispatcher normalizes `events`): bytes, events or the FrameError, and the
+    compact frame's text with its events' texts (raw_event_texts) when it is strict JSON as received."""
+
+    __slots__ = ("data", "events", "error", "text", "texts")
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.text: str | None = None
+        self.texts: list[str] | None = None
+        self.error: FrameError | None = None
+        try:
+            self.events = parse_frame(data)
+        except FrameError as exc:
+            self.events = []
+            self.error = exc
+            return
+        split = _compact_split(data, len(self.events))
+        if split is not None:
+            self.text, self.texts = split
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
 def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
     """The text of each event of a compact frame `[{...},{...}]`, or None when it cannot be told safely.
 
@@ -118,6 +144,12 @@ def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
     the payload byte for byte (number spelling, key order) and saves an encode per event. Only strict JSON is
     taken as received (see _NOT_COMPACT and the patterns after it); the rest is re-encoded, which rejects what cannot be JSON.
     """
+    split = _compact_split(data, count)
+    return None if split is None else split[1]
+
+
+def _compact_split(data: bytes | str, count: int) -> tuple[str, list[str]] | None:
+    """raw_event_texts, with the frame's whole text."""
     if isinstance(data, bytes):
         raw = data
     else:
@@ -132,7 +164,7 @@ def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
     except UnicodeDecodeError:
         return None
     parts = text[2:-2].split("},{")
-    return parts if len(parts) == count else None
+    return (text, parts) if len(parts) == count else None
 
 
 def time_to_ms(value) -> int | None:
@@ -279,14 +311,21 @@ class FrameNormalizer:
                 break
         return symbol, ts
 
-    def normalize(self, data: bytes | str, ingest_ms: int) -> tuple[list[tuple], int | None]:
+    def normalize(self, data: bytes | str | ParsedFrame, ingest_ms: int) -> tuple[list[tuple], int | None]:
         """Records of one frame, and its last event's time (ms) for the latency histogram.
         Raises FrameError for a frame that is not a JSON array (counted in parse_errors)."""
-        try:
-            events = parse_frame(data)
-        except FrameError:
-            self.parse_errors += 1
-            raise
+        if data.__class__ is ParsedFrame:
+            if data.error is not None:
+                self.parse_errors += 1
+                raise data.error
+            events, texts = data.events, data.texts
+        else:
+            try:
+                events = parse_frame(data)
+            except FrameError:
+                self.parse_errors += 1
+                raise
+            texts = raw_event_texts(data, len(events))
         records: list[tuple] = []
         append = records.append
         head = f'{{"ingest_ts":{ingest_ms},'
@@ -296,7 +335,6 @@ class FrameNormalizer:
         sampling = self._sample_quotes > 1
         seq = self.seq
         by_type = self.events_by_type
-        texts = raw_event_texts(data, len(events))
         for event, text in zip(events, texts) if texts is not None else ((event, None) for event in events):
             try:
                 code = event["ev"]

@@ -60,11 +60,12 @@ class CaptureSink(NdjsonSink):
         self._head = f',"cluster":"{config.cluster}","session":'
 
     def write(self, records: list[tuple], ingest_ms: int) -> None:
-        """records: (recv_ns, session, frame bytes) per frame."""
+        """records: (recv_ns, session, ParsedFrame) per frame."""
         head = self._head
         lines = []
-        for recv_ns, session, data in records:
-            text = frame_json(data)
+        for recv_ns, session, parsed in records:
+            data = parsed.data
+            text = parsed.text if parsed.text is not None else frame_json(data)  # text: proven strict JSON
             if text is not None:
                 line = f'{{"recv_ns":{recv_ns}{head}{session},"frame":{text}}}'
             else:
