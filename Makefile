@@ -22,11 +22,12 @@ demo: install
 
 # The Debian package test needs root and apt and changes the system (a package, a user): it runs in CI
 # (CI=true) or when asked (PACKAGE_TEST=1). There, the system tools some tests use are installed first (promtool,
-# from Debian's prometheus package, checks the README's alert rules); elsewhere those tests skip and say why.
-SYSTEM_TEST_PACKAGES := prometheus
+# from Debian's prometheus package, checks the README's alert rules; redis-server and redis-cli run the Redis sink's
+# tests, which CI never skips); elsewhere those tests skip and say why.
+SYSTEM_TEST_PACKAGES := prometheus redis-server redis-tools
 test: install
 	@if { [ "$${CI:-}" = true ] || [ -n "$${PACKAGE_TEST:-}" ]; } && command -v apt-get > /dev/null \
-		&& ! command -v promtool > /dev/null; then \
+		&& ! { command -v promtool && command -v redis-server && command -v redis-cli; } > /dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			$(SYSTEM_TEST_PACKAGES) > /dev/null; fi
 	$(BIN)/python -m pytest -q

@@ -283,6 +283,91 @@ def _progress(done: int, total: int, started: float, enabled: bool) -> None:
     sys.stderr.flush()
 
 
+class LocalRedis:
+    """A throwaway redis-server on a free loopback port (bench, tests): no persistence unless asked, its files in
+    `workdir`. `extra` adds server arguments (--cluster-enabled yes, --appendonly yes ...)."""
+
+    def __init__(self, workdir: str, extra: tuple[str, ...] = (), port: int = 0):
+        import shutil
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt install redis-server)")
+        self.workdir = workdir
+        self.extra = extra
+        self.port = port or (self._cluster_port() if "--cluster-enabled" in extra else _free_port())
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def _cluster_port() -> int:
+        """A cluster node also listens on its port + 10000 (the cluster bus): both must be free and <= 65535."""
+        import socket
+
+        for _ in range(200):
+            port = _free_port()
+            if port > 55535:
+                continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+        raise RuntimeError("no free port pair (port, port + 10000) for a Redis Cluster node")
+
+    def start(self, timeout: float = 20.0) -> "LocalRedis":
+        os.makedirs(self.workdir, exist_ok=True)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.workdir,
+                "--save", "", "--daemonize", "no", "--logfile", os.path.join(self.workdir, "redis.log"),
+                *self.extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start (see {self.workdir}/redis.log)")
+            time.sleep(0.02)
+        return self
+
+    def ping(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up (with requirepass: up, locked)
+        except OSError:
+            return False
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(20)
+
+
+def _check_redis_seq(url: str, key: str, events: int) -> int:
+    """Events missing from (or repeated in) the stream, by the records' seq."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    expected = 1
+    bad = 0
+    start = "-"
+    while True:
+        entries = client.xrange(key, min=start, count=10_000)
+        for _id, fields in entries:
+            line = fields[b"record"]
+            seq = int(line[line.rindex(b'"seq":') + 6:-1])
+            if seq != expected:
+                bad += 1
+            expected = seq + 1
+        if len(entries) < 10_000:
+            break
+        start = "(" + entries[-1][0].decode()
+    client.close()
+    return max(bad, events - (expected - 1))
+
+
 def _check_seq(path: str, events: int) -> int:
     """Events missing from the NDJSON file, checked by seq (no gap, no duplicate)."""
     expected = 1
@@ -313,6 +398,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
         _pin(subscriber.pid, SERVER_CPU)
     server = _Server(events, batch, rate)
     metrics_port = _free_port()
+    local_redis = LocalRedis(os.path.join(workdir, f"redis-{time.monotonic_ns()}")).start() if "redis" in sinks \
+        else None
     # Every setting at its default (as in the unit) but the destination, the local server and the queue sizes.
     env = {key: value for key, value in os.environ.items() if key not in SETTING_VARIABLES}
     env.update(POLYGON_API_KEY=BENCH_KEY, POLYGON_WS_URL=f"{server.base_url}/{cluster}", POLYGON_CLUSTER=cluster,
@@ -325,7 +412,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
                # The source runs at the transport ceiling, faster than any consumer: the queues hold the whole run
                # so the bench measures throughput, not the drop policy (the RSS reported includes the backlog).
                CHANNEL_CAP=str(events // batch + 16), NDJSON_CHANNEL_CAP=str(events // batch + 16),
-               ZMQ_CHANNEL_CAP=str(events // batch + 16),
+               ZMQ_CHANNEL_CAP=str(events // batch + 16), REDIS_CHANNEL_CAP=str(events // batch + 16),
+               REDIS_URL=local_redis.url if local_redis else "redis://127.0.0.1:6379/0",
                CAPTURE_DEST=os.path.join(workdir, "bench.capture"), CAPTURE_CHANNEL_CAP=str(events // batch + 16),
                # The same for the socket's pipe: the counting subscriber shares core 0 with the server and, on
                # pyzmq 24, receives at about 270k messages/s alone on a core, so it can fall behind the sink for a
@@ -390,6 +478,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             result.problems.append(f"the service exited {code} on SIGTERM")
         if "ndjson" in sinks:
             result.lost = _check_seq(dest, events)
+        if local_redis is not None:
+            result.lost = max(result.lost, _check_redis_seq(local_redis.url, f"polygon:{cluster}", events))
         if subscriber is not None:
             received = _zmq_received(subscriber, result.written.get("zmq", 0))
             if received != result.written.get("zmq", 0):
@@ -399,6 +489,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             if proc is not None and proc.poll() is None:
                 proc.kill()
         server.stop()
+        if local_redis is not None:
+            local_redis.stop(kill=True)
 
 
 def _write_latency(samples: dict, sink: str) -> LatencyHistogram:
@@ -429,8 +521,8 @@ def _watch_log(proc: subprocess.Popen, needle: bytes):
 
 
 def _sink_written(samples: dict, sink: str) -> float:
-    if sink == "zmq":
-        return samples.get(("polygon_zmq_sent_total", ()), 0)
+    if sink in ("zmq", "redis"):
+        return samples.get((f"polygon_{sink}_sent_total", ()), 0)
     return samples.get((f"polygon_{sink}_written_total", ()),
                        samples.get(("polygon_sink_written_total", (("sink", sink),)), 0))
 

@@ -353,13 +353,48 @@ def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: b
     return 0
 
 
+@cli.command("redis-sub")
+@click.option("--group", required=True, help="consumer group name (created at the streams' end if it is new)")
+@click.option("--consumer", required=True, help="this reader's name within the group")
+@click.option("--url", default="redis://127.0.0.1:6379/0", show_default=True, envvar="REDIS_URL",
+              help="as REDIS_URL")
+@click.option("--password-file", default=None, envvar="REDIS_PASSWORD_FILE", help="as REDIS_PASSWORD_FILE")
+@click.option("--stream", default="polygon:{cluster}", show_default=True, envvar="REDIS_STREAM",
+              help="the key template the sink writes (REDIS_STREAM); every key it can give is read")
+@click.option("--cluster", "market", default="futures", show_default=True, envvar="POLYGON_CLUSTER",
+              help="the market cluster in {cluster}")
+@click.option("--shards", default="16", show_default=True, envvar="REDIS_SHARDS", help="as REDIS_SHARDS")
+@click.option("--redis-cluster", default="false", show_default=True, envvar="REDIS_CLUSTER",
+              help="as REDIS_CLUSTER")
+@click.option("--from-start", is_flag=True, help="a new group starts at the streams' first entry, not their end")
+@click.option("--count", "count_only", is_flag=True, help="print a count per second instead of the records")
+@click.option("--max-records", type=click.IntRange(min=0), default=0, help="exit after this many (0: never)")
+def redis_sub(group: str, consumer: str, url: str, password_file: str | None, stream: str, market: str, shards: str,
+              redis_cluster: str, from_start: bool, count_only: bool, max_records: int) -> int:
+    """A Redis Streams consumer-group reader (XREADGROUP + XACK): prints (or counts) the records of the redis sink;
+    several readers in one group share the records, each gets its own."""
+    from . import redis_sub as reader
+
+    config = build_config({"redis_url": url, "redis_password_file": password_file, "redis_stream": stream,
+                           "cluster": market, "redis_shards": shards, "redis_cluster": redis_cluster},
+                          require_key=False)
+    try:
+        return reader.run(config, group, consumer, count_only, max_records, from_start)
+    except Exception as exc:
+        if type(exc).__module__.startswith("redis"):
+            message = config.redact(f"{type(exc).__name__}: {exc}")
+            raise ConfigError(f"redis-sub: {config.redacted()['redis_url']}: {message}") from None
+        raise
+
+
 @cli.command()
 @click.option("--events", type=click.IntRange(min=1), default=1_000_000, show_default=True)
 @click.option("--cluster", type=click.Choice(["stocks", "options", "futures", "crypto", "forex", "indices"]),
               default="stocks", show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True, help="events per frame")
 @click.option("--sink", "sinks", default="ndjson", show_default=True,
-              help="ndjson, zmq or ndjson,zmq; add capture to measure its cost (ndjson,capture)")
+              help="ndjson, zmq, redis (starts a local redis-server) or a comma list; add capture to measure its "
+                   "cost (ndjson,capture)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object instead of the table")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="a progress bar on stderr")
 @click.option("--pinned/--no-pinned", default=True, show_default=True,
@@ -369,9 +404,10 @@ def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, prog
     from . import bench as benchmark
 
     chosen = [name.strip() for name in sinks.split(",") if name.strip()]
-    if not chosen or any(name not in ("ndjson", "zmq", "capture") for name in chosen) or chosen == ["capture"]:
-        raise ConfigError(f"invalid --sink {sinks!r}: expected ndjson, zmq or both, optionally with capture "
-                          "(e.g. ndjson,capture)")
+    if not chosen or any(name not in ("ndjson", "zmq", "redis", "capture") for name in chosen) \
+            or chosen == ["capture"]:
+        raise ConfigError(f"invalid --sink {sinks!r}: expected ndjson, zmq, redis or a comma list, optionally with "
+                          "capture (e.g. ndjson,capture)")
     result = benchmark.run(events, cluster, batch, chosen, progress, pinned)
     click.echo(benchmark.to_json(result) if as_json else benchmark.format_table(result))
     return 0 if result.ok else 1

@@ -162,6 +162,26 @@ def _zmq_endpoint(raw: str) -> str:
     return endpoint
 
 
+def _redis_url(raw: str) -> str:
+    url = raw.strip()
+    if not re.fullmatch(r"(redis|rediss)://\S*|unix://\S+", url):
+        raise ValueError("expected redis://[:PASSWORD@]HOST:PORT[/DB], rediss://... (TLS) or unix:///PATH/redis.sock")
+    return url
+
+
+REDIS_STREAM_FIELDS = ("cluster", "kind", "symbol_shard")
+
+
+def _redis_stream(raw: str) -> str:
+    template = raw.strip()
+    names = re.findall(r"\{([A-Za-z_]+)\}", template)
+    unknown = [name for name in names if name not in REDIS_STREAM_FIELDS]
+    if not template or unknown:
+        raise ValueError("expected a key template using {cluster}, {kind} and {symbol_shard}, e.g. "
+                         "polygon:{cluster} or polygon:{cluster}:{symbol_shard}")
+    return template
+
+
 def _include(raw: str) -> tuple[str, ...]:
     patterns = tuple(part.strip() for part in raw.split(",") if part.strip())
     for pattern in patterns:
@@ -188,7 +208,7 @@ def _log_level(raw: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # The declarations.
 
-SINK_NAMES = ("stdout", "ndjson", "zmq", "capture")
+SINK_NAMES = ("stdout", "ndjson", "zmq", "capture", "redis")
 
 
 @dataclass(frozen=True)
@@ -233,7 +253,7 @@ SETTINGS: tuple[Setting, ...] = (
             "polygon_stats log interval; 0 disables"),
     Setting("bp_warn_interval_secs", "BP_WARN_INTERVAL_SECS", "5", _seconds(0, True),
             "at most one inbound backpressure warning per interval"),
-    Setting("sink", "SINK", None, _sinks, "stdout, ndjson, zmq, capture or a comma list (default stdout)"),
+    Setting("sink", "SINK", None, _sinks, "stdout, ndjson, zmq, capture, redis or a comma list (default stdout)"),
     Setting("emit_ndjson", "EMIT_NDJSON", "false", _bool, "legacy: SINK=ndjson when SINK is unset"),
     Setting("ndjson_dest", "NDJSON_DEST", "stdout", _nonempty, "stdout or a file path"),
     Setting("ndjson_channel_cap", "NDJSON_CHANNEL_CAP", "2048", _int(1), "NDJSON queue capacity in frames"),
@@ -264,6 +284,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("capture_rotate_secs", "CAPTURE_ROTATE_SECS", None, _seconds(0, False),
             "rotate the capture every N s (unset: off)"),
     Setting("capture_gzip", "CAPTURE_GZIP", "false", _bool, "gzip rotated capture files"),
+    Setting("redis_url", "REDIS_URL", "redis://127.0.0.1:6379/0", _redis_url,
+            "SINK=redis: redis://, rediss:// (TLS) or unix:// URL; a password in it is never logged", shown=redact_url),
+    Setting("redis_password_file", "REDIS_PASSWORD_FILE", None, _nonempty,
+            "read the Redis password from this file; wins over one in REDIS_URL"),
+    Setting("redis_stream", "REDIS_STREAM", "polygon:{cluster}", _redis_stream,
+            "stream key template: {cluster}, {kind}, {symbol_shard} (a hash tag {N}, REDIS_SHARDS of them)"),
+    Setting("redis_shards", "REDIS_SHARDS", "16", _int(1), "how many {symbol_shard} values symbols spread over"),
+    Setting("redis_maxlen", "REDIS_MAXLEN", "1000000", _int(0),
+            "trim each stream to about this many entries (XADD MAXLEN ~); 0: never trim"),
+    Setting("redis_channel_cap", "REDIS_CHANNEL_CAP", "4096", _int(1),
+            "Redis queue capacity in frames; full (Redis down or slow): drop, counted"),
+    Setting("redis_cluster", "REDIS_CLUSTER", "false", _bool, "REDIS_URL names a node of a Redis Cluster"),
     Setting("ready_min_messages", "READY_MIN_MESSAGES", "1", _int(0), "data events after subscribe before READY"),
     Setting("ready_delay_ms", "READY_DELAY_MS", "0", _int(0), "and at least this long after subscribe"),
     Setting("log_level", "LOG_LEVEL", "info", _log_level,
@@ -327,15 +359,23 @@ class Config:
     capture_gzip: bool = False
     subscription_file: str | None = None
     api_key_file: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password_file: str | None = None
+    redis_password: str | None = dataclasses.field(default=None, repr=False)
+    redis_stream: str = "polygon:{cluster}"
+    redis_shards: int = 16
+    redis_maxlen: int = 1_000_000
+    redis_channel_cap: int = 4096
+    redis_cluster: bool = False
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as plain JSON-able values, the key replaced by a marker."""
         out: dict[str, Any] = {}
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
-            if item.name == "api_key":
+            if item.name in ("api_key", "redis_password"):
                 value = "<redacted>" if value else "<unset>"
-            elif item.name == "url":
+            elif item.name in ("url", "redis_url"):
                 value = redact_url(value)
             elif item.name == "metrics_addr":
                 value = format_addr(value)
@@ -344,9 +384,16 @@ class Config:
             out[item.name] = value
         return out
 
+    def redact(self, text: str) -> str:
+        """text with every secret replaced (for an error that may quote a URL or a server's message)."""
+        from .logs import redact_text
+
+        return redact_text(text, sorted(self.secrets(), key=len, reverse=True))
+
     def secrets(self) -> list[str]:
         """Every value that must never reach a log line: the key and any credential in the URL."""
-        return [secret for secret in [self.api_key, *url_secrets(self.url)] if secret]
+        return [secret for secret in [self.api_key, *url_secrets(self.url), self.redis_password,
+                                      *url_secrets(self.redis_url)] if secret]
 
 
 def format_addr(addr: tuple[str, int]) -> str:
@@ -410,6 +457,10 @@ def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
         except SubscriptionFileError as exc:
             raise ConfigError(f"invalid SUBSCRIPTION_FILE (--subscription-file) {exc}") from None
 
+    if values["redis_password_file"] is not None:
+        values["redis_password"] = _read_secret_file(values["redis_password_file"],
+                                                     "REDIS_PASSWORD_FILE (--redis-password-file)")
+
     url = values["ws_url"] or protocol.feed_url(values["feed"], values["cluster"])
     fields = {f.name for f in dataclasses.fields(Config)}
     kwargs = {name: value for name, value in values.items() if name in fields}
@@ -418,13 +469,16 @@ def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
 
 
 def _read_key_file(path: str) -> str:
+    return _read_secret_file(path, "POLYGON_API_KEY_FILE (--api-key-file)")
+
+
+def _read_secret_file(path: str, what: str) -> str:
     try:
         with open(path, encoding="utf-8") as handle:
-            key = handle.read().strip()
+            secret = handle.read().strip()
     except OSError as exc:
-        raise ConfigError(f"invalid POLYGON_API_KEY_FILE (--api-key-file) {path!r}: cannot read it "
-                          f"({exc.strerror or exc})") from None
-    if not key:
-        raise ConfigError(f"invalid POLYGON_API_KEY_FILE (--api-key-file) {path!r}: the file is empty")
-    return key
+        raise ConfigError(f"invalid {what} {path!r}: cannot read it ({exc.strerror or exc})") from None
+    if not secret:
+        raise ConfigError(f"invalid {what} {path!r}: the file is empty")
+    return secret
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable, TextIO
 import ujson
 
 TARGETS = ("polygon_events", "polygon_gaps", "polygon_stats", "polygon_config", "polygon_conn", "polygon_ndjson",
-           "polygon_zmq", "polygon_streamer")
+           "polygon_zmq", "polygon_redis", "polygon_streamer")
 
 OFF = logging.CRITICAL + 10
 TRACE = 5
@@ -53,6 +53,14 @@ def dumps(value: Any) -> str:
     return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, default=str)
 
 
+def redact_text(text: str, secrets: Iterable[str]) -> str:
+    """text with every secret replaced by <redacted> (give the longest first)."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "<redacted>")
+    return text
+
+
 class JsonFormatter(logging.Formatter):
     """{"timestamp", "level", "target", "fields": {"message", ...extra fields}} on one line, with every secret
     (the API key, credentials in the URL) replaced: a server may echo the key in a status message."""
@@ -64,11 +72,7 @@ class JsonFormatter(logging.Formatter):
         self._secrets = sorted(spellings, key=len, reverse=True)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = self._format(record)
-        for secret in self._secrets:
-            if secret in line:
-                line = line.replace(secret, "<redacted>")
-        return line
+        return redact_text(self._format(record), self._secrets)
 
     def _format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {"message": record.getMessage()}

@@ -49,6 +49,11 @@ def build_sinks(config: Config) -> list[tuple[Sink, SinkQueue]]:
 
             built.append((ZmqSink(config), SinkQueue("zmq", config.zmq_channel_cap, True,
                                                       config.zmq_warn_interval_secs)))
+        elif name == "redis":
+            from .sinks.redis import RedisSink
+
+            built.append((RedisSink(config), SinkQueue("redis", config.redis_channel_cap, True,
+                                                        config.bp_warn_interval_secs)))
         elif name == "capture":
             from .sinks.capture import CaptureSink
 
@@ -306,10 +311,9 @@ class Service:
         dead = self.dead_threads()
         if dead:
             return False, "UNHEALTHY: thread(s) not running: " + ", ".join(dead)
-        refused = self._refused()
-        if refused:
-            return True, f"OK (not ready: {refused})"
-        return True, "OK"
+        notes = [f"not ready: {refused}"] if (refused := self._refused()) else []
+        notes += [f"degraded: {why}" for why in (sink.degraded() for sink in self.sinks) if why]
+        return True, f"OK ({'; '.join(notes)})" if notes else "OK"
 
     def _refused(self) -> str | None:
         """Why the server will not stream to us, while that lasts (the process itself is healthy: a restart would

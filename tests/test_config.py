@@ -32,6 +32,10 @@ def run_cli(*args, env=None, timeout=30):
     ("SUBSCRIPTION", "T-AAPL", "expected comma separated topics CODE.TICKER"),
     ("POLYGON_WS_URL", "http://x", "expected a ws:// or wss:// URL"),
     ("ZMQ_ENDPOINT", "nohost:1", "expected a ZeroMQ endpoint"),
+    ("REDIS_URL", "http://127.0.0.1:6379", "expected redis://"),
+    ("REDIS_STREAM", "polygon:{market}", "expected a key template using {cluster}, {kind} and {symbol_shard}"),
+    ("REDIS_SHARDS", "0", "expected an integer >= 1"),
+    ("REDIS_PASSWORD_FILE", "/nonexistent/redis.pw", "cannot read it"),
 ])
 def test_bad_value_exits_2_with_one_line_naming_the_variable(variable, value, expected):
     # the variable last, so that it also overrides POLYGON_WS_URL when that is the one under test
@@ -163,3 +167,16 @@ def test_cpu_affinity_accepts_auto_off_and_cpu_lists_and_rejects_the_rest():
             parse(bad)
     with pytest.raises(ConfigError, match="CPU_AFFINITY"):
         build_config({"cpu_affinity": "fast"}, require_key=False)
+
+
+def test_the_redis_sink_says_clearly_when_the_redis_module_is_missing(tmp_path):
+    # A real import failure: a `redis` package that cannot be imported shadows any installed one.
+    shim = tmp_path / "shim" / "redis"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named redis')\n")
+    result = run_cli("run", env={"POLYGON_API_KEY": TEST_KEY, "POLYGON_WS_URL": "ws://127.0.0.1:9/stocks",
+                                 "SINK": "redis", "METRICS_ADDR": "127.0.0.1:0",
+                                 "PYTHONPATH": str(tmp_path / "shim")})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "apt install python3-redis" in lines[0], lines

@@ -26,10 +26,14 @@ class Sink:
     """What a sink does; all methods run on the sink's own thread."""
 
     name = "sink"
+    # > 0: the thread hands every batch already queued, up to this many events, to one write_batches call (a sink
+    # with a round trip per write, such as Redis, pays it once for all of them).
+    coalesce_events = 0
 
     def __init__(self) -> None:
         # Frame received -> its events handed to the OS; observed by the sink when that happens.
         self.write_latency = LatencyHistogram(WRITE_LATENCY_BUCKETS)
+        self.thread: SinkThread | None = None  # set by SinkThread
 
     def observe_written(self, ingest_ms: int, events: int) -> None:
         self.write_latency.observe(time.time() - ingest_ms / 1000.0, events)
@@ -39,6 +43,15 @@ class Sink:
 
     def write(self, records: list[tuple], ingest_ms: int) -> None:
         raise NotImplementedError
+
+    def write_batches(self, batches: list[tuple[int, list[tuple]]]) -> None:
+        """With coalesce_events: several queued batches, (ingest_ms, records) each, in order."""
+        for ingest_ms, records in batches:
+            self.write(records, ingest_ms)
+
+    def degraded(self) -> str | None:
+        """Why the sink cannot deliver right now while the process is fine (for /health), or None."""
+        return None
 
     def tick(self, now: float) -> None:
         """Called at least every TICK_SECS: time-based flushing and rotation."""
@@ -97,7 +110,7 @@ class SinkQueue:
         self.queue: queue.Queue = queue.Queue(capacity)
         self.drop_when_full = drop_when_full
         self.stats = SinkStats()
-        self._warning = logs.RateLimitedWarning(logs.get(f"polygon_{name}" if name in ("ndjson", "zmq")
+        self._warning = logs.RateLimitedWarning(logs.get(f"polygon_{name}" if name in ("ndjson", "zmq", "redis")
                                                          else "polygon_streamer"), warn_interval_secs)
         self.consumer: threading.Thread | None = None
         self.normalizer = None  # set by the service: builds the sink_drop gap records
@@ -191,6 +204,7 @@ class SinkThread(ServiceThread):
         self.unwritten_at_close = 0  # taken from the queue but never written (SinkClosed, or a failing close)
         self.close_deadline: float | None = None  # set by the service's shutdown before it queues STOP
         sink_queue.consumer = self
+        sink.thread = self  # a sink that retries reads stopping and close_deadline
 
     def loop(self) -> None:
         try:
@@ -208,8 +222,10 @@ class SinkThread(ServiceThread):
 
     def _drain(self) -> None:
         get = self.sink_queue.queue.get
+        get_nowait = self.sink_queue.queue.get_nowait
         stats = self.sink_queue.stats
         sink = self.sink
+        coalesce = sink.coalesce_events
         next_tick = time.monotonic() + TICK_SECS
         while True:
             try:
@@ -221,7 +237,13 @@ class SinkThread(ServiceThread):
             if self.reopen_requested.is_set():
                 self.reopen_requested.clear()
                 sink.reopen()
-            if batch:
+            if batch and coalesce:
+                batches, stop = self._coalesce(batch, get_nowait, coalesce)
+                sink.write_batches(batches)
+                stats.written += sum(len(records) for _, records in batches)
+                if stop:
+                    return
+            elif batch:
                 ingest_ms, records = batch
                 sink.write(records, ingest_ms)
                 stats.written += len(records)
@@ -229,6 +251,22 @@ class SinkThread(ServiceThread):
             if now >= next_tick:
                 sink.tick(now)
                 next_tick = now + TICK_SECS
+
+    @staticmethod
+    def _coalesce(batch: tuple, get_nowait, limit: int) -> tuple[list[tuple], bool]:
+        """The batch and those queued behind it, up to `limit` events; True if STOP came after them."""
+        batches = [batch]
+        events = len(batch[1])
+        while events < limit:
+            try:
+                batch = get_nowait()
+            except queue.Empty:
+                break
+            if batch is STOP:
+                return batches, True
+            batches.append(batch)
+            events += len(batch[1])
+        return batches, False
 
     def pending_events(self) -> int:
         """Events still queued (for the shutdown report)."""
