@@ -41,7 +41,7 @@ bench: install
 .venv-deb12/.installed: setup.cfg setup.py
 	$(PYTHON) -m venv .venv-deb12
 	.venv-deb12/bin/python -m pip install --quiet websocket-client==1.2.3 ujson==5.7.0 pyzmq==24.0.1 \
-		prometheus-client==0.16.0 click==8.1.3 wsproto==1.2.0 'massive>=2.9'
+		prometheus-client==0.16.0 click==8.1.3 wsproto==1.2.0 redis==4.3.4 'massive>=2.9'
 	.venv-deb12/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -552,6 +552,10 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
     result.versions = {"polygon_streamer": __version__, "python": sys.version.split()[0],
                        "websocket_client": websocket.__version__, "ujson": ujson.__version__,
                        "pyzmq": zmq.__version__, "prometheus_client": _version_of(prometheus_client)}
+    if "redis" in sinks:
+        import redis
+
+        result.versions["redis"] = redis.__version__
     with tempfile.TemporaryDirectory(prefix="polygon-bench-") as workdir:
         result.transport_events_per_sec = round(_ceiling(events, batch, cluster, "transport", workdir))
         result.parse_events_per_sec = round(_ceiling(events, batch, cluster, "parse", workdir))

@@ -1,8 +1,11 @@
 """The benchmark command works end to end and reports no loss (a smoke run, not a timed test)."""
 
+import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import ujson
 
 from helpers import ROOT
@@ -25,3 +28,16 @@ def test_bench_runs_with_both_sinks_and_reports_no_loss():
     assert "dispatcher" in report["cpu_seconds_per_million_by_thread"]
     assert sum(report["cpu_seconds_per_million_by_thread"].values()) <= report["cpu_seconds_per_million"] + 0.05
     assert report["write_latency_p99_ms"] >= report["write_latency_p50_ms"] > 0
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None and os.environ.get("CI") != "true",
+                    reason="redis-server is not installed (Debian: apt install redis-server; CI installs it)")
+def test_bench_measures_the_redis_sink_beside_ndjson_and_checks_the_stream_by_seq():
+    result = subprocess.run([sys.executable, "-m", "polygon_streamer", "bench", "--events", "5000", "--batch", "10",
+                             "--sink", "ndjson,redis", "--json", "--no-progress", "--no-pinned"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = ujson.loads(result.stdout)
+    assert report["ok"] is True and report["lost"] == 0
+    assert report["written"] == {"ndjson": 5000, "redis": 5000}
+    assert report["service_events_per_sec"] > 0

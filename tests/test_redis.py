@@ -10,7 +10,7 @@ import sys
 import pytest
 import ujson
 
-from helpers import ROOT, base_env, free_port, valid_record, wait_for
+from helpers import ROOT, free_port, valid_record, wait_for
 from polygon_streamer.bench import LocalRedis
 from polygon_streamer.sinks.redis import shard_of
 
@@ -262,12 +262,3 @@ def test_redis_sub_says_clearly_when_redis_is_not_there():
     assert done.returncode == 2
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "Connection refused" in lines[0] and "pw123456" not in lines[0], lines
-
-
-def test_the_bench_measures_the_redis_sink():
-    done = subprocess.run([sys.executable, "-m", "polygon_streamer", "bench", "--events", "2000", "--batch", "10",
-                           "--sink", "redis", "--no-progress", "--no-pinned", "--json"], cwd=ROOT,
-                          capture_output=True, timeout=300, env=base_env("ws://unused", free_port()))
-    assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
-    result = ujson.loads(done.stdout)
-    assert result["written"]["redis"] == 2000 and result["lost"] == 0 and result["ok"]
