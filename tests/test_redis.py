@@ -44,7 +44,7 @@ def redis_cluster(tmp_path):
         created = subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{node.port}" for node in nodes],
                                   "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, timeout=60)
         assert created.returncode == 0, created.stdout.decode() + created.stderr.decode()
-        clients = [redis.Redis(port=node.port) for node in nodes]
+        clients = [redis.Redis(host="127.0.0.1", port=node.port) for node in nodes]
 
         def cluster_ok():
             return all(client.cluster("info")["cluster_state"] == "ok" for client in clients)
@@ -119,6 +119,42 @@ def test_redis_down_at_start_is_degraded_then_delivers(mock_server, spawn, tmp_p
         assert streamer.stop() == 0
         records = [entry["record"] for entry in stream_records(server.url, "polygon:stocks")]
         assert [record["seq"] for record in records] == list(range(1, len(records) + 1))  # nothing lost
+    finally:
+        server.stop(kill=True)
+
+
+def test_a_key_of_the_wrong_type_refuses_records_counted_never_a_crash(mock_server, spawn, redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.set("polygon:stocks:quote", "not a stream")  # an operator's mistake: the quotes' key holds a string
+    streamer = spawn(SINK="redis", REDIS_URL=redis_server.url, REDIS_STREAM="polygon:{cluster}:{kind}",
+                     SUBSCRIPTION="T.*,Q.*")
+    wait_for(lambda: streamer.metric("polygon_redis_drops_total") >= 100, timeout=20, what="refused quotes counted")
+    wait_for(lambda: streamer.metric("polygon_redis_sent_total") >= 100, what="trades still written")
+    assert streamer.metric("polygon_redis_errors_total") >= 100
+    assert streamer.stop() == 1  # accepted records were not written: said, and exit 1
+    report = streamer.shutdown_report()
+    trades = client.xlen("polygon:stocks:trade")
+    assert report["unwritten_events"] == report["written"]["redis"] - trades > 0
+    assert any("WRONGTYPE" in message for message in streamer.log_messages())
+    client.close()
+
+
+def test_health_follows_redis_in_a_quiet_market_too(mock_server, spawn, tmp_path):
+    mock_server.options.refuse_topics = ("T.*",)  # no data at all: only the sink's probe can notice Redis is back
+    port = free_port()
+    streamer = spawn(SINK="redis", REDIS_URL=f"redis://127.0.0.1:{port}/0", SUBSCRIPTION="T.*")
+
+    def health():
+        try:
+            return streamer.get("/health")[1]
+        except OSError:
+            return ""
+    wait_for(lambda: "degraded: redis sink" in health(), timeout=15, what="/health degraded")
+    server = LocalRedis(str(tmp_path / "late"), port=port).start()
+    try:
+        wait_for(lambda: health().strip() == "OK", timeout=15, what="/health OK once Redis is there")
+        assert streamer.stop() == 0
+        assert any("reachable again" in message for message in streamer.log_messages())
     finally:
         server.stop(kill=True)
 

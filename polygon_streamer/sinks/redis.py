@@ -14,7 +14,7 @@ Faults: when Redis is unreachable (down at start, restarting, timing out) the th
 with backoff; the queue fills meanwhile and drops what does not fit, counted (sink_drop gap records). After a
 connection broke mid-write it reads each stream's last entry to learn which XADDs of the write were applied, so
 they are not added twice (exact when this service is the stream's only writer). A reply that refuses one XADD
-(WRONGTYPE...) drops that record, counted and logged; OOM, LOADING, READONLY, TRYAGAIN, MOVED and the like are
+(WRONGTYPE...) drops that record, counted, logged and reported at shutdown (exit 1); OOM, LOADING, READONLY, TRYAGAIN, MOVED and the like are
 retried. On SIGTERM it keeps trying until shortly before the deadline, then reports what it could not write.
 """
 
@@ -25,7 +25,6 @@ import zlib
 
 from .. import logs
 from ..config import Config, redact_url
-from ..normalize import GAP
 from . import Sink, SinkConfigError, SinkStats
 
 _log = logs.get("polygon_redis")
@@ -35,6 +34,7 @@ SOCKET_TIMEOUT_SECS = 5.0          # a reply slower than this: the connection is
 RETRY_INITIAL_SECS = 0.1
 RETRY_MAX_SECS = 5.0
 CLOSE_MARGIN_SECS = 0.3
+PROBE_SECS = 1.0                   # while Redis is away and there is nothing to write: how often to look for it
 COALESCE_EVENTS = 5000
 _KEY_CACHE_LIMIT = 200_000         # (code, symbol) -> packed command parts; symbols come from the network
 _TRANSIENT = ("OOM", "LOADING", "BUSY", "READONLY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "NOREPLICAS")
@@ -94,6 +94,13 @@ def connect(config: Config):
 PENDING, IN_DOUBT, DONE = 0, 1, 2
 
 
+def _pool_connection(pool):
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py before 5.3 wants a command name (5.3 deprecates passing one)
+        return pool.get_connection("XADD")
+
+
 class _Command:
     __slots__ = ("key", "packed", "line", "state")
 
@@ -120,6 +127,7 @@ class RedisSink(Sink):
         self._down_since: float | None = None
         self._down_reason: str | None = None
         self._retry_at: float | None = None
+        self._stopped_trying = False  # the service is stopping and the deadline came: count, do not send
         self._unwritten = 0
         self.sent = 0
         self.errors = 0      # connection failures and error replies
@@ -157,7 +165,7 @@ class RedisSink(Sink):
         if entry is None:
             pool = self._client.get_node(node_name=node).redis_connection.connection_pool \
                 if self._config.redis_cluster else self._client.connection_pool
-            connection = pool.get_connection("XADD")
+            connection = _pool_connection(pool)
             try:
                 connection.connect()
             except Exception:
@@ -198,7 +206,8 @@ class RedisSink(Sink):
                 key, head, tail = cached
                 data = line.encode("utf-8")
                 append(_Command(key, b"%s$%d\r\n%s\r\n%s" % (head, len(data), data, tail), data))
-        self._deliver(commands)
+        if not self._deliver(commands):
+            return
         for ingest_ms, records in batches:
             self.observe_written(ingest_ms, len(records))
 
@@ -206,8 +215,7 @@ class RedisSink(Sink):
         if len(self._parts) >= _KEY_CACHE_LIMIT:
             self._parts.clear()
         config = self._config
-        key = stream_key(config.redis_stream, config.cluster, kind if code != GAP else GAP, symbol,
-                         config.redis_shards)
+        key = stream_key(config.redis_stream, config.cluster, kind, symbol, config.redis_shards)
         head = (self._arity + _bulk(b"XADD") + _bulk(key.encode("utf-8", "replace")) + self._trim + _bulk(b"*")
                 + _bulk(b"record"))
         tail = (_bulk(b"type") + _bulk(code.encode("utf-8", "replace")) + _bulk(b"symbol")
@@ -216,10 +224,13 @@ class RedisSink(Sink):
         self._parts[(code, symbol)] = entry
         return entry
 
-    def _deliver(self, commands: list[_Command]) -> None:
+    def _deliver(self, commands: list[_Command]) -> bool:
         """Send until every command is applied or refused for good; while Redis is unreachable, retry with backoff
-        (the queue fills and drops meanwhile, counted); give up only when the service stops."""
+        (the queue fills and drops meanwhile, counted); give up (False) only when the service stops."""
         delay = RETRY_INITIAL_SECS
+        if self._stopped_trying:
+            self._unwritten += len(commands)
+            return False
         while True:
             transient = None
             try:
@@ -235,15 +246,17 @@ class RedisSink(Sink):
             if not commands:
                 if self._down_since is not None:
                     self._recovered()
-                return
+                return True
             if transient is not None:
                 self._error_warning.warn(f"Redis refused writes for now, retrying: {transient}",
                                          retrying_events=len(commands), errors_total=self.errors)
             if not self._wait(delay):
+                self._stopped_trying = True
                 self._unwritten += len(commands)
-                _log.error("Redis: %d event(s) not written: the service is stopping and %s does not take them",
-                           len(commands), self._where, extra={"fields": {"unwritten_events": len(commands)}})
-                return
+                _log.error("Redis: %d event(s) not written: the service is stopping and %s does not take them; "
+                           "what is still queued is not sent either", len(commands), self._where,
+                           extra={"fields": {"unwritten_events": len(commands)}})
+                return False
             delay = min(delay * 2, RETRY_MAX_SECS)
 
     def _send(self, commands: list[_Command]) -> str | None:
@@ -277,6 +290,7 @@ class RedisSink(Sink):
                     else:
                         command.state = DONE
                         self.refused += 1
+                        self._unwritten += 1  # accepted and never written: the shutdown report counts it
                         self._error_warning.warn(f"Redis refused a record, dropped (counted): {text}",
                                                  stream=command.key, refused_total=self.refused)
                     continue
@@ -323,7 +337,7 @@ class RedisSink(Sink):
 
     def _failed(self, exc: BaseException, during: str) -> None:
         self.errors += 1
-        self._reset()
+        self._reset(topology=self._config.redis_cluster)  # a cluster node that is gone: the slots may have moved
         reason = self._config.redact(f"{type(exc).__name__}: {exc}")[:300]
         if self._down_since is None:
             self._down_since = time.monotonic()
@@ -341,6 +355,21 @@ class RedisSink(Sink):
         self._retry_at = None
 
     # -- the rest of the sink interface -------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """While Redis is away and nothing is to be written, look for it now and then, so that /health tells the
+        truth in a quiet market too."""
+        if self._down_since is None or self._stopped_trying or (self._retry_at is not None and now < self._retry_at):
+            return
+        try:
+            self._connect()
+            if self._config.redis_cluster:
+                self._client.ping()
+        except Exception as exc:
+            self._failed(exc, "probe")
+            self._retry_at = time.monotonic() + PROBE_SECS
+            return
+        self._recovered()
 
     def degraded(self) -> str | None:
         if self._down_since is None:
