@@ -194,6 +194,26 @@ def test_redis_killed_and_restarted_mid_stream_loses_nothing_uncounted(mock_serv
         server.stop(kill=True)
 
 
+def test_a_slow_redis_fills_the_queue_then_drops_are_counted_and_declared(mock_server, spawn, redis_server):
+    mock_server.options.batch = 10
+    streamer = spawn(SINK="redis", REDIS_URL=redis_server.url, SUBSCRIPTION="T.*,Q.*", REDIS_CHANNEL_CAP="20")
+    wait_for(lambda: streamer.metric("polygon_redis_sent_total") >= 1000, timeout=20, what="records flowing")
+    client = redis.Redis.from_url(redis_server.url)
+    client.execute_command("CLIENT", "PAUSE", "3000", "WRITE")  # Redis holds every write for 3 s: a slow server
+    wait_for(lambda: streamer.metric("polygon_redis_drops_total") > 0, timeout=10, what="drops while Redis stalls")
+    sent = streamer.metric("polygon_redis_sent_total")
+    wait_for(lambda: streamer.metric("polygon_redis_sent_total") >= sent + 1000, timeout=20, what="writes again")
+    assert streamer.stop() == 0  # drops at a bound the user chose, all counted: not a failure
+    dropped = int(streamer.shutdown_report()["sink_drops"])
+    records = [entry["record"] for entry in stream_records(redis_server.url, "polygon:stocks")]
+    seqs = [record["seq"] for record in records]
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+    holes = [record for record in records if record["type"] == "gap"]
+    assert sum(record["payload"]["dropped_events"] for record in holes) == dropped > 0
+    assert len(set(range(1, seqs[-1] + 1)) - set(seqs)) + len(holes) == dropped
+    client.close()
+
+
 def test_sigterm_while_redis_is_down_reports_what_was_not_written(mock_server, spawn):
     streamer = spawn(SINK="redis", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", SUBSCRIPTION="T.*",
                      SHUTDOWN_TIMEOUT_SECS="2", REDIS_CHANNEL_CAP="100000")
