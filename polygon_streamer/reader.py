@@ -34,8 +34,11 @@ CONNECT_TIMEOUT_SECS = 10.0
 # A status message is logged with at most this much of the server's text.
 SERVER_MESSAGE_CHARS = 300
 CLOSE_MESSAGE_TOO_BIG = 1009
-# One socket read takes up to this much: every frame that has arrived, at batch 1 hundreds of them.
-READ_CHUNK_BYTES = 256 * 1024
+# One socket read takes up to this much: every frame that has arrived, at batch 1 hundreds of them. Below glibc's
+# mmap threshold (128 KiB): Python allocates the whole size for each recv before trimming it to what came, and a
+# 256 KiB request was an mmap + page faults + munmap on every read, which at a steady 5,000 frames/s was a third of
+# the reader's CPU.
+READ_CHUNK_BYTES = 64 * 1024
 EV_MARKER = b'"ev"'  # also `"ev" : "T"`: the count is an estimate where it is used (readiness, drops)
 # A frame that may hold a status object is parsed here, and statuses are told from data by the parsed elements. A
 # status spells `status` with letters or with \u escapes (JSON allows nothing else), so a frame with neither is data.

@@ -22,7 +22,8 @@ def test_bench_runs_with_both_sinks_and_reports_no_loss():
     assert sum(report["dropped"].values()) == 0
     for key in ("transport_events_per_sec", "parse_events_per_sec", "work_events_per_sec", "service_events_per_sec",
                 "official_events_per_sec", "service_pinned_events_per_sec", "service_to_official_ratio",
-                "cpu_seconds_per_million", "cpu_seconds_per_million_pinned", "peak_rss_mb"):
+                "cpu_seconds_per_million", "cpu_seconds_per_million_pinned", "cpu_seconds_per_million_paced",
+                "peak_rss_mb"):
         assert report[key] > 0, key
     # CPU time comes in 10 ms ticks: on a run this short only the busiest thread is sure to show.
     assert "dispatcher" in report["cpu_seconds_per_million_by_thread"]
