@@ -51,7 +51,11 @@ def run(config: Config, group: str, consumer: str, count_only: bool, max_records
         else:
             replies = []
             for key in keys:
-                replies += client.xreadgroup(group, consumer, {key: ">"}, count=wanted) or []
+                reply = client.xreadgroup(group, consumer, {key: ">"}, count=wanted) or []
+                replies += reply
+                wanted -= sum(len(entries) for _key, entries in reply)
+                if wanted <= 0:
+                    break  # the rest next round: --max-records is never exceeded
         got = 0
         for key, entries in replies or []:
             if not entries:

@@ -269,6 +269,15 @@ def test_cluster_spreads_shards_over_the_masters(mock_server, spawn, redis_clust
     client.close()
     assert len(nodes) == 3, nodes  # the streams live on every master
     assert sorted(record["seq"] for record in records) == list(range(1, written + 1))  # each once, none lost
+    # redis-sub reads every shard's stream from the cluster's nodes.
+    env = dict(os.environ, REDIS_URL=url, REDIS_CLUSTER="true", REDIS_STREAM="polygon:{cluster}:{symbol_shard}",
+               REDIS_SHARDS="12", POLYGON_CLUSTER="stocks")
+    done = subprocess.run([sys.executable, "-m", "polygon_streamer", "redis-sub", "--group", "audit", "--consumer",
+                           "a", "--from-start", "--max-records", str(written)], env=env, cwd=ROOT,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    read = [ujson.loads(line)["seq"] for line in done.stdout.splitlines()]
+    assert sorted(read) == list(range(1, written + 1))
 
 
 def test_a_consumer_group_of_three_sees_every_record_once(mock_server, spawn, redis_server, tmp_path):
