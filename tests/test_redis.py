@@ -63,6 +63,13 @@ def stream_records(url: str, key: str) -> list[dict]:
              "symbol": fields[b"symbol"].decode()} for _id, fields in entries]
 
 
+def health(streamer) -> str:
+    try:
+        return streamer.get("/health")[1]
+    except OSError:  # not listening yet
+        return ""
+
+
 def check_fields(entries: list[dict]) -> None:
     for entry in entries:
         assert entry["type"] == entry["record"]["type"] and entry["symbol"] == entry["record"]["symbol"]
@@ -139,6 +146,30 @@ def test_a_key_of_the_wrong_type_refuses_records_counted_never_a_crash(mock_serv
     client.close()
 
 
+def test_redis_out_of_memory_is_retried_and_shown_then_writes_resume(mock_server, spawn, tmp_path):
+    server = LocalRedis(str(tmp_path / "oom"), ("--maxmemory", "3mb", "--maxmemory-policy", "noeviction")).start()
+    client = redis.Redis.from_url(server.url)
+    try:
+        streamer = spawn(SINK="redis", REDIS_URL=server.url, SUBSCRIPTION="T.*,Q.*", REDIS_CHANNEL_CAP="50")
+        wait_for(lambda: "degraded: redis sink" in health(streamer) and "refuses writes" in health(streamer),
+                 timeout=30, what="/health: Redis refuses writes (OOM)")
+        wait_for(lambda: streamer.metric("polygon_redis_drops_total") > 0, timeout=20, what="queue drops, counted")
+        client.config_set("maxmemory", "0")  # the operator gives Redis memory
+        sent = streamer.metric("polygon_redis_sent_total")
+        wait_for(lambda: streamer.metric("polygon_redis_sent_total") >= sent + 1000, timeout=20, what="writes again")
+        wait_for(lambda: health(streamer).strip() == "OK", what="/health OK again")
+        assert streamer.stop() == 0
+        records = [entry["record"] for entry in stream_records(server.url, "polygon:stocks")]
+        seqs = [record["seq"] for record in records]
+        assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+        holes = [record for record in records if record["type"] == "gap"]
+        assert sum(r["payload"]["dropped_events"] for r in holes) == streamer.shutdown_report()["sink_drops"] > 0
+        assert any("maxmemory" in message for message in streamer.log_messages())  # Redis' OOM reply, shown
+    finally:
+        client.close()
+        server.stop(kill=True)
+
+
 def test_health_follows_redis_in_a_quiet_market_too(mock_server, spawn, tmp_path):
     mock_server.options.refuse_topics = ("T.*",)  # no data at all: only the sink's probe can notice Redis is back
     port = free_port()
@@ -154,7 +185,7 @@ def test_health_follows_redis_in_a_quiet_market_too(mock_server, spawn, tmp_path
     try:
         wait_for(lambda: health().strip() == "OK", timeout=15, what="/health OK once Redis is there")
         assert streamer.stop() == 0
-        assert any("reachable again" in message for message in streamer.log_messages())
+        assert any("takes records again" in message for message in streamer.log_messages())
     finally:
         server.stop(kill=True)
 

@@ -14,8 +14,9 @@ Faults: when Redis is unreachable (down at start, restarting, timing out) the th
 with backoff; the queue fills meanwhile and drops what does not fit, counted (sink_drop gap records). After a
 connection broke mid-write it reads each stream's last entry to learn which XADDs of the write were applied, so
 they are not added twice (exact when this service is the stream's only writer). A reply that refuses one XADD
-(WRONGTYPE...) drops that record, counted, logged and reported at shutdown (exit 1); OOM, LOADING, READONLY, TRYAGAIN, MOVED and the like are
-retried. On SIGTERM it keeps trying until shortly before the deadline, then reports what it could not write.
+(WRONGTYPE...) drops that record, counted, logged and reported at shutdown (exit 1); OOM, LOADING, READONLY,
+TRYAGAIN, MOVED and the like are retried (and /health says so). On SIGTERM it keeps trying until shortly before the
+deadline, then reports what it could not write.
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ CLOSE_MARGIN_SECS = 0.3
 PROBE_SECS = 1.0                   # while Redis is away and there is nothing to write: how often to look for it
 COALESCE_EVENTS = 5000
 _KEY_CACHE_LIMIT = 200_000         # (code, symbol) -> packed command parts; symbols come from the network
+# Error replies worth retrying: by prefix (redis-py keeps the prefix of those it has no class for) and by the classes
+# redis-py parses some into (the prefix then gone; which ones depends on the version: 4.3.4 has no OutOfMemoryError).
 _TRANSIENT = ("OOM", "LOADING", "BUSY", "READONLY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "NOREPLICAS")
+_TRANSIENT_CLASSES = ("OutOfMemoryError", "ReadOnlyError", "TryAgainError", "MasterDownError", "ClusterDownError",
+                      "BusyLoadingError")
+
+
+def _transient_classes() -> tuple[type, ...]:
+    import redis.exceptions
+
+    return tuple(getattr(redis.exceptions, name) for name in _TRANSIENT_CLASSES if hasattr(redis.exceptions, name))
 
 
 def _bulk(data: bytes) -> bytes:
@@ -126,6 +137,8 @@ class RedisSink(Sink):
         self._error_warning = logs.RateLimitedWarning(_log, config.bp_warn_interval_secs)
         self._down_since: float | None = None
         self._down_reason: str | None = None
+        self._down_what = "unreachable"
+        self._transient: tuple[type, ...] = ()
         self._retry_at: float | None = None
         self._stopped_trying = False  # the service is stopping and the deadline came: count, do not send
         self._unwritten = 0
@@ -150,6 +163,7 @@ class RedisSink(Sink):
     def _connect(self) -> None:
         if self._client is None:
             self._client = connect(self._config)
+            self._transient = _transient_classes()
         if not self._config.redis_cluster:
             self._connection("")
 
@@ -248,6 +262,7 @@ class RedisSink(Sink):
                     self._recovered()
                 return True
             if transient is not None:
+                self._degrade(transient, "refuses writes", "write")
                 self._error_warning.warn(f"Redis refused writes for now, retrying: {transient}",
                                          retrying_events=len(commands), errors_total=self.errors)
             if not self._wait(delay):
@@ -283,9 +298,8 @@ class RedisSink(Sink):
                         transient = f"{type(exc).__name__} {text}"
                         command.state = PENDING
                         self._nodes.pop(command.key, None)
-                    elif text.startswith(_TRANSIENT) or isinstance(exc, (redis.exceptions.ReadOnlyError,
-                                                                        redis.exceptions.TryAgainError)):
-                        transient = text
+                    elif text.startswith(_TRANSIENT) or isinstance(exc, self._transient):
+                        transient = text if text.startswith(_TRANSIENT) else f"{type(exc).__name__}: {text}"
                         command.state = PENDING
                     else:
                         command.state = DONE
@@ -338,17 +352,22 @@ class RedisSink(Sink):
     def _failed(self, exc: BaseException, during: str) -> None:
         self.errors += 1
         self._reset(topology=self._config.redis_cluster)  # a cluster node that is gone: the slots may have moved
-        reason = self._config.redact(f"{type(exc).__name__}: {exc}")[:300]
+        self._degrade(f"{type(exc).__name__}: {exc}", "unreachable", during)
+
+    def _degrade(self, reason: str, what: str, during: str) -> None:
+        """Redis does not take records for now: said once in the log, and by /health while it lasts."""
+        reason = self._config.redact(reason)[:300]
         if self._down_since is None:
             self._down_since = time.monotonic()
-            _log.error("Redis %s unreachable (%s during %s): records wait in the queue (REDIS_CHANNEL_CAP), then "
-                       "are dropped and counted; retrying", self._where, reason, during,
+            _log.error("Redis %s %s (%s during %s): records wait in the queue (REDIS_CHANNEL_CAP), then are dropped "
+                       "and counted; retrying", self._where, what, reason, during,
                        extra={"fields": dict(self._fields(), error=reason)})
+        self._down_what = what
         self._down_reason = reason
 
     def _recovered(self) -> None:
         down = time.monotonic() - self._down_since
-        _log.info("Redis %s reachable again after %.1fs", self._where, down,
+        _log.info("Redis %s takes records again after %.1fs", self._where, down,
                   extra={"fields": dict(self._fields(), down_secs=round(down, 3))})
         self._down_since = None
         self._down_reason = None
@@ -375,7 +394,7 @@ class RedisSink(Sink):
         if self._down_since is None:
             return None
         retry = f"; retrying in {max(0.0, self._retry_at - time.monotonic()):.1f}s" if self._retry_at else ""
-        return (f"redis sink: {self._where} unreachable for {time.monotonic() - self._down_since:.0f}s "
+        return (f"redis sink: {self._where} {self._down_what} for {time.monotonic() - self._down_since:.0f}s "
                 f"({self._down_reason}){retry}")
 
     def close(self, deadline: float | None = None) -> None:
