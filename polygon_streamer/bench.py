@@ -67,6 +67,8 @@ class BenchResult:
     written: dict = field(default_factory=dict)
     dropped: dict = field(default_factory=dict)
     lost: int = 0
+    service_cpus: list = field(default_factory=list)  # where CPU_AFFINITY confined the service (empty: not confined)
+    notes: list = field(default_factory=list)
     ok: bool = False
     problems: list = field(default_factory=list)
 
@@ -423,7 +425,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
     service = subprocess.Popen(_python_command("run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if pinned:
         _pin(service.pid, SERVICE_CPU)
-    joined = _watch_log(service, b"subscription added")
+    confined: list = []
+    joined = _watch_log(service, b"subscription added", confined)
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         deadline = time.monotonic() + 30
@@ -456,6 +459,10 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
         if progress:
             sys.stderr.write("\n")
         cpu = _cpu_seconds(service.pid) - cpu_before
+        result.service_cpus = list(confined)
+        if not pinned and SERVER_CPU in confined:
+            result.notes.append(f"CPU_AFFINITY=auto put the service on CPU {SERVER_CPU}, the local server's: this run "
+                                "measures the two sharing a core (a remote feed would not)")
         if rate:
             latency = _write_latency(samples, sinks[0])
             result.write_latency_p50_ms = latency.quantile(0.5) * 1000
@@ -507,8 +514,9 @@ def _write_latency(samples: dict, sink: str) -> LatencyHistogram:
     return histogram
 
 
-def _watch_log(proc: subprocess.Popen, needle: bytes):
-    """Drain the child's stderr (so it can never block on a full pipe); the event is set when needle shows up."""
+def _watch_log(proc: subprocess.Popen, needle: bytes, confined: list | None = None):
+    """Drain the child's stderr (so it can never block on a full pipe); the event is set when needle shows up.
+    confined gets the CPUs the service confined its threads to (CPU_AFFINITY), from its log."""
     import threading
 
     seen = threading.Event()
@@ -517,6 +525,11 @@ def _watch_log(proc: subprocess.Popen, needle: bytes):
         for line in iter(proc.stderr.readline, b""):
             if needle in line:
                 seen.set()
+            if confined is not None and b"threads confined to CPU" in line:
+                try:
+                    confined.extend(ujson.loads(line)["fields"]["cpus"])
+                except (ValueError, KeyError, TypeError):
+                    pass
 
     threading.Thread(target=drain, name="bench-log-drain", daemon=True).start()
     return seen
@@ -580,6 +593,7 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
         result.write_latency_p99_ms = paced.write_latency_p99_ms
         result.latency_rate = paced.latency_rate
         result.cpu_seconds_per_million_paced = paced.cpu_seconds_per_million
+        result.notes += [f"paced run: {note}" for note in paced.notes]
     if result.official_events_per_sec:
         result.service_to_official_ratio = round(result.service_events_per_sec / result.official_events_per_sec, 3)
     result.service_to_parse_ratio = round(result.service_events_per_sec / result.parse_events_per_sec, 3)
@@ -606,7 +620,10 @@ def format_table(result: BenchResult) -> str:
         ("official client (massive, parsed into models)",
          f"{result.official_events_per_sec:,.0f} events/s" if result.official_events_per_sec
          else "not installed: pip install 'polygon-streamer[bench]'"),
-        ("service end to end, as deployed (unpinned)", f"{result.service_events_per_sec:,.0f} events/s"),
+        ("service end to end, as deployed (unpinned)",
+         f"{result.service_events_per_sec:,.0f} events/s" + (f" (CPU_AFFINITY=auto chose CPU "
+                                                              f"{','.join(map(str, result.service_cpus))})"
+                                                              if result.service_cpus else "")),
         ("service pinned to one CPU (beside)",
          f"{result.service_pinned_events_per_sec:,.0f} events/s, CPU per million "
          f"{result.cpu_seconds_per_million_pinned:.2f} s" if result.service_pinned_events_per_sec else "not run"),
@@ -632,6 +649,7 @@ def format_table(result: BenchResult) -> str:
                                                                    if result.lost else []) +
                                                 (["drops counted"] if sum(result.dropped.values()) else []))
     rows.append(("loss check", verdict))
+    rows += [("note", note) for note in result.notes]
     versions = " ".join(f"{name}={version}" for name, version in result.versions.items())
     header = (f"polygon-streamer bench: {result.events:,} {result.cluster} events ({SUBSCRIPTIONS[result.cluster]}),"
               f" batch {result.batch}, sinks {result.sinks}\n  {versions}")

@@ -5,8 +5,8 @@ Each entry has three fields: `record` (the schema's record line), `type` and `sy
 The key comes from REDIS_STREAM: `{cluster}`, `{kind}` and `{symbol_shard}`, the last a Redis Cluster hash tag
 `{N}` with N = crc32(symbol) % REDIS_SHARDS, stable across processes and machines.
 
-Speed: the sink thread takes every batch already queued (coalesce_events) and sends all their XADDs in one write,
-then reads the replies: one round trip for many frames when Redis is the slow part. The commands are packed here
+Speed: the sink thread takes every batch already queued (coalesce_events, up to 500 records) and sends all their
+XADDs in one write, then reads the replies: one round trip for many frames when Redis is the slow part. The commands are packed here
 (the RESP array of XADD is short and fixed); redis-py does the connections, the replies, TLS, AUTH and the cluster
 topology.
 
@@ -36,7 +36,7 @@ RETRY_INITIAL_SECS = 0.1
 RETRY_MAX_SECS = 5.0
 CLOSE_MARGIN_SECS = 0.3
 PROBE_SECS = 1.0                   # while Redis is away and there is nothing to write: how often to look for it
-COALESCE_EVENTS = 5000
+COALESCE_EVENTS = 500
 _KEY_CACHE_LIMIT = 200_000         # (code, symbol) -> packed command parts; symbols come from the network
 # Error replies worth retrying: by prefix (redis-py keeps the prefix of those it has no class for) and by the classes
 # redis-py parses some into (the prefix then gone; which ones depends on the version: 4.3.4 has no OutOfMemoryError).
