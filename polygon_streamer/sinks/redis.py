@@ -6,9 +6,9 @@ The key comes from REDIS_STREAM: `{cluster}`, `{kind}` and `{symbol_shard}`, the
 `{N}` with N = crc32(symbol) % REDIS_SHARDS, stable across processes and machines.
 
 Speed: the sink thread takes every batch already queued (coalesce_events, up to 500 records) and sends all their
-XADDs in one write, then reads the replies: one round trip for many frames when Redis is the slow part. The commands are packed here
-(the RESP array of XADD is short and fixed); redis-py does the connections, the replies, TLS, AUTH and the cluster
-topology.
+XADDs in one write, then reads the replies: one round trip for many frames when Redis is the slow part. The commands
+are packed here (the RESP array of XADD is short and fixed); redis-py does the connections, the replies, TLS, AUTH
+and the cluster topology.
 
 Faults: when Redis is unreachable (down at start, restarting, timing out) the thread keeps the batch and retries
 with backoff; the queue fills meanwhile and drops what does not fit, counted (sink_drop gap records). After a
