@@ -328,6 +328,7 @@ class LocalRedis:
         deadline = time.monotonic() + timeout
         while not self.ping():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(kill=True)  # never leave one behind
                 raise RuntimeError(f"redis-server on port {self.port} did not start (see {self.workdir}/redis.log)")
             time.sleep(0.02)
         return self
