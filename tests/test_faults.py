@@ -415,8 +415,21 @@ def test_a_second_sigterm_while_the_inbound_queue_is_full_exits_at_once(mock_ser
             return parse_metrics(http_get(url + "/metrics")[1]).get(("polygon_queue_depth", (("queue", "inbound"),)))
         except OSError:
             return None
+
+    # Full for good, not just for a moment while the pipe still takes lines: the inbound queue full and the stdout
+    # sink's count unchanged over ten scrapes in a row (the FIFO's buffer is full and nobody reads it).
+    seen = []
+
+    def stuck():
+        try:
+            samples = parse_metrics(http_get(url + "/metrics")[1])
+        except OSError:
+            return False
+        seen.append((samples.get(("polygon_queue_depth", (("queue", "inbound"),))),
+                     samples.get(("polygon_sink_written_total", (("sink", "stdout"),)))))
+        return seen[-1][0] == 2 and len(seen) >= 10 and len(set(seen[-10:])) == 1
     try:
-        wait_for(lambda: inbound_depth() == 2, timeout=20, what="a full inbound queue")
+        wait_for(stuck, timeout=30, interval=0.05, what="the inbound queue full behind the blocked stdout sink")
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: any(b"stopping (received SIGTERM)" in line for line in stderr_lines), what="the drain")
         assert proc.poll() is None and inbound_depth() == 2, "the drain is stuck behind the blocked stdout sink"
