@@ -465,10 +465,16 @@ class Reader(ServiceThread):
     def _statuses_in(self, data: bytes) -> tuple[int, str | None, bool]:
         """Handle the status objects of a mid-stream frame; (status objects seen, terminal status or None, whether
         the frame holds anything else: data events, or elements the dispatcher must count as bad)."""
-        try:
-            events = parse_frame(data)
-        except FrameError:
-            return 0, None, True  # the dispatcher counts it as a parse error
+        parsed = self.parsed
+        if parsed is not None and parsed.data is data:  # capturing: parsed already
+            if parsed.error is not None:
+                return 0, None, True
+            events = parsed.events
+        else:
+            try:
+                events = parse_frame(data)
+            except FrameError:
+                return 0, None, True  # the dispatcher counts it as a parse error
         seen = 0
         terminal = None
         for event in events:

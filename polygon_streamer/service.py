@@ -16,7 +16,7 @@ from . import __version__, affinity, logs, protocol
 from .config import Config, ConfigError, format_addr
 from .dispatch import Dispatcher, stop_inbound
 from .metrics import LatencyHistogram, MetricsServer, make_registry
-from .normalize import FrameNormalizer
+from .normalize import FrameNormalizer, ParsedFrame
 from .reader import Heartbeat, Reader
 from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread
 from .subscriptions import SubscriptionFileError, Subscriptions, read_file
@@ -288,8 +288,10 @@ class Service:
 
     def unwritten_events(self) -> int:
         with self.inbound.mutex:
-            frames = [item[1] for item in self.inbound.queue if item is not None and isinstance(item[1], bytes)]
-        pending = sum(frame.count(b'"ev":') for frame in frames)
+            frames = [item[1] for item in self.inbound.queue if item is not None]
+        # Raw frames (an estimate by marker), or parsed once by the reader when capturing (counted exactly).
+        pending = sum(frame.count(b'"ev":') if frame.__class__ is bytes else len(frame.events)
+                      for frame in frames if frame.__class__ in (bytes, ParsedFrame))
         return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads)
 
     # -- health -------------------------------------------------------------------------------------------------

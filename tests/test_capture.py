@@ -231,3 +231,20 @@ def test_replay_keeps_the_captured_timing_scaled_by_speed_within_the_chosen_wind
         assert abs((arrived - arrival0) - expected) <= 0.1 + 0.1 * expected, (arrived - arrival0, expected)
     span = (sent_ns[-1] - capture0) / 1e9
     assert span >= 0.4, "a window long enough to tell the speed"
+
+
+def test_frames_the_reader_parsed_for_capture_count_as_unwritten_while_still_queued(tmp_path):
+    # With capture on, the inbound queue holds the reader's ParsedFrames: a shutdown that cannot drain them must
+    # count their events as not written (raw frames were the only kind counted before).
+    from polygon_streamer.config import build_config
+    from polygon_streamer.normalize import ParsedFrame
+    from polygon_streamer.service import Service
+
+    config = build_config({"api_key": "k", "cluster": "stocks", "sink": "ndjson,capture",
+                           "ndjson_dest": str(tmp_path / "out.ndjson"), "capture_dest": str(tmp_path / "c.capture")})
+    service = Service(config)
+    three = b'[{"ev":"T","sym":"A","t":1},{"ev":"T","sym":"B","t":1},{"ev":"Q","sym":"A","t":1}]'
+    service.inbound.put((1, ParsedFrame(three)))
+    service.inbound.put((2, b'[{"ev":"T","sym":"C","t":2}]'))
+    service.inbound.put((3, ParsedFrame(b"not json")))
+    assert service.unwritten_events() == 4
