@@ -354,34 +354,36 @@ def _check_redis_seq(url: str, key: str, events: int) -> int:
     import redis
 
     client = redis.Redis.from_url(url)
-    expected = 1
-    bad = 0
-    start = "-"
-    while True:
-        entries = client.xrange(key, min=start, count=10_000)
-        for _id, fields in entries:
-            line = fields[b"record"]
-            seq = int(line[line.rindex(b'"seq":') + 6:-1])
-            if seq != expected:
-                bad += 1
-            expected = seq + 1
-        if len(entries) < 10_000:
-            break
-        start = "(" + entries[-1][0].decode()
-    client.close()
-    return max(bad, events - (expected - 1))
+
+    def records():
+        start = "-"
+        while True:
+            entries = client.xrange(key, min=start, count=10_000)
+            yield from (fields[b"record"] for _id, fields in entries)
+            if len(entries) < 10_000:
+                return
+            start = "(" + entries[-1][0].decode()
+    try:
+        return _missing_by_seq(records(), events)
+    finally:
+        client.close()
 
 
 def _check_seq(path: str, events: int) -> int:
     """Events missing from the NDJSON file, checked by seq (no gap, no duplicate)."""
+    with open(path, "rb") as handle:
+        return _missing_by_seq(handle, events)
+
+
+def _missing_by_seq(lines, events: int) -> int:
+    """Records (lines ending in `"seq":N}`) out of the order 1, 2, 3 ..., or missing at the end."""
     expected = 1
     bad = 0
-    with open(path, "rb") as handle:
-        for line in handle:
-            seq = int(line[line.rindex(b'"seq":') + 6:-2])
-            if seq != expected:
-                bad += 1
-            expected = seq + 1
+    for line in lines:
+        seq = int(line[line.rindex(b'"seq":') + 6:].rstrip(b"}\n"))
+        if seq != expected:
+            bad += 1
+        expected = seq + 1
     return max(bad, events - (expected - 1))
 
 

@@ -70,6 +70,24 @@ def health(streamer) -> str:
         return ""
 
 
+def assert_drops_declared(records: list[dict], dropped: int) -> None:
+    """Nothing twice or out of order; every missing seq inside a declared hole; the holes add up to the drops
+    counted (dropped > 0). A sink_drop record takes the seq of the last event it stands for, so each hole is its
+    dropped events' seqs, ending at the record's own seq."""
+    seqs = [record["seq"] for record in records]
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs)), "a record added twice or out of order"
+    holes = [record for record in records if record["type"] == "gap"]
+    assert holes and all(record["payload"]["reason"] == "sink_drop" for record in holes)
+    declared = sum(record["payload"]["dropped_events"] for record in holes)
+    assert declared == dropped > 0
+    missing = set(range(1, seqs[-1] + 1)) - set(seqs)
+    in_holes = set()
+    for record in holes:
+        in_holes.update(range(record["seq"] - record["payload"]["dropped_events"] + 1, record["seq"] + 1))
+    assert missing <= in_holes, sorted(missing - in_holes)[:10]
+    assert len(missing) + len(holes) == declared
+
+
 def check_fields(entries: list[dict]) -> None:
     for entry in entries:
         assert entry["type"] == entry["record"]["type"] and entry["symbol"] == entry["record"]["symbol"]
@@ -160,10 +178,7 @@ def test_redis_out_of_memory_is_retried_and_shown_then_writes_resume(mock_server
         wait_for(lambda: health(streamer).strip() == "OK", what="/health OK again")
         assert streamer.stop() == 0
         records = [entry["record"] for entry in stream_records(server.url, "polygon:stocks")]
-        seqs = [record["seq"] for record in records]
-        assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
-        holes = [record for record in records if record["type"] == "gap"]
-        assert sum(r["payload"]["dropped_events"] for r in holes) == streamer.shutdown_report()["sink_drops"] > 0
+        assert_drops_declared(records, int(streamer.shutdown_report()["sink_drops"]))
         assert any("maxmemory" in message for message in streamer.log_messages())  # Redis' OOM reply, shown
     finally:
         client.close()
@@ -174,16 +189,10 @@ def test_health_follows_redis_in_a_quiet_market_too(mock_server, spawn, tmp_path
     mock_server.options.refuse_topics = ("T.*",)  # no data at all: only the sink's probe can notice Redis is back
     port = free_port()
     streamer = spawn(SINK="redis", REDIS_URL=f"redis://127.0.0.1:{port}/0", SUBSCRIPTION="T.*")
-
-    def health():
-        try:
-            return streamer.get("/health")[1]
-        except OSError:
-            return ""
-    wait_for(lambda: "degraded: redis sink" in health(), timeout=15, what="/health degraded")
+    wait_for(lambda: "degraded: redis sink" in health(streamer), timeout=15, what="/health degraded")
     server = LocalRedis(str(tmp_path / "late"), port=port).start()
     try:
-        wait_for(lambda: health().strip() == "OK", timeout=15, what="/health OK once Redis is there")
+        wait_for(lambda: health(streamer).strip() == "OK", timeout=15, what="/health OK once Redis is there")
         assert streamer.stop() == 0
         assert any("takes records again" in message for message in streamer.log_messages())
     finally:
@@ -207,20 +216,7 @@ def test_redis_killed_and_restarted_mid_stream_loses_nothing_uncounted(mock_serv
         assert streamer.stop() == 0
         dropped = int(streamer.shutdown_report()["sink_drops"])
         records = [entry["record"] for entry in stream_records(server.url, "polygon:stocks")]
-        seqs = [record["seq"] for record in records]
-        assert seqs == sorted(seqs) and len(seqs) == len(set(seqs)), "a record added twice or out of order"
-        holes = [record for record in records if record["type"] == "gap"]
-        assert holes and all(record["payload"]["reason"] == "sink_drop" for record in holes)
-        declared = sum(record["payload"]["dropped_events"] for record in holes)
-        assert declared == dropped > 0
-        # Every seq is in the stream or inside a declared hole: a sink_drop record takes the seq of the last
-        # event it stands for, so each hole is its dropped events' seqs, ending at the record's own seq.
-        missing = set(range(1, seqs[-1] + 1)) - set(seqs)
-        in_holes = set()
-        for record in holes:
-            in_holes.update(range(record["seq"] - record["payload"]["dropped_events"] + 1, record["seq"] + 1))
-        assert missing <= in_holes, sorted(missing - in_holes)[:10]
-        assert len(missing) + len(holes) == declared
+        assert_drops_declared(records, dropped)
     finally:
         server.stop(kill=True)
 
@@ -237,11 +233,7 @@ def test_a_slow_redis_fills_the_queue_then_drops_are_counted_and_declared(mock_s
     assert streamer.stop() == 0  # drops at a bound the user chose, all counted: not a failure
     dropped = int(streamer.shutdown_report()["sink_drops"])
     records = [entry["record"] for entry in stream_records(redis_server.url, "polygon:stocks")]
-    seqs = [record["seq"] for record in records]
-    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
-    holes = [record for record in records if record["type"] == "gap"]
-    assert sum(record["payload"]["dropped_events"] for record in holes) == dropped > 0
-    assert len(set(range(1, seqs[-1] + 1)) - set(seqs)) + len(holes) == dropped
+    assert_drops_declared(records, dropped)
     client.close()
 
 
