@@ -1,5 +1,6 @@
-"""Inbound queue -> normalize, filter, sample, seq -> every sink's queue, one batch per frame; a Gap notice in the
-inbound queue becomes one gap record for every sink, in order with the data."""
+"""Inbound queue -> normalize, filter, sample, seq -> every sink's queue, one batch per hand-over (the frames one
+socket read completed, received at the same time); a Gap notice in the inbound queue becomes one gap record for every
+sink, in order with the data."""
 
 from __future__ import annotations
 
@@ -59,32 +60,39 @@ class Dispatcher(ServiceThread):
                         if sink_queue.consumer is not None and not sink_queue.consumer.is_alive():
                             break
                 return
-            ingest_ms, data = item
-            if data.__class__ is Gap:
-                self.gap(data, ingest_ms)
+            ingest_ms, frames = item
+            if frames.__class__ is Gap:
+                self.gap(frames, ingest_ms)
                 continue
-            self.frames += 1
             anomalies = normalizer.sequence_anomalies_total
-            try:
-                records, newest = normalize(data, ingest_ms)
-            except FrameError as exc:
-                self._parse_warning.warn(f"skipped a frame: {exc}", frame_bytes=len(data),
-                                         parse_errors_total=normalizer.parse_errors)
-                continue
-            if newest is not None:
-                observe((ingest_ms - newest) / 1000.0)
-            if records:
-                if len(records) == 1:
-                    last_seen[records[0][1]] = ingest_ms  # one new key at most: the size is checked below
+            batch = None
+            for data in frames:  # the frames one socket read completed: one batch for each sink
+                try:
+                    records, newest = normalize(data, ingest_ms)
+                except FrameError as exc:
+                    self._parse_warning.warn(f"skipped a frame: {exc}", frame_bytes=len(data),
+                                             parse_errors_total=normalizer.parse_errors)
+                    continue
+                if newest is not None:
+                    observe((ingest_ms - newest) / 1000.0)
+                if records:
+                    if batch is None:
+                        batch = records
+                    else:
+                        batch += records
+            self.frames += len(frames)
+            if batch:
+                if len(batch) == 1:
+                    last_seen[batch[0][1]] = ingest_ms  # one new key at most: the size is checked below
                 else:
-                    last_seen.update(dict.fromkeys(map(CODE, records), ingest_ms))
+                    last_seen.update(dict.fromkeys(map(CODE, batch), ingest_ms))
                     if len(last_seen) > _LAST_SEEN_LIMIT:
                         last_seen.clear()
                 for sink_queue in sink_queues:
-                    sink_queue.offer(ingest_ms, records)
+                    sink_queue.offer(ingest_ms, batch)
             if normalizer.sequence_anomalies_total != anomalies:
                 self._warn_sequence()
-            if not self.frames & 0x3FF and len(last_seen) > _LAST_SEEN_LIMIT:
+            if len(last_seen) > _LAST_SEEN_LIMIT:
                 last_seen.clear()
 
     def gap(self, gap: Gap, ingest_ms: int) -> None:

@@ -39,6 +39,11 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 # 256 KiB request was an mmap + page faults + munmap on every read, which at a steady 5,000 frames/s was a third of
 # the reader's CPU.
 READ_CHUNK_BYTES = 64 * 1024
+# The frames one socket read completes go downstream together, as one queue item (a hand-over), up to this much
+# frame text: queue operations and thread wake-ups are paid per hand-over instead of per frame (at batch 1, hundreds
+# of frames a read). A frame this large or larger is a hand-over of its own, so a queue slot holds about what it
+# held when it held one frame (a batch-100 stocks frame is about 11 KB).
+HANDOVER_BYTES = 16 * 1024
 EV_MARKER = b'"ev"'  # also `"ev" : "T"`: the count is an estimate where it is used (readiness, drops)
 # A frame that may hold a status object is parsed here, and statuses are told from data by the parsed elements. A
 # status spells `status` with letters or with \u escapes (JSON allows nothing else), so a frame with neither is data.
@@ -96,7 +101,8 @@ class BoundedWebSocket(websocket.WebSocket):
     timeout applies to each read, so a server answering a byte at a time could hold the upgrade forever), and reads
     from the socket in large chunks: websocket-client's frame reader asks for the 2-byte header, the length and the
     payload separately, three syscalls per frame, each a release and re-take of the GIL; one recv now serves every
-    frame that has arrived."""
+    frame that has arrived. `before_read` runs before each read that may block (the reader hands over what the last
+    read completed); `read_ns` is when the last read returned: the receive time of every frame it completed."""
 
     def __init__(self, *args, max_frame_bytes: int, connect_deadline_secs: float, **kwargs):
         super().__init__(*args, **kwargs)
@@ -105,16 +111,49 @@ class BoundedWebSocket(websocket.WebSocket):
         self.frame_buffer.max_bytes = max_frame_bytes
         self._inbox = b""   # bytes read from the socket and not yet handed to the frame reader, from _inbox_at
         self._inbox_at = 0
+        self.before_read: Callable[[], None] | None = None
+        self.read_ns = 0
 
     def _recv(self, bufsize: int) -> bytes:
         if self._inbox_at >= len(self._inbox):
+            if self.before_read is not None:
+                self.before_read()
             self._inbox = super()._recv(READ_CHUNK_BYTES)
+            self.read_ns = time.time_ns()
             self._inbox_at = 0
         start = self._inbox_at
         self._inbox_at = min(start + bufsize, len(self._inbox))
         if start == 0 and self._inbox_at == len(self._inbox):
             return self._inbox
         return self._inbox[start:self._inbox_at]
+
+    def next_data_message(self) -> bytes | None:
+        """The payload of the frame at the head of the inbox when it is the common case, a complete unfragmented
+        unmasked text or binary frame shorter than 64 KiB within MAX_FRAME_BYTES, taken without websocket-client's
+        per-frame objects (at batch 1 they were most of the reader's own work); None for anything else, which
+        recv_frame then reads the library's way, its checks included."""
+        inbox = self._inbox
+        at = self._inbox_at
+        if len(inbox) - at < 2:
+            return None
+        first = inbox[at]
+        if first != 0x81 and first != 0x82:  # FIN, no RSV bits, text or binary
+            return None
+        frame_buffer = self.frame_buffer
+        if frame_buffer.header is not None or frame_buffer.recv_buffer:  # the library is inside a frame
+            return None
+        length = inbox[at + 1]
+        start = at + 2
+        if length == 126:
+            length = int.from_bytes(inbox[start:start + 2], "big")
+            start += 2
+        elif length > 126:  # a 64-bit length or a mask bit (servers do not mask)
+            return None
+        end = start + length
+        if end > len(inbox) or length > frame_buffer.max_bytes:
+            return None
+        self._inbox_at = end
+        return inbox[start:end]
 
     def connect(self, url, **options):
         finished = threading.Event()
@@ -194,7 +233,15 @@ class Reader(ServiceThread):
         # SINK=capture: every message as received, handshakes and statuses included (sinks.SinkQueue).
         self._capture = capture
         self.parsed: ParsedFrame | None = None  # with capture: the last message, parsed (what the inbound queue gets)
-        self.last_recv_ns = 0  # when the last message was complete (time.time_ns())
+        self.last_recv_ns = 0  # when the socket read that completed the last message returned (time.time_ns())
+        # What the current socket read completed, not yet handed over (flushed before the next read that may block,
+        # at HANDOVER_BYTES, and when the session ends): frames for the inbound queue, all received at _handover_ms,
+        # with the status objects among them (not counted as dropped events), and (recv_ns, session, frame) for capture.
+        self._handover: list = []
+        self._handover_ms = 0
+        self._handover_bytes = 0
+        self._handover_statuses = 0
+        self._captured: list[tuple] = []
         self.stats = ReaderStats()
         self._backoff = Backoff(config.backoff_initial_secs, config.backoff_max_secs)
         self._bp_warning = logs.RateLimitedWarning(_log, config.bp_warn_interval_secs)
@@ -266,6 +313,7 @@ class Reader(ServiceThread):
             _log.error(reason, extra={"fields": {"url": self._url_for_logs}})
             return SessionEnd(reason)
         ws.settimeout(min(TICK_SECS, self._config.read_timeout_secs))
+        ws.before_read = self._hand_over
         self.stats.sessions += 1
         self.ws = ws
         try:
@@ -292,6 +340,7 @@ class Reader(ServiceThread):
             self.stats.errors += 1
             return SessionEnd(f"connection error: {type(exc).__name__}: {exc}")
         finally:
+            self._hand_over()  # ahead of the gap record of this session's end
             self.ws = None
             self.stats.connected = False
             self.subscriptions.disconnected()
@@ -311,8 +360,8 @@ class Reader(ServiceThread):
 
     # -- protocol -----------------------------------------------------------------------------------------------
 
-    def _recv(self, ws: websocket.WebSocket, deadline: float, stale_deadline: float = math.inf,
-              live: bool = False) -> tuple[int, bytes]:
+    def _recv(self, ws: BoundedWebSocket, deadline: float, stale_deadline: float = math.inf,
+              live: bool = False) -> bytes:
         """One data message; SessionEnd on stop, close, no message before the deadline, or (STALE_AFTER_SECS) no
         data event before the stale deadline.
 
@@ -321,8 +370,8 @@ class Reader(ServiceThread):
         cannot hold a dead session open, and a fragmented message is bounded by MAX_FRAME_BYTES as a whole."""
         fragments: list[bytes] = []
         size = 0
-        opcode = 0
         subscriptions = self.subscriptions
+        next_data_message = ws.next_data_message
         while True:
             if live and subscriptions.changed:
                 self._apply_changes(ws)
@@ -330,6 +379,10 @@ class Reader(ServiceThread):
                 self.stats.stale_timeouts += 1
                 raise SessionEnd(f"stale: no data event for {self._config.stale_after_secs:g}s while subscribed "
                                  "(STALE_AFTER_SECS)", gap="stale")
+            if not fragments:
+                data = next_data_message()
+                if data is not None:
+                    return self._received(data, ws.read_ns)
             try:
                 frame = ws.recv_frame()
             except websocket.WebSocketTimeoutException:
@@ -342,8 +395,8 @@ class Reader(ServiceThread):
                     if fragments:
                         raise SessionEnd("protocol error: a new message began inside a fragmented one")
                     if frame.fin:
-                        return self._received(code, frame.data)
-                    opcode, fragments, size = code, [frame.data], len(frame.data)
+                        return self._received(frame.data, ws.read_ns)
+                    fragments, size = [frame.data], len(frame.data)
                 elif code == websocket.ABNF.OPCODE_CONT:
                     if not fragments:
                         raise SessionEnd("protocol error: a continuation frame without a message")
@@ -352,7 +405,7 @@ class Reader(ServiceThread):
                         raise FrameTooLarge(size, self._config.max_frame_bytes)
                     fragments.append(frame.data)
                     if frame.fin:
-                        return self._received(opcode, b"".join(fragments))
+                        return self._received(b"".join(fragments), ws.read_ns)
                 elif code == websocket.ABNF.OPCODE_CLOSE:
                     status = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else None
                     reason = frame.data[2:SERVER_MESSAGE_CHARS].decode("utf-8", "replace")
@@ -370,19 +423,19 @@ class Reader(ServiceThread):
                                  gap="read_timeout")
 
 
-    def _received(self, code: int, data: bytes) -> tuple[int, bytes]:
+    def _received(self, data: bytes, read_ns: int) -> bytes:
         self.stats.messages_received += 1
-        self.last_recv_ns = now_ns = time.time_ns()
+        self.last_recv_ns = read_ns
         if self._capture is not None:
             # Parsed once, here, for the capture sink and the dispatcher alike (each parsing it cost 1 us an event).
             self.parsed = ParsedFrame(data)
-            self._capture.offer(now_ns // 1_000_000, [(now_ns, self.stats.sessions, self.parsed)])
-        return code, data
+            self._captured.append((read_ns, self.stats.sessions, self.parsed))
+        return data
 
     def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
         deadline = time.monotonic() + self._config.read_timeout_secs
         while True:
-            _, data = self._recv(ws, deadline)
+            data = self._recv(ws, deadline)
             try:
                 events = parse_frame(data)
             except FrameError as exc:
@@ -486,12 +539,12 @@ class Reader(ServiceThread):
         return seen, terminal, len(events) > seen
 
     def _stream(self, ws: websocket.WebSocket) -> None:
-        """The hot loop: frames go to the inbound queue untouched; the reader never blocks on the queue.
+        """The hot loop: frames go to the inbound queue untouched, handed over together per socket read; the reader
+        never blocks on the queue.
 
         Counting a frame's events scans all of it (about 5 us for 100 events, a third of this thread's time), so
         it is done only where a number is needed: for /ready until READY_MIN_MESSAGES is reached, and for a frame
         that is dropped. The dispatcher counts every event it parses."""
-        put = self._inbound.put_nowait
         read_timeout = self._config.read_timeout_secs
         ready_min = self._config.ready_min_messages
         clock = time.monotonic
@@ -500,7 +553,7 @@ class Reader(ServiceThread):
         stale_after = self._config.stale_after_secs
         stale_deadline = clock() + stale_after if stale_after else math.inf
         while not stopping():
-            _, data = self._recv(ws, deadline, stale_deadline, True)
+            data = self._recv(ws, deadline, stale_deadline, True)
             ingest_ms = self.last_recv_ns // 1_000_000
             deadline = clock() + read_timeout
             statuses = 0
@@ -509,7 +562,7 @@ class Reader(ServiceThread):
                 if statuses:
                     if terminal is not None:
                         if has_data:
-                            self._offer(put, ingest_ms, data, statuses)
+                            self._offer(ingest_ms, data, statuses)
                         raise SessionEnd(f"server sent {terminal}", terminal,
                                          gap="max_connections" if terminal == protocol.MAX_CONNECTIONS else "status")
                     if not has_data:
@@ -518,30 +571,53 @@ class Reader(ServiceThread):
                 self.events_since_subscribe += max(0, data.count(EV_MARKER) - statuses)
             if stale_after:
                 stale_deadline = clock() + stale_after
-            self._offer(put, ingest_ms, data, statuses)
+            self._offer(ingest_ms, data, statuses)
 
-    def _offer(self, put, ingest_ms: int, data: bytes, statuses: int) -> None:
-        if self._pending_gaps and not self._offer_gaps(put, ingest_ms):
-            self._drop(ingest_ms, data, statuses)
+    def _offer(self, ingest_ms: int, data: bytes, statuses: int) -> None:
+        """Add a frame to the current hand-over (holes not yet told go first, on their own)."""
+        if self._handover and (ingest_ms != self._handover_ms or
+                               self._handover_bytes + len(data) > HANDOVER_BYTES or self._pending_gaps):
+            self._hand_over()
+        if self._pending_gaps and not self._offer_gaps(self._inbound.put_nowait, ingest_ms):
+            self._drop(ingest_ms, [data], statuses)
             return
-        try:
-            put((ingest_ms, data if self.parsed is None else self.parsed))
-        except queue.Full:
-            self._drop(ingest_ms, data, statuses)
+        self._handover.append(data if self.parsed is None else self.parsed)
+        self._handover_ms = ingest_ms
+        self._handover_bytes += len(data)
+        self._handover_statuses += statuses
+        if self._handover_bytes >= HANDOVER_BYTES:
+            self._hand_over()
 
-    def _drop(self, ingest_ms: int, data: bytes, statuses: int) -> None:
-        events = max(0, data.count(EV_MARKER) - statuses)
+    def _hand_over(self) -> None:
+        """What the last socket read completed goes downstream: one inbound item, one capture batch."""
+        if self._captured:
+            captured, self._captured = self._captured, []
+            self._capture.offer(captured[-1][0] // 1_000_000, captured)
+        frames = self._handover
+        if not frames:
+            return
+        self._handover = []
+        self._handover_bytes = 0
+        statuses, self._handover_statuses = self._handover_statuses, 0
+        try:
+            self._inbound.put_nowait((self._handover_ms, frames))
+        except queue.Full:
+            self._drop(self._handover_ms, frames, statuses)
+
+    def _drop(self, ingest_ms: int, frames: list, statuses: int) -> None:
+        events = max(0, sum((frame if frame.__class__ is bytes else frame.data).count(EV_MARKER)
+                            for frame in frames) - statuses)
         self.stats.channel_drops += events
-        self.stats.channel_dropped_frames += 1
+        self.stats.channel_dropped_frames += len(frames)
         last = self._pending_gaps[-1] if self._pending_gaps else None
         if last is None or last.reason != "inbound_drop":
             last = Gap("inbound_drop", "", ingest_ms, dropped_events=0, subscription=self.subscriptions.describe())
             self._pending_gaps.append(last)
         last.dropped_events += events
-        last.detail = (f"inbound queue full (CHANNEL_CAP {self._config.channel_cap} frames): "
+        last.detail = (f"inbound queue full (CHANNEL_CAP {self._config.channel_cap} hand-overs): "
                        f"{last.dropped_events} event(s) dropped")
         self._bp_warning.warn("inbound queue full: dropping frames (CHANNEL_CAP)",
-                              capacity_frames=self._config.channel_cap,
+                              capacity_handovers=self._config.channel_cap,
                               dropped_events_total=self.stats.channel_drops)
 
     def _offer_gaps(self, put, resumed_ms: int) -> bool:

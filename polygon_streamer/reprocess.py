@@ -71,7 +71,7 @@ def run(config: Config, paths: list[str], progress: bool = True) -> int:
                                         last_recv_ms, ingest_ms, subscription=config.subscription)))
                 data_session = frame.session
             events_in += frame.data.count(b'"ev"') - len(statuses)
-            put((ingest_ms, frame.data))
+            put((ingest_ms, [frame.data]))
         last_recv_ms = ingest_ms
         if progress and time.monotonic() >= next_report:
             _progress(frames, events_in, ingest_ms, files.bytes_read, started)

@@ -16,7 +16,7 @@ from . import __version__, affinity, logs, protocol
 from .config import Config, ConfigError, format_addr
 from .dispatch import Dispatcher, stop_inbound
 from .metrics import LatencyHistogram, MetricsServer, make_registry
-from .normalize import FrameNormalizer, ParsedFrame
+from .normalize import FrameNormalizer
 from .reader import Heartbeat, Reader
 from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread
 from .subscriptions import SubscriptionFileError, Subscriptions, read_file
@@ -211,7 +211,7 @@ class Service:
         self._stopping = True
         deadline = time.monotonic() + self.config.shutdown_timeout_secs
         _log.info("stopping (%s): draining queues", why,
-                  extra={"fields": {"reason": why, "inbound_frames": self.inbound.qsize(),
+                  extra={"fields": {"reason": why, "inbound_handovers": self.inbound.qsize(),
                                     "deadline_secs": self.config.shutdown_timeout_secs}})
         self.reader.stop()
         if self.heartbeat:
@@ -288,10 +288,10 @@ class Service:
 
     def unwritten_events(self) -> int:
         with self.inbound.mutex:
-            frames = [item[1] for item in self.inbound.queue if item is not None]
+            frames = [frame for item in self.inbound.queue if item is not None and item[1].__class__ is list
+                      for frame in item[1]]
         # Raw frames (an estimate by marker), or parsed once by the reader when capturing (counted exactly).
-        pending = sum(frame.count(b'"ev":') if frame.__class__ is bytes else len(frame.events)
-                      for frame in frames if frame.__class__ in (bytes, ParsedFrame))
+        pending = sum(frame.count(b'"ev":') if frame.__class__ is bytes else len(frame.events) for frame in frames)
         return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads)
 
     # -- health -------------------------------------------------------------------------------------------------

@@ -244,7 +244,6 @@ def test_frames_the_reader_parsed_for_capture_count_as_unwritten_while_still_que
                            "ndjson_dest": str(tmp_path / "out.ndjson"), "capture_dest": str(tmp_path / "c.capture")})
     service = Service(config)
     three = b'[{"ev":"T","sym":"A","t":1},{"ev":"T","sym":"B","t":1},{"ev":"Q","sym":"A","t":1}]'
-    service.inbound.put((1, ParsedFrame(three)))
-    service.inbound.put((2, b'[{"ev":"T","sym":"C","t":2}]'))
-    service.inbound.put((3, ParsedFrame(b"not json")))
+    service.inbound.put((1, [ParsedFrame(three), b'[{"ev":"T","sym":"C","t":2}]']))
+    service.inbound.put((3, [ParsedFrame(b"not json")]))
     assert service.unwritten_events() == 4

@@ -285,6 +285,40 @@ def test_lone_surrogates_and_non_finite_numbers_are_counted_and_every_sink_lives
     report("surrogates, NaN, lenient numbers", frames=3, bad_events=18, written=3, sink_deaths=0)
 
 
+def test_every_frame_shape_in_one_socket_read_arrives_whole_and_in_order(mock_server, spawn, tmp_path):
+    # The reader takes plain data frames itself (7- and 16-bit lengths, text and binary) and leaves the rest to
+    # websocket-client (64-bit lengths, pings, fragments, RSV-free continuations); all of them in one TCP write, so
+    # one socket read holds frames of every kind, some cut at its end. Order and content must survive the mix.
+    mock_server.options.count = 1
+    dest = tmp_path / "mix.ndjson"
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), NDJSON_FLUSH_INTERVAL_MS="20")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") == 1, what="the first event")
+
+    def event(n: int, pad: int = 0) -> bytes:
+        return b'{"ev":"T","sym":"S%d","t":%d,"x":"%s"}' % (n, 1000 + n, b"p" * pad)
+
+    wire, n = [], 0
+    for round_ in range(40):
+        for _ in range(20):  # small text and binary frames
+            n += 1
+            wire.append(ws_frame(1 if n % 2 else 2, b"[" + event(n) + b"]"))
+        n += 1
+        wire.append(ws_frame(1, b"[" + event(n, 2000) + b"]"))  # a 16-bit length
+        wire.append(ws_frame(9, b"ping %d" % round_))
+        n += 1
+        text = b"[" + event(n, 100) + b"]"
+        wire += [ws_frame(1, text[:30], fin=False), ws_frame(0, text[30:60], fin=False), ws_frame(0, text[60:])]
+        if round_ % 10 == 0:
+            n += 1
+            wire.append(ws_frame(1, b"[" + event(n, 70_000) + b"]"))  # a 64-bit length
+    mock_server.inject(b"".join(wire))
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") == n + 1, what="every event")
+    assert streamer.metric("polygon_parse_errors_total") == 0
+    assert streamer.stop() == 0
+    symbols = [valid_record(line)["symbol"] for line in dest.read_text().splitlines()[1:]]
+    assert symbols == [f"S{i}" for i in range(1, n + 1)]
+
+
 def test_nesting_ten_thousand_deep_is_a_parse_error_not_a_dead_dispatcher(mock_server, spawn, tmp_path):
     mock_server.options.count = 1
     dest = tmp_path / "deep.ndjson"

@@ -153,7 +153,7 @@ class SinkQueue:
             self._last_dropped_seq = records[-1][0]
         self.stats.dropped += len(records)
         self._warning.warn(f"{self.name} sink: {why}, dropping events", sink=self.name,
-                           capacity_frames=self.capacity, dropped_events_total=self.stats.dropped)
+                           capacity_batches=self.capacity, dropped_events_total=self.stats.dropped)
 
     def _offer_gap(self, resumed_ms: int | None, put) -> bool:
         """Queue the sink_drop gap record for the drops since the last queued batch; False if there is no room."""
