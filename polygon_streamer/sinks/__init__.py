@@ -1,7 +1,7 @@
 """Sinks behind one small interface, each fed by its own bounded queue and thread.
 
-A batch is (ingest_ms, records): the records of one frame (see normalize.py) and when that frame was received;
-STOP ends the stream.
+A batch is (ingest_ms, records): the records of one hand-over (the frames one socket read completed, see reader.py;
+normalize.py for the records) and when they were received; STOP ends the stream.
 """
 
 from __future__ import annotations
