@@ -34,7 +34,6 @@ class Dispatcher(ServiceThread):
         self.normalizer = normalizer
         self.sink_queues = sink_queues
         self.latency = latency
-        self.frames = 0
         self._parse_warning = logs.RateLimitedWarning(_log, warn_interval_secs)
         self._sequence_warning = logs.RateLimitedWarning(_log, warn_interval_secs)
         # code -> ingest ms of its last event delivered (polygon_last_event_timestamp_seconds)
@@ -80,20 +79,17 @@ class Dispatcher(ServiceThread):
                         batch = records
                     else:
                         batch += records
-            self.frames += len(frames)
             if batch:
                 if len(batch) == 1:
-                    last_seen[batch[0][1]] = ingest_ms  # one new key at most: the size is checked below
+                    last_seen[batch[0][1]] = ingest_ms
                 else:
                     last_seen.update(dict.fromkeys(map(CODE, batch), ingest_ms))
-                    if len(last_seen) > _LAST_SEEN_LIMIT:
-                        last_seen.clear()
+                if len(last_seen) > _LAST_SEEN_LIMIT:
+                    last_seen.clear()
                 for sink_queue in sink_queues:
                     sink_queue.offer(ingest_ms, batch)
             if normalizer.sequence_anomalies_total != anomalies:
                 self._warn_sequence()
-            if len(last_seen) > _LAST_SEEN_LIMIT:
-                last_seen.clear()
 
     def gap(self, gap: Gap, ingest_ms: int) -> None:
         """One gap record, to every sink; a new session also restarts the `q` checks."""
