@@ -192,9 +192,10 @@ class ServiceCollector:
             capacity[sink_queue.name] = sink_queue.capacity
             written[sink_queue.name] = sink_queue.stats.written
             dropped[sink_queue.name] = sink_queue.stats.dropped
-        yield _gauge("polygon_queue_depth", "Batches waiting in each queue (inbound: hand-overs, the frames of one socket read)", labels=["queue"], samples=depth)
-        yield _gauge("polygon_queue_capacity", "Capacity of each queue in batches (inbound: hand-overs)", labels=["queue"],
-                     samples=capacity)
+        yield _gauge("polygon_queue_depth", "Batches waiting in each queue (inbound: hand-overs, the frames of one "
+                     "socket read)", labels=["queue"], samples=depth)
+        yield _gauge("polygon_queue_capacity", "Capacity of each queue in batches (inbound: hand-overs)",
+                     labels=["queue"], samples=capacity)
         yield _counter("polygon_sink_written_total", "Events handed to each sink", labels=["sink"], samples=written)
         yield _counter("polygon_sink_drops_total", "Events dropped because a sink's queue was full",
                        labels=["sink"], samples=dropped)
