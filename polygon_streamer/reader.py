@@ -237,7 +237,8 @@ class Reader(ServiceThread):
         self.last_recv_ns = 0  # when the socket read that completed the last message returned (time.time_ns())
         # What the current socket read completed, not yet handed over (flushed before the next read that may block,
         # at HANDOVER_BYTES, and when the session ends): frames for the inbound queue, all received at _handover_ms,
-        # with the status objects among them (not counted as dropped events), and (recv_ns, session, frame) for capture.
+        # with the status objects among them (not counted as dropped events), and for capture (recv_ns, session, the
+        # frame's text, or its bytes when not proven strict JSON).
         self._handover: list = []
         self._handover_ms = 0
         self._handover_bytes = 0
@@ -429,8 +430,10 @@ class Reader(ServiceThread):
         self.last_recv_ns = read_ns
         if self._capture is not None:
             # Parsed once, here, for the capture sink and the dispatcher alike (each parsing it cost 1 us an event).
-            self.parsed = ParsedFrame(data)
-            self._captured.append((read_ns, self.stats.sessions, self.parsed))
+            # The capture gets the frame's text when the parse proved it strict JSON, else the bytes to check; never
+            # the parsed events: a stalled capture would hold them (at batch 100, 1.2 GB in CAPTURE_CHANNEL_CAP).
+            self.parsed = parsed = ParsedFrame(data)
+            self._captured.append((read_ns, self.stats.sessions, data if parsed.text is None else parsed.text))
         return data
 
     def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:

@@ -247,3 +247,27 @@ def test_frames_the_reader_parsed_for_capture_count_as_unwritten_while_still_que
     service.inbound.put((1, [ParsedFrame(three), b'[{"ev":"T","sym":"C","t":2}]']))
     service.inbound.put((3, [ParsedFrame(b"not json")]))
     assert service.unwritten_events() == 4
+
+
+def test_a_stalled_capture_holds_frames_not_their_parse(mock_server, spawn, tmp_path):
+    # The reader parses each frame once for the capture and the dispatcher; the capture queue must hold only the
+    # frame's text: holding the parsed events too, a full CAPTURE_CHANNEL_CAP of batch-100 frames took 1.2 GB.
+    fifo = tmp_path / "capture.fifo"
+    os.mkfifo(fifo)
+    holder = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads: the capture's writes stall
+    try:
+        mock_server.options.rate = 0
+        mock_server.options.batch = 100
+        mock_server.options.frame_pool = 100
+        streamer = spawn(SINK="ndjson,capture", NDJSON_DEST=str(tmp_path / "out.ndjson"), CAPTURE_DEST=str(fifo),
+                         CAPTURE_CHANNEL_CAP="3000", SUBSCRIPTION="T.*,Q.*")
+        wait_for(lambda: streamer.metric("polygon_capture_drops_total") > 0, timeout=60,
+                 what="the capture queue full")
+        assert streamer.metric("polygon_queue_depth", queue="capture") >= 2990
+        with open(f"/proc/{streamer.proc.pid}/status") as status:
+            peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+        # 3,000 frames of about 11 KB are 33 MB of text; their parsed events would be about 400 MB more.
+        assert peak_kb < 250 * 1024, f"peak RSS {peak_kb} kB"
+        assert streamer.stop() == 1  # what the capture could not write is reported
+    finally:
+        os.close(holder)

@@ -60,16 +60,16 @@ class CaptureSink(NdjsonSink):
         self._head = f',"cluster":"{config.cluster}","session":'
 
     def write(self, records: list[tuple], ingest_ms: int) -> None:
-        """records: (recv_ns, session, ParsedFrame) per frame."""
+        """records: (recv_ns, session, frame) per frame; frame is its text when the reader's parse proved it strict
+        JSON, else its bytes."""
         head = self._head
         lines = []
-        for recv_ns, session, parsed in records:
-            data = parsed.data
-            text = parsed.text if parsed.text is not None else frame_json(data)  # text: proven strict JSON
+        for recv_ns, session, frame in records:
+            text = frame if frame.__class__ is str else frame_json(frame)
             if text is not None:
                 line = f'{{"recv_ns":{recv_ns}{head}{session},"frame":{text}}}'
             else:
-                shown = data.decode("utf-8", "replace")
+                shown = frame.decode("utf-8", "replace")
                 line = f'{{"recv_ns":{recv_ns}{head}{session},"frame_text":{json.dumps(shown, ensure_ascii=False)}}}'
             lines.append((0, "", "", "capture", None, line))
         super().write(lines, ingest_ms)
