@@ -40,6 +40,8 @@ def test_capture_keeps_every_frame_as_received_over_a_reconnect_and_a_sighup(moc
     streamer.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: capture.exists() and capture.stat().st_size > 0, what="the reopened capture")
     wait_for(lambda: mock_server.stats.connections >= 3, what="a second reconnect")
+    # The third session's subscription acknowledged (a stop before it arrives would leave it out of the capture).
+    wait_for(lambda: streamer.metric("polygon_status_total", status="success") >= 3, what="the third session's ack")
     assert streamer.stop() == 0
     lines = capture_lines(rotated, capture)
     records = [record for _, record in lines]
