@@ -6,6 +6,7 @@ import functools
 import math
 import queue
 import random
+import re
 import socket
 import threading
 import time
@@ -48,8 +49,13 @@ HANDOVER_BYTES = 4 * 1024
 EV_MARKER = b'"ev"'  # also `"ev" : "T"`: the count is an estimate where it is used (readiness, drops)
 # A frame that may hold a status object is parsed here, and statuses are told from data by the parsed elements. A
 # status spells `status` with letters or with \u escapes (JSON allows nothing else), so a frame with neither is data.
-STATUS_MARKER = b"status"
-ESCAPE_MARKER = b"\\u"
+# Searched with re's literal search and a one-byte `in` (memchr) before the escape: `b"\\u" in data` alone took 11 us
+# of an 11 KB frame, half of the reader's CPU at batch 100 (4.6 us now for both searches).
+_STATUS_WORD = re.compile(rb"status").search
+
+
+def may_hold_status(data: bytes) -> bool:
+    return _STATUS_WORD(data) is not None or (b"\\" in data and b"\\u" in data)
 
 
 def public_url(url: str) -> str:
@@ -561,7 +567,7 @@ class Reader(ServiceThread):
             ingest_ms = self.last_recv_ns // 1_000_000
             deadline = clock() + read_timeout
             statuses = 0
-            if STATUS_MARKER in data or ESCAPE_MARKER in data:
+            if may_hold_status(data):
                 statuses, terminal, has_data = self._statuses_in(data)
                 if statuses:
                     if terminal is not None:

@@ -12,7 +12,7 @@ from . import logs, protocol
 from .captures import CaptureFiles, CapturedFrame, Skipped
 from .config import Config, ConfigError
 from .normalize import FrameError, Gap, parse_frame
-from .reader import ESCAPE_MARKER, STATUS_MARKER
+from .reader import may_hold_status
 from .service import Service
 
 PROGRESS_SECS = 0.5
@@ -27,7 +27,7 @@ def first_cluster(files: CaptureFiles) -> str | None:
 
 def _statuses(frame: CapturedFrame) -> tuple[list[str], bool]:
     """The statuses of a frame and whether it holds anything else (what the reader forwards)."""
-    if not frame.is_json or (STATUS_MARKER not in frame.data and ESCAPE_MARKER not in frame.data):
+    if not frame.is_json or not may_hold_status(frame.data):
         return [], True
     try:
         events = parse_frame(frame.data)
