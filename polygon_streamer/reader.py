@@ -585,9 +585,8 @@ class Reader(ServiceThread):
 
     def _offer(self, ingest_ms: int, data: bytes, statuses: int) -> None:
         """Add a frame to the current hand-over (holes not yet told go first, on their own)."""
-        if self._handover and (ingest_ms != self._handover_ms or
-                               self._handover_bytes + len(data) > HANDOVER_BYTES or self._pending_gaps):
-            self._hand_over()
+        if self._handover and (self._handover_bytes + len(data) > HANDOVER_BYTES or self._pending_gaps):
+            self._hand_over()  # (every frame of a hand-over came with one read: before_read hands over before the next)
         if self._pending_gaps and not self._offer_gaps(self._inbound.put_nowait, ingest_ms):
             self._drop(ingest_ms, [data], statuses)
             return
