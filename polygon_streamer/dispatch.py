@@ -1,6 +1,7 @@
 """Inbound queue -> normalize, filter, sample, seq -> every sink's queue, one batch per hand-over (the frames one
 socket read completed, received at the same time); a Gap notice in the inbound queue becomes one gap record for every
-sink, in order with the data."""
+sink, in order with the data. With SINK=capture, a hand-over's capture entries (every message as received) go on to
+the capture's queue, with the text of each frame the parse proved strict JSON as received."""
 
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ class Dispatcher(ServiceThread):
     then queues STOP behind them for each sink. The stop flag is for a hard stop only."""
 
     def __init__(self, inbound: queue.Queue, normalizer: FrameNormalizer, sink_queues: list[SinkQueue],
-                 latency: LatencyHistogram, warn_interval_secs: float):
+                 latency: LatencyHistogram, warn_interval_secs: float, capture_queue: SinkQueue | None = None):
         super().__init__("polygon-dispatcher")
         self.inbound = inbound
         self.normalizer = normalizer
         self.sink_queues = sink_queues
+        self.capture_queue = capture_queue
         self.latency = latency
         self._parse_warning = logs.RateLimitedWarning(_log, warn_interval_secs)
         self._sequence_warning = logs.RateLimitedWarning(_log, warn_interval_secs)
@@ -54,24 +56,30 @@ class Dispatcher(ServiceThread):
                     return
                 continue
             if item is STOP:
-                for sink_queue in sink_queues:
+                for sink_queue in sink_queues + ([self.capture_queue] if self.capture_queue else []):
                     while not sink_queue.close(time.monotonic() + TICK_SECS) and not self.stopping.is_set():
                         if sink_queue.consumer is not None and not sink_queue.consumer.is_alive():
                             break
                 return
-            ingest_ms, frames = item
+            ingest_ms = item[0]
+            frames = item[1]
             if frames.__class__ is Gap:
                 self.gap(frames, ingest_ms)
                 continue
             anomalies = normalizer.sequence_anomalies_total
             batch = None
+            proven = [] if len(item) > 2 else None  # capturing: each frame's text, if strict JSON as received
             for data in frames:  # the frames one socket read completed: one batch for each sink
                 try:
                     records, newest = normalize(data, ingest_ms)
                 except FrameError as exc:
                     self._parse_warning.warn(f"skipped a frame: {exc}", frame_bytes=len(data),
                                              parse_errors_total=normalizer.parse_errors)
+                    if proven is not None:
+                        proven.append(None)
                     continue
+                if proven is not None:
+                    proven.append(normalizer.frame_text)
                 if newest is not None:
                     observe((ingest_ms - newest) / 1000.0)
                 if records:
@@ -88,8 +96,25 @@ class Dispatcher(ServiceThread):
                     last_seen.clear()
                 for sink_queue in sink_queues:
                     sink_queue.offer(ingest_ms, batch)
+            if proven is not None:
+                self._capture(item[2], frames, proven)
             if normalizer.sequence_anomalies_total != anomalies:
                 self._warn_sequence()
+
+    def _capture(self, captured: list[tuple], frames: list[bytes], proven: list[str | None]) -> None:
+        """The capture entries (recv_ns, session, frame bytes) of a hand-over, every message in order; the data frames
+        among them are `frames`, in the same order: those the parse proved strict JSON go on as their text, which the
+        capture embeds as it is; the rest stay bytes, for the capture to check."""
+        if frames:
+            at = 0
+            for index, entry in enumerate(captured):
+                if at < len(frames) and entry[2] is frames[at]:
+                    text = proven[at]
+                    at += 1
+                    if text is not None:
+                        captured[index] = (entry[0], entry[1], text)
+        if captured:
+            self.capture_queue.offer(captured[-1][0] // 1_000_000, captured)
 
     def gap(self, gap: Gap, ingest_ms: int) -> None:
         """One gap record, to every sink; a new session also restarts the `q` checks."""

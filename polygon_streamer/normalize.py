@@ -109,47 +109,17 @@ def strict_compact(raw: bytes) -> bool:
                  or _LONE_MINUS(raw) or _LEADING_ZERO(raw))
 
 
-class ParsedFrame:
-    """A frame parsed once for everyone who needs it (SINK=capture: the reader parses, the capture sink embeds the
-    frame as it is when `text` is set, the dispatcher normalizes `events`): bytes, events or the FrameError, and the
-    compact frame's text with its events' texts (raw_event_texts) when it is strict JSON as received."""
-
-    __slots__ = ("data", "events", "error", "text", "texts")
-
-    def __init__(self, data: bytes):
-        self.data = data
-        self.text: str | None = None
-        self.texts: list[str] | None = None
-        self.error: FrameError | None = None
-        try:
-            self.events = parse_frame(data)
-        except FrameError as exc:
-            self.events = []
-            self.error = exc
-            return
-        split = _compact_split(data, len(self.events))
-        if split is not None:
-            self.text, self.texts = split
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-
-def raw_event_texts(data: bytes | str, count: int) -> list[str] | None:
-    """The text of each event of a compact frame `[{...},{...}]`, or None when it cannot be told safely.
+def compact_split(data: bytes | str, count: int) -> tuple[str, list[str]] | None:
+    """The text of a compact frame `[{...},{...}]` and of each of its `count` events, or None when they cannot be
+    told safely.
 
     Polygon sends compact JSON. When the frame has no whitespace and no escapes, every top-level boundary is
     exactly `},{`, so the split is right when it yields one part per parsed element; any `},{` inside a string or
     a nested object makes the count differ and the caller re-encodes instead. Taking the text as received keeps
     the payload byte for byte (number spelling, key order) and saves an encode per event. Only strict JSON is
-    taken as received (see _NOT_COMPACT and the patterns after it); the rest is re-encoded, which rejects what cannot be JSON.
+    taken as received (see _NOT_COMPACT and the patterns after it); the rest is re-encoded, which rejects what cannot
+    be JSON.
     """
-    split = _compact_split(data, count)
-    return None if split is None else split[1]
-
-
-def _compact_split(data: bytes | str, count: int) -> tuple[str, list[str]] | None:
-    """raw_event_texts, with the frame's whole text."""
     if isinstance(data, bytes):
         raw = data
     else:
@@ -243,6 +213,7 @@ class FrameNormalizer:
         # code -> (symbol key, time key) for the inlined common case of _locate
         self._fast_keys = {code: (shape.symbol_keys[0], shape.time_keys[0]) for code, shape in self._shapes.items()}
         self.seq = 0
+        self.frame_text: str | None = None  # see normalize
         # Counters exported by metrics.py.
         self.events_by_type: dict[str, int] = {}
         self.bad_events: dict[str, int] = {}
@@ -311,21 +282,20 @@ class FrameNormalizer:
                 break
         return symbol, ts
 
-    def normalize(self, data: bytes | str | ParsedFrame, ingest_ms: int) -> tuple[list[tuple], int | None]:
-        """Records of one frame, and its last event's time (ms) for the latency histogram.
+    def normalize(self, data: bytes | str, ingest_ms: int) -> tuple[list[tuple], int | None]:
+        """Records of one frame, and its last event's time (ms) for the latency histogram; `frame_text` is then the
+        frame's text if the parse proved it strict JSON as received (what the capture embeds), else None.
         Raises FrameError for a frame that is not a JSON array (counted in parse_errors)."""
-        if data.__class__ is ParsedFrame:
-            if data.error is not None:
-                self.parse_errors += 1
-                raise data.error
-            events, texts = data.events, data.texts
+        try:
+            events = parse_frame(data)
+        except FrameError:
+            self.parse_errors += 1
+            raise
+        split = compact_split(data, len(events))
+        if split is None:
+            self.frame_text = texts = None
         else:
-            try:
-                events = parse_frame(data)
-            except FrameError:
-                self.parse_errors += 1
-                raise
-            texts = raw_event_texts(data, len(events))
+            self.frame_text, texts = split
         records: list[tuple] = []
         append = records.append
         head = f'{{"ingest_ts":{ingest_ms},'

@@ -18,7 +18,7 @@ from websocket._abnf import frame_buffer  # the same class and recv_length() in 
 
 from . import logs, protocol
 from .config import Config
-from .normalize import FrameError, Gap, ParsedFrame, parse_frame
+from .normalize import FrameError, Gap, parse_frame
 from .subscriptions import Subscriptions
 from .threads import ServiceThread, set_os_thread_name
 
@@ -237,19 +237,24 @@ class Reader(ServiceThread):
         self._config = config
         self.subscriptions = subscriptions or Subscriptions(config.subscription.split(","), "SUBSCRIPTION")
         self._inbound = inbound
-        # SINK=capture: every message as received, handshakes and statuses included (sinks.SinkQueue).
+        # SINK=capture (its sinks.SinkQueue): every message as received, handshakes and statuses included. The
+        # capture entries travel in the inbound item with the frames and the dispatcher passes them on, with the text
+        # its parse proved strict JSON: the frames are parsed once, by the thread that parses without capture.
         self._capture = capture
-        self.parsed: ParsedFrame | None = None  # with capture: the last message, parsed (what the inbound queue gets)
         self.last_recv_ns = 0  # when the socket read that completed the last message returned (time.time_ns())
         # What the current socket read completed, not yet handed over (flushed before the next read that may block,
         # at HANDOVER_BYTES, and when the session ends): frames for the inbound queue, all received at _handover_ms,
-        # with the status objects among them (not counted as dropped events), and for capture (recv_ns, session, the
-        # frame's text, or its bytes when not proven strict JSON).
+        # with the status objects among them (not counted as dropped events), and for capture (recv_ns, session,
+        # frame) for every message, those that stay here included.
         self._handover: list = []
         self._handover_ms = 0
         self._handover_bytes = 0
         self._handover_statuses = 0
         self._captured: list[tuple] = []
+        # Capture entries of hand-overs the full inbound queue refused (their frames were dropped, counted): they go
+        # with the next item that finds room, so the capture keeps them in order; at most CAPTURE_CHANNEL_CAP
+        # hand-overs, the oldest beyond are counted as capture drops.
+        self._capture_held: list[list[tuple]] = []
         self.stats = ReaderStats()
         self._backoff = Backoff(config.backoff_initial_secs, config.backoff_max_secs)
         self._bp_warning = logs.RateLimitedWarning(_log, config.bp_warn_interval_secs)
@@ -435,11 +440,7 @@ class Reader(ServiceThread):
         self.stats.messages_received += 1
         self.last_recv_ns = read_ns
         if self._capture is not None:
-            # Parsed once, here, for the capture sink and the dispatcher alike (each parsing it cost 1 us an event).
-            # The capture gets the frame's text when the parse proved it strict JSON, else the bytes to check; never
-            # the parsed events: a stalled capture would hold them (at batch 100, 1.2 GB in CAPTURE_CHANNEL_CAP).
-            self.parsed = parsed = ParsedFrame(data)
-            self._captured.append((read_ns, self.stats.sessions, data if parsed.text is None else parsed.text))
+            self._captured.append((read_ns, self.stats.sessions, data))
         return data
 
     def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
@@ -528,16 +529,10 @@ class Reader(ServiceThread):
     def _statuses_in(self, data: bytes) -> tuple[int, str | None, bool]:
         """Handle the status objects of a mid-stream frame; (status objects seen, terminal status or None, whether
         the frame holds anything else: data events, or elements the dispatcher must count as bad)."""
-        parsed = self.parsed
-        if parsed is not None and parsed.data is data:  # capturing: parsed already
-            if parsed.error is not None:
-                return 0, None, True
-            events = parsed.events
-        else:
-            try:
-                events = parse_frame(data)
-            except FrameError:
-                return 0, None, True  # the dispatcher counts it as a parse error
+        try:
+            events = parse_frame(data)
+        except FrameError:
+            return 0, None, True  # the dispatcher counts it as a parse error
         seen = 0
         terminal = None
         for event in events:
@@ -586,36 +581,65 @@ class Reader(ServiceThread):
     def _offer(self, ingest_ms: int, data: bytes, statuses: int) -> None:
         """Add a frame to the current hand-over (holes not yet told go first, on their own)."""
         if self._handover and (self._handover_bytes + len(data) > HANDOVER_BYTES or self._pending_gaps):
-            self._hand_over()  # (every frame of a hand-over came with one read: before_read hands over before the next)
+            # (every frame of a hand-over came with one read: before_read hands over before the next)
+            self._hand_over(self._capture is not None)
         if self._pending_gaps and not self._offer_gaps(self._inbound.put_nowait, ingest_ms):
             self._drop(ingest_ms, [data], statuses)
             return
-        self._handover.append(data if self.parsed is None else self.parsed)
+        self._handover.append(data)
         self._handover_ms = ingest_ms
         self._handover_bytes += len(data)
         self._handover_statuses += statuses
         if self._handover_bytes >= HANDOVER_BYTES:
             self._hand_over()
 
-    def _hand_over(self) -> None:
-        """What the last socket read completed goes downstream: one inbound item, one capture batch."""
-        if self._captured:
-            captured, self._captured = self._captured, []
-            self._capture.offer(captured[-1][0] // 1_000_000, captured)
+    def _hand_over(self, keep_last_entry: bool = False) -> None:
+        """What the last socket read completed goes downstream as one inbound item: (ingest_ms, frames), and with
+        capture (ingest_ms, frames, capture entries), then also for messages that stay here (statuses).
+        keep_last_entry: the last capture entry is of the frame being offered, which goes in the next hand-over."""
         frames = self._handover
-        if not frames:
+        captured = self._captured
+        if not frames and not captured:
             return
         self._handover = []
         self._handover_bytes = 0
         statuses, self._handover_statuses = self._handover_statuses, 0
+        if self._capture is None:
+            try:
+                self._inbound.put_nowait((self._handover_ms, frames))
+            except queue.Full:
+                self._drop(self._handover_ms, frames, statuses)
+            return
+        if keep_last_entry:
+            self._captured = captured[-1:]
+            captured = captured[:-1]
+        else:
+            self._captured = []
+        ingest_ms = self._handover_ms if frames else captured[-1][0] // 1_000_000
         try:
-            self._inbound.put_nowait((self._handover_ms, frames))
+            if self._capture_held:
+                self._release_held()
+            self._inbound.put_nowait((ingest_ms, frames, captured))
         except queue.Full:
-            self._drop(self._handover_ms, frames, statuses)
+            if frames:
+                self._drop(ingest_ms, frames, statuses)
+            self._capture_held.append(captured)
+            if len(self._capture_held) > self._config.capture_channel_cap:
+                oldest = self._capture_held.pop(0)
+                self._capture.drop(oldest, f"inbound queue full for over {self._config.capture_channel_cap} "
+                                   "hand-overs (CAPTURE_CHANNEL_CAP)", oldest[-1][0] // 1_000_000)
+
+    def _release_held(self) -> None:
+        """The capture entries held while the inbound queue was full, as one item ahead of the next (queue.Full if
+        there is still no room: checked first, so the entries are not joined for nothing)."""
+        if self._inbound.full():  # only this thread puts while it runs: room now is room for the put
+            raise queue.Full
+        held = [entry for entries in self._capture_held for entry in entries]
+        self._inbound.put_nowait((held[-1][0] // 1_000_000, [], held))
+        self._capture_held = []
 
     def _drop(self, ingest_ms: int, frames: list, statuses: int) -> None:
-        events = max(0, sum((frame if frame.__class__ is bytes else frame.data).count(EV_MARKER)
-                            for frame in frames) - statuses)
+        events = max(0, sum(frame.count(EV_MARKER) for frame in frames) - statuses)
         self.stats.channel_drops += events
         self.stats.channel_dropped_frames += len(frames)
         last = self._pending_gaps[-1] if self._pending_gaps else None
@@ -642,9 +666,10 @@ class Reader(ServiceThread):
             self._pending_gaps.pop(0)
         return True
 
-    def shutdown_gaps(self) -> list[tuple[int, Gap]]:
-        """After the reader has stopped: the holes never told because data did not resume, as inbound items. A
-        session gap becomes `shutdown` (the service stopped inside it); drops keep their reason."""
+    def shutdown_items(self) -> list[tuple]:
+        """After the reader has stopped, what it still holds, as inbound items: capture entries the full queue
+        refused, and the holes never told because data did not resume. A session gap becomes `shutdown` (the service
+        stopped inside it); drops keep their reason."""
         now_ms = time.time_ns() // 1_000_000
         items = []
         for gap in self._pending_gaps:
@@ -654,6 +679,10 @@ class Reader(ServiceThread):
                           subscription=gap.subscription)
             items.append((gap.interrupted_ms if gap.reason == "inbound_drop" else now_ms, gap))
         self._pending_gaps = []
+        if self._capture_held:  # ahead of the gaps: capture entries do not wait for them
+            held = [entry for entries in self._capture_held for entry in entries]
+            items.insert(0, (held[-1][0] // 1_000_000, [], held))
+            self._capture_held = []
         return items
 
 

@@ -57,7 +57,8 @@ def build_sinks(config: Config) -> list[tuple[Sink, SinkQueue]]:
         elif name == "capture":
             from .sinks.capture import CaptureSink
 
-            # Fed by the reader, frame by frame as received; it never waits: a full queue drops, counted.
+            # Every message as received, from the reader through the dispatcher (dispatch.py); it never waits: a full
+            # queue drops, counted.
             built.append((CaptureSink(config), SinkQueue("capture", config.capture_channel_cap, True,
                                                           config.ndjson_warn_interval_secs)))
     return built
@@ -82,7 +83,7 @@ class Service:
         self.subscriptions = Subscriptions(config.subscription.split(","), config.subscription_file or "SUBSCRIPTION")
         self.reader = Reader(config, self.inbound, self.capture_queue, self.subscriptions)
         self.dispatcher = Dispatcher(self.inbound, self.normalizer, dispatched, self.latency,
-                                     config.bp_warn_interval_secs)
+                                     config.bp_warn_interval_secs, self.capture_queue)
         self.sink_threads = [SinkThread(sink, sink_queue) for sink, sink_queue in built]
         self.heartbeat = Heartbeat(self.reader, config.heartbeat_interval_secs) \
             if config.heartbeat_interval_secs > 0 else None
@@ -218,8 +219,6 @@ class Service:
             self.heartbeat.stop()
         # A reader stuck in a TCP connect has accepted nothing: do not let it eat the drain deadline.
         self._join([self.reader], min(deadline, time.monotonic() + 2.0))
-        if self.capture_queue is not None:  # the reader has stopped: nothing more comes to the capture
-            self.capture_queue.close(deadline)
         for thread in self.sink_threads:
             thread.close_deadline = deadline  # a sink whose disk refuses keeps retrying until then
         drained = self._stop_inbound(deadline) and self._join([self.dispatcher] + self.sink_threads, deadline)
@@ -248,7 +247,7 @@ class Service:
     def _stop_inbound(self, deadline: float) -> bool:
         """Queue STOP behind the accepted frames (and the gap records of holes data never came back from),
         answering a second SIGTERM/SIGINT while the queue is full."""
-        for item in self.reader.shutdown_gaps():
+        for item in self.reader.shutdown_items():
             while True:
                 try:
                     self.inbound.put(item, timeout=MAIN_TICK_SECS)
@@ -288,10 +287,10 @@ class Service:
 
     def unwritten_events(self) -> int:
         with self.inbound.mutex:
-            frames = [frame for item in self.inbound.queue if item is not None and item[1].__class__ is list
-                      for frame in item[1]]
-        # Raw frames (an estimate by marker), or parsed once by the reader when capturing (counted exactly).
-        pending = sum(frame.count(b'"ev":') if frame.__class__ is bytes else len(frame.events) for frame in frames)
+            items = [item for item in self.inbound.queue if item is not None and item[1].__class__ is list]
+        # Raw frames (events estimated by marker), and with capture the messages still to capture.
+        pending = sum(frame.count(b'"ev":') for item in items for frame in item[1])
+        pending += sum(len(item[2]) for item in items if len(item) > 2)
         return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads)
 
     # -- health -------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import time
 import ujson
 import websocket
 
-from helpers import ROOT, Streamer, base_env, free_port, wait_for
+from helpers import ROOT, TEST_KEY, Streamer, base_env, free_port, wait_for
 from polygon_streamer.sinks.capture import CAPTURE_LINE, frame_json
 
 
@@ -75,6 +75,35 @@ def test_a_frame_that_cannot_be_embedded_is_kept_as_text():
     for bad in (b"this is not json {", b'[{"ev":"T","p":NaN}]', b'[{"ev":"T","p":01}]', b'[{"ev":"T"},\n{"ev":"Q"}]',
                 b'[{"ev":"T","sym":"\xff"}]', b"[" * 100_000 + b"]" * 100_000):
         assert frame_json(bad) is None, bad
+
+
+def test_the_capture_embeds_the_frames_the_dispatcher_already_proved_strict(mock_server, tmp_path, monkeypatch):
+    # Capturing must cost little: each data frame is parsed once, by the dispatcher, whose parse proves it strict JSON;
+    # the capture embeds that text and checks by itself only what the dispatcher did not prove (here the handshake's
+    # statuses). A hand-over split at HANDOVER_BYTES once sent every later frame to the capture's own full check.
+    import polygon_streamer.sinks.capture as capture_module
+    from polygon_streamer.config import build_config
+    from polygon_streamer.service import Service
+
+    checked = []
+    check = capture_module.frame_json
+    monkeypatch.setattr(capture_module, "frame_json", lambda data: checked.append(data) or check(data))
+    mock_server.options.rate = 0
+    mock_server.options.batch = 1
+    mock_server.options.count = 20_000
+    mock_server.options.frame_pool = 100
+    config = build_config({"api_key": TEST_KEY, "ws_url": mock_server.url("stocks"), "sink": "ndjson,capture",
+                           "subscription": "T.*,Q.*", "metrics_addr": "127.0.0.1:0", "cpu_affinity": "off",
+                           "ndjson_dest": str(tmp_path / "out.ndjson"), "capture_dest": str(tmp_path / "c.capture")})
+    service = Service(config)
+    service.start()  # (CPU_AFFINITY off: in this process, auto would confine pytest's thread, and every later child)
+    try:
+        wait_for(lambda: service.normalizer.events >= 20_000, timeout=30, what="every event")
+    finally:
+        assert service.shutdown("test") == 0
+    lines = capture_lines(tmp_path / "c.capture")
+    assert len(lines) == 20_000 + 3
+    assert len(checked) == 3 and all(b'"status"' in data for data in checked), checked[:5]
 
 
 def reprocess(*args, timeout=120):
@@ -235,25 +264,72 @@ def test_replay_keeps_the_captured_timing_scaled_by_speed_within_the_chosen_wind
     assert span >= 0.4, "a window long enough to tell the speed"
 
 
-def test_frames_the_reader_parsed_for_capture_count_as_unwritten_while_still_queued(tmp_path):
-    # With capture on, the inbound queue holds the reader's ParsedFrames: a shutdown that cannot drain them must
-    # count their events as not written (raw frames were the only kind counted before).
+def test_messages_still_queued_for_capture_count_as_unwritten(tmp_path):
+    # With capture on, an inbound item also carries the capture entries of every message the read completed: a
+    # shutdown that cannot drain them must count them (the capture's unit is the message) with the frames' events.
     from polygon_streamer.config import build_config
-    from polygon_streamer.normalize import ParsedFrame
     from polygon_streamer.service import Service
 
     config = build_config({"api_key": "k", "cluster": "stocks", "sink": "ndjson,capture",
                            "ndjson_dest": str(tmp_path / "out.ndjson"), "capture_dest": str(tmp_path / "c.capture")})
     service = Service(config)
     three = b'[{"ev":"T","sym":"A","t":1},{"ev":"T","sym":"B","t":1},{"ev":"Q","sym":"A","t":1}]'
-    service.inbound.put((1, [ParsedFrame(three), b'[{"ev":"T","sym":"C","t":2}]']))
-    service.inbound.put((3, [ParsedFrame(b"not json")]))
-    assert service.unwritten_events() == 4
+    one = b'[{"ev":"T","sym":"C","t":2}]'
+    status = b'[{"ev":"status","status":"success","message":"subscribed to: T.*"}]'
+    service.inbound.put((1, [three, one], [(1_000_000, 1, status), (1_000_000, 1, three), (1_000_000, 1, one)]))
+    service.inbound.put((3, [], [(3_000_000, 1, status)]))
+    assert service.unwritten_events() == 4 + 4
+
+
+def test_the_capture_keeps_the_frames_a_full_inbound_queue_dropped_in_order(mock_server, spawn, tmp_path):
+    # The dispatcher cannot keep up with a 2-hand-over inbound queue: hand-overs are dropped (counted, told by gap
+    # records in the NDJSON file), but the capture is of the wire: the reader holds the dropped frames' entries for
+    # the next hand-over that finds room, so the capture has every frame sent, in order. With a capture cap of 2
+    # held hand-overs, what it could not hold is counted as capture drops: nothing goes missing uncounted.
+    mock_server.options.rate = 0
+    mock_server.options.batch = 10
+    mock_server.options.frame_pool = 100
+    mock_server.options.count = 100_000
+    for cap in ("100000", "2"):
+        capture, ndjson = tmp_path / f"{cap}.capture", tmp_path / f"{cap}.ndjson"
+        streamer = spawn(SINK="ndjson,capture", NDJSON_DEST=str(ndjson), CAPTURE_DEST=str(capture), CHANNEL_CAP="2",
+                         NDJSON_CHANNEL_CAP="100000", CAPTURE_CHANNEL_CAP=cap, SUBSCRIPTION="T.*,Q.*")
+        wait_for(lambda: streamer.metric("polygon_ndjson_written_total")
+                 + streamer.metric("polygon_channel_drops_total")
+                 - streamer.metric("polygon_gaps_total", reason="inbound_drop") >= 100_000, timeout=60,
+                 what="every event written or counted as dropped")
+        assert streamer.metric("polygon_channel_drops_total") > 0, "the inbound queue overflowed"
+        assert streamer.stop() == 0, "\n".join(streamer.stderr_lines[-3:])
+        capture_drops = streamer.shutdown_report()["sink_drops"]  # the NDJSON sink drops nothing: it is the capture
+        lines = capture_lines(capture)
+        records = [record for _, record in lines]
+        assert [r["recv_ns"] for r in records] == sorted(r["recv_ns"] for r in records)
+        data_frames = [r["frame"] for r in records if r["frame"][0]["ev"] != "status"]
+        statuses = [r for r in records if r["frame"][0]["ev"] == "status"]
+        assert len(statuses) == 3  # the handshake: connected, auth_success, the subscribe acks
+        written = [ujson.loads(line)["payload"] for line in ndjson.read_text().splitlines()]
+        written = [payload for payload in written if "reason" not in payload]
+        captured = [event for frame in data_frames for event in frame]
+        if cap == "2":
+            assert capture_drops > 0 and len(data_frames) + capture_drops == 10_000
+            continue
+        assert capture_drops == 0 and len(data_frames) == 10_000 and len(captured) == 100_000
+        assert len(written) < len(captured)
+        # The frames cycle through the server's pool of 100: the capture holds them all, in the order sent...
+        pool = data_frames[:100]
+        assert all(frame == pool[index % 100] for index, frame in enumerate(data_frames))
+        # ...and what the NDJSON sink wrote is a part of it, in the same order.
+        position = 0
+        for payload in written:
+            while captured[position] != payload:
+                position += 1
+            position += 1
 
 
 def test_a_stalled_capture_holds_frames_not_their_parse(mock_server, spawn, tmp_path):
-    # The reader parses each frame once for the capture and the dispatcher; the capture queue must hold only the
-    # frame's text: holding the parsed events too, a full CAPTURE_CHANNEL_CAP of batch-100 frames took 1.2 GB.
+    # The capture queue must hold only each frame's text, never its parse: when the reader parsed each frame once for
+    # the capture and the dispatcher, holding the parsed events too, a full CAPTURE_CHANNEL_CAP of batch-100 frames
+    # took 1.2 GB.
     fifo = tmp_path / "capture.fifo"
     os.mkfifo(fifo)
     holder = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads: the capture's writes stall

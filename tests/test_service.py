@@ -344,7 +344,9 @@ def test_cpu_affinity_auto_confines_the_python_threads_to_one_cpu_and_off_does_n
     assert len({frozenset(cpus) for cpus in chosen}) == 1 and len(chosen[0]) == 1, threads
     assert any(name.startswith("ZMQbg") and cpus == everything for name, cpus in threads.items()), \
         "libzmq's threads keep every CPU"
-    assert any(m.startswith("threads confined to CPU") for m in confined.log_messages())
+    # (stderr is collected by a thread of this test process: the line may still be on its way)
+    wait_for(lambda: any(m.startswith("threads confined to CPU") for m in confined.log_messages()),
+             what="the confinement logged")
     assert confined.stop() == 0
     free = spawn(CPU_AFFINITY="off")
     free.wait_ready()

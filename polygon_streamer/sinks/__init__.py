@@ -124,12 +124,12 @@ class SinkQueue:
     def offer(self, ingest_ms: int, records: list[tuple]) -> None:
         if self.drop_when_full:
             if self._pending_drops and not self._offer_gap(ingest_ms, self.queue.put_nowait):
-                self._drop(records, "queue full", ingest_ms)
+                self.drop(records, "queue full", ingest_ms)
                 return
             try:
                 self.queue.put_nowait((ingest_ms, records))
             except queue.Full:
-                self._drop(records, "queue full", ingest_ms)
+                self.drop(records, "queue full", ingest_ms)
                 return
             if self.normalizer is not None:
                 self._last_ingest_ms = ingest_ms
@@ -141,10 +141,10 @@ class SinkQueue:
                 return
             except queue.Full:
                 if self.consumer is not None and not self.consumer.is_alive():
-                    self._drop(records, "sink thread stopped", ingest_ms)
+                    self.drop(records, "sink thread stopped", ingest_ms)
                     return
 
-    def _drop(self, records: list[tuple], why: str, ingest_ms: int) -> None:
+    def drop(self, records: list[tuple], why: str, ingest_ms: int) -> None:
         if not self._pending_drops:
             self._first_drop_ms = ingest_ms
             self._before_drop = (self._last_ingest_ms, self._last_ts)
@@ -157,7 +157,8 @@ class SinkQueue:
 
     def _offer_gap(self, resumed_ms: int | None, put) -> bool:
         """Queue the sink_drop gap record for the drops since the last queued batch; False if there is no room."""
-        if self.normalizer is None:
+        if self.normalizer is None:  # no gap records in this sink (capture): its drops are told by its metric only
+            self._pending_drops = 0
             return True
         from ..normalize import Gap
 

@@ -2,9 +2,10 @@
 
     {"recv_ns":1764115200950123456,"cluster":"stocks","session":3,"frame":[...the frame, byte for byte...]}
 
-Fed by the reader itself (not the dispatcher), so it holds data and status frames alike, handshakes included, and
-frames the inbound queue later dropped. `session` counts connections since process start: a new number is a
-reconnect. A frame that cannot be embedded as it is (not strict JSON, not UTF-8, a raw line break in its
+Every message the reader receives, data and status frames alike, handshakes included, travels to it through the
+dispatcher, whose parse proves most frames strict JSON (so they are parsed once); frames the full inbound queue refused
+are kept too (the reader holds their entries for the next hand-over, within CAPTURE_CHANNEL_CAP). `session` counts
+connections since process start: a new number is a reconnect. A frame that cannot be embedded as it is (not strict JSON, not UTF-8, a raw line break in its
 whitespace) is kept as `"frame_text": "..."`, a JSON string, so every line stays one valid JSON object. Files,
 rotation, gzip, SIGHUP reopen, the lossless close and the counted drops are the NDJSON sink's (a subclass).
 """
@@ -60,16 +61,22 @@ class CaptureSink(NdjsonSink):
         self._head = f',"cluster":"{config.cluster}","session":'
 
     def write(self, records: list[tuple], ingest_ms: int) -> None:
-        """records: (recv_ns, session, frame) per frame; frame is its text when the reader's parse proved it strict
-        JSON, else its bytes."""
+        """records: (recv_ns, session, frame) per frame; frame is its text when the dispatcher's parse proved it
+        strict JSON, else its bytes (checked here). The frames of a hand-over came in one read: one line prefix."""
         head = self._head
         lines = []
+        append = lines.append
+        last_ns = last_session = prefix = None
         for recv_ns, session, frame in records:
-            text = frame if frame.__class__ is str else frame_json(frame)
-            if text is not None:
-                line = f'{{"recv_ns":{recv_ns}{head}{session},"frame":{text}}}'
-            else:
-                shown = frame.decode("utf-8", "replace")
-                line = f'{{"recv_ns":{recv_ns}{head}{session},"frame_text":{json.dumps(shown, ensure_ascii=False)}}}'
-            lines.append((0, "", "", "capture", None, line))
-        super().write(lines, ingest_ms)
+            if recv_ns != last_ns or session != last_session:
+                last_ns, last_session = recv_ns, session
+                prefix = f'{{"recv_ns":{recv_ns}{head}{session},"frame'
+            if frame.__class__ is not str:
+                text = frame_json(frame)
+                if text is None:
+                    shown = json.dumps(frame.decode("utf-8", "replace"), ensure_ascii=False)
+                    append(f'{prefix}_text":{shown}}}')
+                    continue
+                frame = text
+            append(prefix + '":' + frame + "}")
+        self.write_lines(lines, len(lines), ingest_ms)

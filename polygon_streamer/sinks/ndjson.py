@@ -306,16 +306,23 @@ class NdjsonSink(Sink):
                 output.arrivals.append((ingest_ms, events))
                 outputs.append(output)
         else:
-            output = self._outputs[""]
-            if not output.buffered:
-                output.first_buffered_at = now
-            output.lines.extend(map(LINE, records))
-            output.events += len(records)
-            output.arrivals.append((ingest_ms, len(records)))
-            outputs = [output]
+            self.write_lines(map(LINE, records), len(records), ingest_ms)
+            return
         for output in outputs:
             if output.events + output.carry_events >= self._flush_every:
                 self._flush(output)
+        self._hold_while_failing()
+
+    def write_lines(self, lines, count: int, ingest_ms: int) -> None:
+        """`count` lines, ready, for the one file (not split per type): write's common case, and the capture's."""
+        output = self._outputs[""]
+        if not output.buffered:
+            output.first_buffered_at = time.monotonic()
+        output.lines.extend(lines)
+        output.events += count
+        output.arrivals.append((ingest_ms, count))
+        if output.events + output.carry_events >= self._flush_every:
+            self._flush(output)
         self._hold_while_failing()
 
     def _hold_while_failing(self) -> None:
