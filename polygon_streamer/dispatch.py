@@ -101,20 +101,26 @@ class Dispatcher(ServiceThread):
             if normalizer.sequence_anomalies_total != anomalies:
                 self._warn_sequence()
 
-    def _capture(self, captured: list[tuple], frames: list[bytes], proven: list[str | None]) -> None:
-        """The capture entries (recv_ns, session, frame bytes) of a hand-over, every message in order; the data frames
-        among them are `frames`, in the same order: those the parse proved strict JSON go on as their text, which the
-        capture embeds as it is; the rest stay bytes, for the capture to check."""
+    def _capture(self, batches: list, frames: list[bytes], proven: list[str | None]) -> None:
+        """A hand-over's capture batch (sinks.capture.CaptureBatch: every message in order, data frames and statuses),
+        or, after the inbound queue was full, the batches held meanwhile. The hand-over's data frames are among its
+        messages, in the same order: those the parse proved strict JSON go on as their text, which the capture embeds
+        as it is; the rest stay bytes, for the capture to check."""
         if frames:
-            at = 0
-            for index, entry in enumerate(captured):
-                if at < len(frames) and entry[2] is frames[at]:
-                    text = proven[at]
-                    at += 1
+            batch = batches[-1]
+            if len(batch) == len(frames):  # every message a data frame (the common case): the same objects
+                for index, text in enumerate(proven):
                     if text is not None:
-                        captured[index] = (entry[0], entry[1], text)
-        if captured:
-            self.capture_queue.offer(captured[-1][0] // 1_000_000, captured)
+                        batch[index] = text
+            else:
+                at = 0
+                for index, message in enumerate(batch):
+                    if at < len(frames) and message is frames[at]:
+                        if proven[at] is not None:
+                            batch[index] = proven[at]
+                        at += 1
+        for batch in batches:
+            self.capture_queue.offer(batch.recv_ns // 1_000_000, batch)
 
     def gap(self, gap: Gap, ingest_ms: int) -> None:
         """One gap record, to every sink; a new session also restarts the `q` checks."""

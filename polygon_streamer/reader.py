@@ -19,6 +19,7 @@ from websocket._abnf import frame_buffer  # the same class and recv_length() in 
 from . import logs, protocol
 from .config import Config
 from .normalize import FrameError, Gap, parse_frame
+from .sinks.capture import CaptureBatch
 from .subscriptions import Subscriptions
 from .threads import ServiceThread, set_os_thread_name
 
@@ -244,17 +245,17 @@ class Reader(ServiceThread):
         self.last_recv_ns = 0  # when the socket read that completed the last message returned (time.time_ns())
         # What the current socket read completed, not yet handed over (flushed before the next read that may block,
         # at HANDOVER_BYTES, and when the session ends): frames for the inbound queue, all received at _handover_ms,
-        # with the status objects among them (not counted as dropped events), and for capture (recv_ns, session,
-        # frame) for every message, those that stay here included.
+        # with the status objects among them (not counted as dropped events), and for capture every message, those
+        # that stay here included (a CaptureBatch: one read, one session).
         self._handover: list = []
         self._handover_ms = 0
         self._handover_bytes = 0
         self._handover_statuses = 0
-        self._captured: list[tuple] = []
-        # Capture entries of hand-overs the full inbound queue refused (their frames were dropped, counted): they go
+        self._captured: CaptureBatch | None = None
+        # Capture batches of hand-overs the full inbound queue refused (their frames were dropped, counted): they go
         # with the next item that finds room, so the capture keeps them in order; at most CAPTURE_CHANNEL_CAP
         # hand-overs, the oldest beyond are counted as capture drops.
-        self._capture_held: list[list[tuple]] = []
+        self._capture_held: list[CaptureBatch] = []
         self.stats = ReaderStats()
         self._backoff = Backoff(config.backoff_initial_secs, config.backoff_max_secs)
         self._bp_warning = logs.RateLimitedWarning(_log, config.bp_warn_interval_secs)
@@ -440,7 +441,12 @@ class Reader(ServiceThread):
         self.stats.messages_received += 1
         self.last_recv_ns = read_ns
         if self._capture is not None:
-            self._captured.append((read_ns, self.stats.sessions, data))
+            captured = self._captured
+            if captured is None or captured.recv_ns != read_ns:
+                if captured is not None:  # (not expected: before_read hands over before every read)
+                    self._hand_over()
+                captured = self._captured = CaptureBatch(read_ns, self.stats.sessions)
+            captured.append(data)
         return data
 
     def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
@@ -599,7 +605,7 @@ class Reader(ServiceThread):
         keep_last_entry: the last capture entry is of the frame being offered, which goes in the next hand-over."""
         frames = self._handover
         captured = self._captured
-        if not frames and not captured:
+        if not frames and captured is None:
             return
         self._handover = []
         self._handover_bytes = 0
@@ -611,15 +617,15 @@ class Reader(ServiceThread):
                 self._drop(self._handover_ms, frames, statuses)
             return
         if keep_last_entry:
-            self._captured = captured[-1:]
-            captured = captured[:-1]
+            self._captured = CaptureBatch(captured.recv_ns, captured.session, captured[-1:])
+            del captured[-1]
         else:
-            self._captured = []
-        ingest_ms = self._handover_ms if frames else captured[-1][0] // 1_000_000
+            self._captured = None
+        ingest_ms = self._handover_ms if frames else captured.recv_ns // 1_000_000
         try:
             if self._capture_held:
                 self._release_held()
-            self._inbound.put_nowait((ingest_ms, frames, captured))
+            self._inbound.put_nowait((ingest_ms, frames, [captured]))
         except queue.Full:
             if frames:
                 self._drop(ingest_ms, frames, statuses)
@@ -627,15 +633,14 @@ class Reader(ServiceThread):
             if len(self._capture_held) > self._config.capture_channel_cap:
                 oldest = self._capture_held.pop(0)
                 self._capture.drop(oldest, f"inbound queue full for over {self._config.capture_channel_cap} "
-                                   "hand-overs (CAPTURE_CHANNEL_CAP)", oldest[-1][0] // 1_000_000)
+                                   "hand-overs (CAPTURE_CHANNEL_CAP)", oldest.recv_ns // 1_000_000)
 
     def _release_held(self) -> None:
-        """The capture entries held while the inbound queue was full, as one item ahead of the next (queue.Full if
-        there is still no room: checked first, so the entries are not joined for nothing)."""
+        """The capture batches held while the inbound queue was full, as one item ahead of the next (queue.Full if
+        there is still no room)."""
         if self._inbound.full():  # only this thread puts while it runs: room now is room for the put
             raise queue.Full
-        held = [entry for entries in self._capture_held for entry in entries]
-        self._inbound.put_nowait((held[-1][0] // 1_000_000, [], held))
+        self._inbound.put_nowait((self._capture_held[-1].recv_ns // 1_000_000, [], self._capture_held))
         self._capture_held = []
 
     def _drop(self, ingest_ms: int, frames: list, statuses: int) -> None:
@@ -679,9 +684,8 @@ class Reader(ServiceThread):
                           subscription=gap.subscription)
             items.append((gap.interrupted_ms if gap.reason == "inbound_drop" else now_ms, gap))
         self._pending_gaps = []
-        if self._capture_held:  # ahead of the gaps: capture entries do not wait for them
-            held = [entry for entries in self._capture_held for entry in entries]
-            items.insert(0, (held[-1][0] // 1_000_000, [], held))
+        if self._capture_held:  # ahead of the gaps: capture batches do not wait for them
+            items.insert(0, (self._capture_held[-1].recv_ns // 1_000_000, [], self._capture_held))
             self._capture_held = []
         return items
 

@@ -290,7 +290,7 @@ class Service:
             items = [item for item in self.inbound.queue if item is not None and item[1].__class__ is list]
         # Raw frames (events estimated by marker), and with capture the messages still to capture.
         pending = sum(frame.count(b'"ev":') for item in items for frame in item[1])
-        pending += sum(len(item[2]) for item in items if len(item) > 2)
+        pending += sum(len(batch) for item in items if len(item) > 2 for batch in item[2])
         return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads)
 
     # -- health -------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import ujson
 import websocket
 
 from helpers import ROOT, TEST_KEY, Streamer, base_env, free_port, wait_for
-from polygon_streamer.sinks.capture import CAPTURE_LINE, frame_json
+from polygon_streamer.sinks.capture import CAPTURE_LINE, CaptureBatch, frame_json
 
 
 def capture_lines(*paths):
@@ -276,9 +276,9 @@ def test_messages_still_queued_for_capture_count_as_unwritten(tmp_path):
     three = b'[{"ev":"T","sym":"A","t":1},{"ev":"T","sym":"B","t":1},{"ev":"Q","sym":"A","t":1}]'
     one = b'[{"ev":"T","sym":"C","t":2}]'
     status = b'[{"ev":"status","status":"success","message":"subscribed to: T.*"}]'
-    service.inbound.put((1, [three, one], [(1_000_000, 1, status), (1_000_000, 1, three), (1_000_000, 1, one)]))
-    service.inbound.put((3, [], [(3_000_000, 1, status)]))
-    assert service.unwritten_events() == 4 + 4
+    service.inbound.put((1, [three, one], [CaptureBatch(1_000_000, 1, [status, three, one])]))
+    service.inbound.put((3, [], [CaptureBatch(3_000_000, 1, [status]), CaptureBatch(3_000_001, 1, [status])]))
+    assert service.unwritten_events() == 4 + 5
 
 
 def test_the_capture_keeps_the_frames_a_full_inbound_queue_dropped_in_order(mock_server, spawn, tmp_path):

@@ -50,6 +50,18 @@ def frame_json(data: bytes) -> str | None:
     return text
 
 
+class CaptureBatch(list):
+    """The messages of one hand-over, in order: all completed by one socket read (so received at `recv_ns`) in one
+    session. Each is its bytes, or its text once the dispatcher's parse proved it strict JSON as received."""
+
+    __slots__ = ("recv_ns", "session")
+
+    def __init__(self, recv_ns: int, session: int, messages=()):
+        super().__init__(messages)
+        self.recv_ns = recv_ns
+        self.session = session
+
+
 class CaptureSink(NdjsonSink):
     name = "capture"
     unit = "Frames"
@@ -60,23 +72,17 @@ class CaptureSink(NdjsonSink):
                                               config.capture_rotate_secs, config.capture_gzip))
         self._head = f',"cluster":"{config.cluster}","session":'
 
-    def write(self, records: list[tuple], ingest_ms: int) -> None:
-        """records: (recv_ns, session, frame) per frame; frame is its text when the dispatcher's parse proved it
-        strict JSON, else its bytes (checked here). The frames of a hand-over came in one read: one line prefix."""
-        head = self._head
-        lines = []
-        append = lines.append
-        last_ns = last_session = prefix = None
-        for recv_ns, session, frame in records:
-            if recv_ns != last_ns or session != last_session:
-                last_ns, last_session = recv_ns, session
-                prefix = f'{{"recv_ns":{recv_ns}{head}{session},"frame'
-            if frame.__class__ is not str:
-                text = frame_json(frame)
-                if text is None:
-                    shown = json.dumps(frame.decode("utf-8", "replace"), ensure_ascii=False)
-                    append(f'{prefix}_text":{shown}}}')
-                    continue
-                frame = text
-            append(prefix + '":' + frame + "}")
+    def write(self, records: CaptureBatch, ingest_ms: int) -> None:
+        """records: one hand-over's messages (CaptureBatch): the text of each the dispatcher's parse proved strict
+        JSON, else its bytes, checked here."""
+        prefix = f'{{"recv_ns":{records.recv_ns}{self._head}{records.session},"frame'
+        lines = [prefix + '":' + frame + "}" if frame.__class__ is str else self._line(prefix, frame)
+                 for frame in records]
         self.write_lines(lines, len(lines), ingest_ms)
+
+    @staticmethod
+    def _line(prefix: str, frame: bytes) -> str:
+        text = frame_json(frame)
+        if text is not None:
+            return prefix + '":' + text + "}"
+        return f'{prefix}_text":{json.dumps(frame.decode("utf-8", "replace"), ensure_ascii=False)}}}'
