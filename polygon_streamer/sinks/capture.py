@@ -4,10 +4,11 @@
 
 Every message the reader receives, data and status frames alike, handshakes included, travels to it through the
 dispatcher, whose parse proves most frames strict JSON (so they are parsed once); frames the full inbound queue refused
-are kept too (the reader holds their entries for the next hand-over, within CAPTURE_CHANNEL_CAP). `session` counts
-connections since process start: a new number is a reconnect. A frame that cannot be embedded as it is (not strict JSON, not UTF-8, a raw line break in its
-whitespace) is kept as `"frame_text": "..."`, a JSON string, so every line stays one valid JSON object. Files,
-rotation, gzip, SIGHUP reopen, the lossless close and the counted drops are the NDJSON sink's (a subclass).
+are kept too (the reader holds their batches for the next hand-over, within CAPTURE_CHANNEL_CAP). `session` counts
+connections since process start: a new number is a reconnect. A frame that cannot be embedded as it is (not strict
+JSON, not UTF-8, a raw line break in its whitespace) is kept as `"frame_text": "..."`, a JSON string, so every line
+stays one valid JSON object. Files, rotation, gzip, SIGHUP reopen, the lossless close and the counted drops are the
+NDJSON sink's (a subclass).
 """
 
 from __future__ import annotations
