@@ -121,6 +121,8 @@ class Dispatcher(ServiceThread):
                         at += 1
         for batch in batches:
             self.capture_queue.offer(batch.recv_ns // 1_000_000, batch)
+        if not frames:
+            batches.clear()  # passed on: the reader counts the batches it released and the dispatcher has not
 
     def gap(self, gap: Gap, ingest_ms: int) -> None:
         """One gap record, to every sink; a new session also restarts the `q` checks."""

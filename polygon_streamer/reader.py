@@ -253,9 +253,11 @@ class Reader(ServiceThread):
         self._handover_statuses = 0
         self._captured: CaptureBatch | None = None
         # Capture batches of hand-overs the full inbound queue refused (their frames were dropped, counted): they go
-        # with the next item that finds room, so the capture keeps them in order; at most CAPTURE_CHANNEL_CAP
-        # hand-overs, the oldest beyond are counted as capture drops.
+        # with the next item that finds room, so the capture keeps them in order; with the capture's queue, at most
+        # CAPTURE_CHANNEL_CAP batches, the oldest beyond are counted as capture drops.
         self._capture_held: list[CaptureBatch] = []
+        # The held lists released into the inbound queue: the dispatcher empties each once it has offered its batches.
+        self._capture_released: list[list[CaptureBatch]] = []
         self.stats = ReaderStats()
         self._backoff = Backoff(config.backoff_initial_secs, config.backoff_max_secs)
         self._bp_warning = logs.RateLimitedWarning(_log, config.bp_warn_interval_secs)
@@ -629,11 +631,24 @@ class Reader(ServiceThread):
         except queue.Full:
             if frames:
                 self._drop(ingest_ms, frames, statuses)
-            self._capture_held.append(captured)
-            if len(self._capture_held) > self._config.capture_channel_cap:
-                oldest = self._capture_held.pop(0)
-                self._capture.drop(oldest, f"inbound queue full for over {self._config.capture_channel_cap} "
-                                   "hand-overs (CAPTURE_CHANNEL_CAP)", oldest.recv_ns // 1_000_000)
+            self._hold_for_capture(captured)
+
+    def _hold_for_capture(self, captured: CaptureBatch) -> None:
+        """Keep a batch the full inbound queue refused for the next item. CAPTURE_CHANNEL_CAP bounds the capture's
+        backlog: the batches held here, those released into the inbound queue and not yet passed on, and those in its
+        own queue; beyond it, the oldest held are dropped, counted (so a capture that cannot write gets nothing held:
+        its full queue is the backlog)."""
+        held = self._capture_held
+        held.append(captured)
+        self._capture_released = [released for released in self._capture_released if released]
+        backlog = len(held) + sum(map(len, self._capture_released)) + self._capture.queue.qsize()
+        excess = backlog - self._config.capture_channel_cap
+        if excess > 0:
+            dropped = held[:excess]
+            del held[:excess]
+            for batch in dropped:
+                self._capture.drop(batch, "inbound queue full and the capture's backlog at CAPTURE_CHANNEL_CAP "
+                                   f"({self._config.capture_channel_cap} batches)", batch.recv_ns // 1_000_000)
 
     def _release_held(self) -> None:
         """The capture batches held while the inbound queue was full, as one item ahead of the next (queue.Full if
@@ -641,6 +656,7 @@ class Reader(ServiceThread):
         if self._inbound.full():  # only this thread puts while it runs: room now is room for the put
             raise queue.Full
         self._inbound.put_nowait((self._capture_held[-1].recv_ns // 1_000_000, [], self._capture_held))
+        self._capture_released.append(self._capture_held)
         self._capture_held = []
 
     def _drop(self, ingest_ms: int, frames: list, statuses: int) -> None:
