@@ -282,8 +282,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("capture_dest", "CAPTURE_DEST", None, _nonempty,
             "SINK=capture: the file that records every frame as received (required with capture)"),
     Setting("capture_channel_cap", "CAPTURE_CHANNEL_CAP", "8192", _int(1),
-            "capture queue capacity in batches (the frames of one hand-over), and hand-overs kept for the capture "
-            "while the inbound queue is full; beyond: drop, counted"),
+            "the capture's backlog in batches (the messages of one hand-over): its queue, and what the reader holds "
+            "for it while the inbound queue is full; beyond: drop, counted"),
     Setting("capture_max_bytes", "CAPTURE_MAX_BYTES", None, _int(1), "rotate the capture at this size (unset: off)"),
     Setting("capture_rotate_secs", "CAPTURE_ROTATE_SECS", None, _seconds(0, False),
             "rotate the capture every N s (unset: off)"),
