@@ -238,9 +238,9 @@ class Reader(ServiceThread):
         self._config = config
         self.subscriptions = subscriptions or Subscriptions(config.subscription.split(","), "SUBSCRIPTION")
         self._inbound = inbound
-        # SINK=capture (its sinks.SinkQueue): every message as received, handshakes and statuses included. The
-        # capture entries travel in the inbound item with the frames and the dispatcher passes them on, with the text
-        # its parse proved strict JSON: the frames are parsed once, by the thread that parses without capture.
+        # SINK=capture (its sinks.SinkQueue): every message as received, handshakes and statuses included. A
+        # hand-over's messages travel in its inbound item with the frames and the dispatcher passes them on, with the
+        # text its parse proved strict JSON: the frames are parsed once, by the thread that parses without capture.
         self._capture = capture
         self.last_recv_ns = 0  # when the socket read that completed the last message returned (time.time_ns())
         # What the current socket read completed, not yet handed over (flushed before the next read that may block,
@@ -603,8 +603,8 @@ class Reader(ServiceThread):
 
     def _hand_over(self, keep_last_entry: bool = False) -> None:
         """What the last socket read completed goes downstream as one inbound item: (ingest_ms, frames), and with
-        capture (ingest_ms, frames, capture entries), then also for messages that stay here (statuses).
-        keep_last_entry: the last capture entry is of the frame being offered, which goes in the next hand-over."""
+        capture (ingest_ms, frames, [its CaptureBatch]), then also for messages that stay here (statuses).
+        keep_last_entry: the batch's last message is the frame being offered, which goes in the next hand-over."""
         frames = self._handover
         captured = self._captured
         if not frames and captured is None:
@@ -688,7 +688,7 @@ class Reader(ServiceThread):
         return True
 
     def shutdown_items(self) -> list[tuple]:
-        """After the reader has stopped, what it still holds, as inbound items: capture entries the full queue
+        """After the reader has stopped, what it still holds, as inbound items: capture batches the full queue
         refused, and the holes never told because data did not resume. A session gap becomes `shutdown` (the service
         stopped inside it); drops keep their reason."""
         now_ms = time.time_ns() // 1_000_000
