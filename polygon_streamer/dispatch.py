@@ -108,17 +108,12 @@ class Dispatcher(ServiceThread):
         as it is; the rest stay bytes, for the capture to check."""
         if frames:
             batch = batches[-1]
-            if len(batch) == len(frames):  # every message a data frame (the common case): the same objects
-                for index, text in enumerate(proven):
-                    if text is not None:
-                        batch[index] = text
-            else:
-                at = 0
-                for index, message in enumerate(batch):
-                    if at < len(frames) and message is frames[at]:
-                        if proven[at] is not None:
-                            batch[index] = proven[at]
-                        at += 1
+            at = 0
+            for index, message in enumerate(batch):
+                if at < len(frames) and message is frames[at]:
+                    if proven[at] is not None:
+                        batch[index] = proven[at]
+                    at += 1
         for batch in batches:
             self.capture_queue.offer(batch.recv_ns // 1_000_000, batch)
         if not frames:

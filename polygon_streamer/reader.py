@@ -444,9 +444,7 @@ class Reader(ServiceThread):
         self.last_recv_ns = read_ns
         if self._capture is not None:
             captured = self._captured
-            if captured is None or captured.recv_ns != read_ns:
-                if captured is not None:  # (not expected: before_read hands over before every read)
-                    self._hand_over()
+            if captured is None:  # (before_read hands over before every read: one batch, one read)
                 captured = self._captured = CaptureBatch(read_ns, self.stats.sessions)
             captured.append(data)
         return data
@@ -655,9 +653,13 @@ class Reader(ServiceThread):
         there is still no room)."""
         if self._inbound.full():  # only this thread puts while it runs: room now is room for the put
             raise queue.Full
-        self._inbound.put_nowait((self._capture_held[-1].recv_ns // 1_000_000, [], self._capture_held))
+        self._inbound.put_nowait(self._held_item())
         self._capture_released.append(self._capture_held)
         self._capture_held = []
+
+    def _held_item(self) -> tuple:
+        """The held capture batches as one inbound item, with no frames."""
+        return self._capture_held[-1].recv_ns // 1_000_000, [], self._capture_held
 
     def _drop(self, ingest_ms: int, frames: list, statuses: int) -> None:
         events = max(0, sum(frame.count(EV_MARKER) for frame in frames) - statuses)
@@ -701,7 +703,7 @@ class Reader(ServiceThread):
             items.append((gap.interrupted_ms if gap.reason == "inbound_drop" else now_ms, gap))
         self._pending_gaps = []
         if self._capture_held:  # ahead of the gaps: capture batches do not wait for them
-            items.insert(0, (self._capture_held[-1].recv_ns // 1_000_000, [], self._capture_held))
+            items.insert(0, self._held_item())
             self._capture_held = []
         return items
 

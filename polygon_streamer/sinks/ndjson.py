@@ -285,8 +285,8 @@ class NdjsonSink(Sink):
         return output
 
     def write(self, records: list[tuple], ingest_ms: int) -> None:
-        now = time.monotonic()
         if self._files.split_per_type:
+            now = time.monotonic()
             touched: dict[str, int] = {}
             for record in records:
                 kinds = [record[3]]
