@@ -168,9 +168,15 @@ def reprocess(captures: tuple[str, ...], progress: bool, **values) -> int:
     from . import reprocess as offline
     from .captures import CaptureFiles
 
-    cluster = offline.first_cluster(CaptureFiles(list(captures)))
+    files = CaptureFiles(list(captures))
+    problems = files.unreadable()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    cluster = offline.first_cluster(files)
     if cluster is None:
-        raise ConfigError(f"no capture frame in {', '.join(captures)}: nothing to reprocess")
+        why = "; ".join(map(str, files.skipped[:5])) or "no capture record"
+        click.echo(f"polygon-streamer: nothing to reprocess: {why}", err=True)
+        return 1
     raw = _settings(values)
     raw["cluster"] = cluster
     config = build_config(raw, require_key=False)

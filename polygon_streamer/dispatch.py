@@ -1,6 +1,6 @@
 """Inbound queue -> normalize, filter, sample, seq -> every sink's queue, one batch per hand-over (the frames one
-socket read completed, received at the same time); a Gap notice in the inbound queue becomes one gap record for every
-sink, in order with the data. With SINK=capture, a hand-over's capture entries (every message as received) go on to
+socket read completed, received at the same time); a Gap notice (leading a hand-over's frames, or an item of its own at
+shutdown) becomes one gap record for every sink, in order with the data (handover.py has the items' shapes). With SINK=capture, a hand-over's capture entries (every message as received) go on to
 the capture's queue, with the text of each frame the parse proved strict JSON as received."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 
 from . import logs
 from .metrics import LatencyHistogram
+from .handover import gap_item_ms
 from .normalize import FrameError, FrameNormalizer, Gap
 from .sinks import TICK_SECS, SinkQueue
 from .threads import ServiceThread
@@ -66,6 +67,12 @@ class Dispatcher(ServiceThread):
             if frames.__class__ is Gap:
                 self.gap(frames, ingest_ms)
                 continue
+            if frames and frames[0].__class__ is Gap:  # the holes before these frames
+                told = 0
+                while frames[told].__class__ is Gap:
+                    self.gap(frames[told], gap_item_ms(frames[told]))
+                    told += 1
+                frames = frames[told:]
             anomalies = normalizer.sequence_anomalies_total
             batch = None
             proven = [] if len(item) > 2 else None  # capturing: each frame's text, if strict JSON as received

@@ -150,9 +150,9 @@ class ServiceCollector:
         yield _counter("polygon_errors_total",
                        "Connection errors and error statuses (auth_failed, max_connections, error)", reader.errors)
         yield _counter("polygon_channel_drops_total", "Events dropped because the inbound queue was full",
-                       reader.channel_drops)
+                       service.reader.handover.stats.channel_drops)
         yield _counter("polygon_channel_dropped_frames_total", "Frames dropped because the inbound queue was full",
-                       reader.channel_dropped_frames)
+                       service.reader.handover.stats.channel_dropped_frames)
         yield _gauge("polygon_connected", "1 while authenticated to the server", 1 if reader.connected else 0)
         subscribed = service.subscriptions.snapshot()["counts"]
         yield _gauge("polygon_subscriptions", "Desired topics by state: pending (sent, unanswered), active "

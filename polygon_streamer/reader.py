@@ -18,8 +18,9 @@ from websocket._abnf import frame_buffer  # the same class and recv_length() in 
 
 from . import logs, protocol
 from .config import Config
-from .normalize import FrameError, Gap, parse_frame
-from .sinks.capture import CaptureBatch
+from .capture_format import SessionEnd as CapturedEnd
+from .handover import EV_MARKER, Handover
+from .normalize import FrameError, parse_frame
 from .subscriptions import Subscriptions
 from .threads import ServiceThread, set_os_thread_name
 
@@ -41,13 +42,6 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 # 256 KiB request was an mmap + page faults + munmap on every read, which at a steady 5,000 frames/s was a third of
 # the reader's CPU.
 READ_CHUNK_BYTES = 64 * 1024
-# The frames one socket read completes go downstream together, as one queue item (a hand-over), up to this much
-# frame text: queue operations and thread wake-ups are paid per hand-over instead of per frame (at batch 1, a few
-# dozen frames each). A frame this large or larger is a hand-over of its own. Small, because a queue slot's size is
-# what the capacities bound: with a stalled sink and default capacities, peak RSS at batch 1 was 31 MB with a frame
-# a slot, 79 MB with 4 KiB and 216 MB with 16 KiB, which saved only another 4% of CPU.
-HANDOVER_BYTES = 4 * 1024
-EV_MARKER = b'"ev"'  # also `"ev" : "T"`: the count is an estimate where it is used (readiness, drops)
 # A frame that may hold a status object is parsed here, and statuses are told from data by the parsed elements. A
 # status spells `status` with letters or with \u escapes (JSON allows nothing else), so a frame with neither is data.
 # Searched with re's literal search and a one-byte `in` (memchr) before the escape: `b"\\u" in data` alone took 11 us
@@ -217,8 +211,6 @@ class ReaderStats:
 
     def __init__(self) -> None:
         self.messages_received = 0
-        self.channel_drops = 0
-        self.channel_dropped_frames = 0
         self.reconnects = 0
         self.reconnect_success = 0
         self.reconnect_failure = 0
@@ -237,30 +229,12 @@ class Reader(ServiceThread):
         super().__init__("polygon-reader")
         self._config = config
         self.subscriptions = subscriptions or Subscriptions(config.subscription.split(","), "SUBSCRIPTION")
-        self._inbound = inbound
-        # SINK=capture (its sinks.SinkQueue): every message as received, handshakes and statuses included. A
-        # hand-over's messages travel in its inbound item with the frames and the dispatcher passes them on, with the
-        # text its parse proved strict JSON: the frames are parsed once, by the thread that parses without capture.
-        self._capture = capture
+        # The hand-over to the inbound queue (and, with capture, to the capture), gaps and drops included.
+        self.handover = Handover(config, inbound, capture, self.subscriptions.describe)
+        self._capturing = capture is not None
         self.last_recv_ns = 0  # when the socket read that completed the last message returned (time.time_ns())
-        # What the current socket read completed, not yet handed over (flushed before the next read that may block,
-        # at HANDOVER_BYTES, and when the session ends): frames for the inbound queue, all received at _handover_ms,
-        # with the status objects among them (not counted as dropped events), and for capture every message, those
-        # that stay here included (a CaptureBatch: one read, one session).
-        self._handover: list = []
-        self._handover_ms = 0
-        self._handover_bytes = 0
-        self._handover_statuses = 0
-        self._captured: CaptureBatch | None = None
-        # Capture batches of hand-overs the full inbound queue refused (their frames were dropped, counted): they go
-        # with the next item that finds room, so the capture keeps them in order; with the capture's queue, at most
-        # CAPTURE_CHANNEL_CAP batches, the oldest beyond are counted as capture drops.
-        self._capture_held: list[CaptureBatch] = []
-        # The held lists released into the inbound queue: the dispatcher empties each once it has offered its batches.
-        self._capture_released: list[list[CaptureBatch]] = []
         self.stats = ReaderStats()
         self._backoff = Backoff(config.backoff_initial_secs, config.backoff_max_secs)
-        self._bp_warning = logs.RateLimitedWarning(_log, config.bp_warn_interval_secs)
         self._url_for_logs = public_url(config.url)
         self.ws: websocket.WebSocket | None = None
         # Readiness, read by the HTTP thread. Data events are counted until READY_MIN_MESSAGES is reached, no further.
@@ -269,9 +243,6 @@ class Reader(ServiceThread):
         # Why the last session ended and when the next attempt is due (for /ready and /health).
         self.last_end: SessionEnd | None = None
         self.retry_at: float | None = None
-        # Holes not yet told downstream, in order: the session gap (told before the first data of a later session)
-        # and inbound drops (told before the next frame that finds room).
-        self._pending_gaps: list[Gap] = []
 
     # -- the reconnect loop -------------------------------------------------------------------------------------
 
@@ -282,16 +253,18 @@ class Reader(ServiceThread):
             if attempt > 1:
                 self.stats.reconnects += 1
             started = time.monotonic()
+            sessions = self.stats.sessions
             end = self._session(attempt)
-            if self.stopping.is_set():
+            # The stream was interrupted: the first data of a later session is preceded by a gap record; with capture,
+            # how the session ended follows its frames (a stop included: replay keeps the connection open there).
+            stopped = self.stopping.is_set()
+            self.handover.session_ended(
+                CapturedEnd("shutdown" if stopped else end.gap, end.reason, end.close_code, end.close_reason),
+                time.time_ns(), self.stats.sessions if self.stats.sessions != sessions else 0,
+                self.subscribed_at is not None and not stopped)
+            if stopped:
                 break
             self.last_end = end
-            if self.subscribed_at is not None and not any(gap.resumed_ms is None and gap.reason != "inbound_drop"
-                                                          for gap in self._pending_gaps):
-                # The stream was interrupted: the first data of a later session is preceded by a gap record.
-                self._pending_gaps.append(Gap(end.gap, end.reason, time.time_ns() // 1_000_000,
-                                              close_code=end.close_code, close_reason=end.close_reason,
-                                              subscription=self.subscriptions.describe()))
             healthy = self.subscribed_at is not None and time.monotonic() - self.subscribed_at >= HEALTHY_SESSION_SECS
             if attempt > 1 and self.subscribed_at is None:
                 self.stats.reconnect_failure += 1  # a success is counted as it subscribes (_session)
@@ -329,7 +302,7 @@ class Reader(ServiceThread):
             _log.error(reason, extra={"fields": {"url": self._url_for_logs}})
             return SessionEnd(reason)
         ws.settimeout(min(TICK_SECS, self._config.read_timeout_secs))
-        ws.before_read = self._hand_over
+        ws.before_read = self.handover.hand_over
         self.stats.sessions += 1
         self.ws = ws
         try:
@@ -356,7 +329,7 @@ class Reader(ServiceThread):
             self.stats.errors += 1
             return SessionEnd(f"connection error: {type(exc).__name__}: {exc}")
         finally:
-            self._hand_over()  # ahead of the gap record of this session's end
+            self.handover.hand_over()  # ahead of the gap record of this session's end
             self.ws = None
             self.stats.connected = False
             self.subscriptions.disconnected()
@@ -442,11 +415,8 @@ class Reader(ServiceThread):
     def _received(self, data: bytes, read_ns: int) -> bytes:
         self.stats.messages_received += 1
         self.last_recv_ns = read_ns
-        if self._capture is not None:
-            captured = self._captured
-            if captured is None:  # (before_read hands over before every read: one batch, one read)
-                captured = self._captured = CaptureBatch(read_ns, self.stats.sessions)
-            captured.append(data)
+        if self._capturing:
+            self.handover.captured(data, read_ns, self.stats.sessions)
         return data
 
     def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
@@ -507,8 +477,9 @@ class Reader(ServiceThread):
     def _handle_status(self, event: dict) -> str:
         """Log and count one status object; returns its status."""
         status = str(event.get("status", ""))[:SERVER_MESSAGE_CHARS]
-        message = str(event.get("message", ""))[:SERVER_MESSAGE_CHARS]
-        self.subscriptions.on_statuses([(status, message)])
+        full_message = str(event.get("message", ""))  # (the frame is within MAX_FRAME_BYTES)
+        self.subscriptions.on_statuses([(status, full_message)])  # an ack names its topic: the whole of it
+        message = full_message[:SERVER_MESSAGE_CHARS]
         label = status if status in protocol.KNOWN_STATUSES else protocol.UNKNOWN_LABEL
         self.stats.statuses[label] = self.stats.statuses.get(label, 0) + 1
         fields = {"status": status, "server_message": message, "cluster": self._config.cluster,
@@ -563,6 +534,7 @@ class Reader(ServiceThread):
         deadline = clock() + read_timeout
         stale_after = self._config.stale_after_secs
         stale_deadline = clock() + stale_after if stale_after else math.inf
+        offer = self.handover.offer
         while not stopping():
             data = self._recv(ws, deadline, stale_deadline, True)
             ingest_ms = self.last_recv_ns // 1_000_000
@@ -573,7 +545,7 @@ class Reader(ServiceThread):
                 if statuses:
                     if terminal is not None:
                         if has_data:
-                            self._offer(ingest_ms, data, statuses)
+                            offer(ingest_ms, data, statuses)
                         raise SessionEnd(f"server sent {terminal}", terminal,
                                          gap="max_connections" if terminal == protocol.MAX_CONNECTIONS else "status")
                     if not has_data:
@@ -582,130 +554,11 @@ class Reader(ServiceThread):
                 self.events_since_subscribe += max(0, data.count(EV_MARKER) - statuses)
             if stale_after:
                 stale_deadline = clock() + stale_after
-            self._offer(ingest_ms, data, statuses)
-
-    def _offer(self, ingest_ms: int, data: bytes, statuses: int) -> None:
-        """Add a frame to the current hand-over (holes not yet told go first, on their own)."""
-        if self._handover and (self._handover_bytes + len(data) > HANDOVER_BYTES or self._pending_gaps):
-            # (every frame of a hand-over came with one read: before_read hands over before the next)
-            self._hand_over(self._capture is not None)
-        if self._pending_gaps and not self._offer_gaps(self._inbound.put_nowait, ingest_ms):
-            self._drop(ingest_ms, [data], statuses)
-            return
-        self._handover.append(data)
-        self._handover_ms = ingest_ms
-        self._handover_bytes += len(data)
-        self._handover_statuses += statuses
-        if self._handover_bytes >= HANDOVER_BYTES:
-            self._hand_over()
-
-    def _hand_over(self, keep_last_entry: bool = False) -> None:
-        """What the last socket read completed goes downstream as one inbound item: (ingest_ms, frames), and with
-        capture (ingest_ms, frames, [its CaptureBatch]), then also for messages that stay here (statuses).
-        keep_last_entry: the batch's last message is the frame being offered, which goes in the next hand-over."""
-        frames = self._handover
-        captured = self._captured
-        if not frames and captured is None:
-            return
-        self._handover = []
-        self._handover_bytes = 0
-        statuses, self._handover_statuses = self._handover_statuses, 0
-        if self._capture is None:
-            try:
-                self._inbound.put_nowait((self._handover_ms, frames))
-            except queue.Full:
-                self._drop(self._handover_ms, frames, statuses)
-            return
-        if keep_last_entry:
-            self._captured = CaptureBatch(captured.recv_ns, captured.session, captured[-1:])
-            del captured[-1]
-        else:
-            self._captured = None
-        ingest_ms = self._handover_ms if frames else captured.recv_ns // 1_000_000
-        try:
-            if self._capture_held:
-                self._release_held()
-            self._inbound.put_nowait((ingest_ms, frames, [captured]))
-        except queue.Full:
-            if frames:
-                self._drop(ingest_ms, frames, statuses)
-            self._hold_for_capture(captured)
-
-    def _hold_for_capture(self, captured: CaptureBatch) -> None:
-        """Keep a batch the full inbound queue refused for the next item. CAPTURE_CHANNEL_CAP bounds the capture's
-        backlog: the batches held here, those released into the inbound queue and not yet passed on, and those in its
-        own queue; beyond it, the oldest held are dropped, counted (so a capture that cannot write gets nothing held:
-        its full queue is the backlog)."""
-        held = self._capture_held
-        held.append(captured)
-        self._capture_released = [released for released in self._capture_released if released]
-        backlog = len(held) + sum(map(len, self._capture_released)) + self._capture.queue.qsize()
-        excess = backlog - self._config.capture_channel_cap
-        if excess > 0:
-            dropped = held[:excess]
-            del held[:excess]
-            for batch in dropped:
-                self._capture.drop(batch, "inbound queue full and the capture's backlog at CAPTURE_CHANNEL_CAP "
-                                   f"({self._config.capture_channel_cap} batches)", batch.recv_ns // 1_000_000)
-
-    def _release_held(self) -> None:
-        """The capture batches held while the inbound queue was full, as one item ahead of the next (queue.Full if
-        there is still no room)."""
-        if self._inbound.full():  # only this thread puts while it runs: room now is room for the put
-            raise queue.Full
-        self._inbound.put_nowait(self._held_item())
-        self._capture_released.append(self._capture_held)
-        self._capture_held = []
-
-    def _held_item(self) -> tuple:
-        """The held capture batches as one inbound item, with no frames."""
-        return self._capture_held[-1].recv_ns // 1_000_000, [], self._capture_held
-
-    def _drop(self, ingest_ms: int, frames: list, statuses: int) -> None:
-        events = max(0, sum(frame.count(EV_MARKER) for frame in frames) - statuses)
-        self.stats.channel_drops += events
-        self.stats.channel_dropped_frames += len(frames)
-        last = self._pending_gaps[-1] if self._pending_gaps else None
-        if last is None or last.reason != "inbound_drop":
-            last = Gap("inbound_drop", "", ingest_ms, dropped_events=0, subscription=self.subscriptions.describe())
-            self._pending_gaps.append(last)
-        last.dropped_events += events
-        last.detail = (f"inbound queue full (CHANNEL_CAP {self._config.channel_cap} hand-overs): "
-                       f"{last.dropped_events} event(s) dropped")
-        self._bp_warning.warn("inbound queue full: dropping frames (CHANNEL_CAP)",
-                              capacity_handovers=self._config.channel_cap,
-                              dropped_events_total=self.stats.channel_drops)
-
-    def _offer_gaps(self, put, resumed_ms: int) -> bool:
-        """Tell the pending holes, in order, ahead of the frame that ends them; False if the queue has no room."""
-        while self._pending_gaps:
-            gap = self._pending_gaps[0]
-            gap.resumed_ms = resumed_ms
-            try:
-                put((gap.interrupted_ms if gap.reason == "inbound_drop" else resumed_ms, gap))
-            except queue.Full:
-                gap.resumed_ms = None
-                return False
-            self._pending_gaps.pop(0)
-        return True
+            offer(ingest_ms, data, statuses)
 
     def shutdown_items(self) -> list[tuple]:
-        """After the reader has stopped, what it still holds, as inbound items: capture batches the full queue
-        refused, and the holes never told because data did not resume. A session gap becomes `shutdown` (the service
-        stopped inside it); drops keep their reason."""
-        now_ms = time.time_ns() // 1_000_000
-        items = []
-        for gap in self._pending_gaps:
-            if gap.reason != "inbound_drop":
-                gap = Gap("shutdown", f"the service stopped before data resumed after: {gap.detail}",
-                          gap.interrupted_ms, close_code=gap.close_code, close_reason=gap.close_reason,
-                          subscription=gap.subscription)
-            items.append((gap.interrupted_ms if gap.reason == "inbound_drop" else now_ms, gap))
-        self._pending_gaps = []
-        if self._capture_held:  # ahead of the gaps: capture batches do not wait for them
-            items.insert(0, self._held_item())
-            self._capture_held = []
-        return items
+        """After the reader has stopped, what it still holds, as inbound items (Handover.shutdown_items)."""
+        return self.handover.shutdown_items()
 
 
 class Heartbeat(ServiceThread):

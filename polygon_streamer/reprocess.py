@@ -1,22 +1,32 @@
 """`polygon-streamer reprocess CAPTURE...`: the normal pipeline (normalize, filters, sampling, seq, gap records, the
 sinks) over captured frames, with no network and no key, as fast as the sinks take it (nothing is dropped: the
-queues wait). Frames go in as the reader would have put them into the inbound queue: statuses are taken out, a new
-session's first data is preceded by a gap record, ingest_ts is the capture's receive time."""
+queues wait, and the drain at the end waits as long as the sinks make progress). Frames go in as the reader put them
+into the inbound queue: statuses are taken out, ingest_ts is the capture's receive time, and where a session ended
+with a hole (the capture's `end` line) the same gap record comes before the next session's first data (or, at the end
+of the capture, the `shutdown` one the live service wrote when it stopped inside the hole)."""
 
 from __future__ import annotations
 
+import math
+import queue
 import sys
 import time
 
 from . import logs, protocol
 from .captures import CaptureFiles, CapturedFrame, Skipped
 from .config import Config, ConfigError
+from .handover import EV_MARKER, shutdown_gap
 from .normalize import FrameError, Gap, parse_frame
 from .reader import may_hold_status
 from .service import Service
 
 PROGRESS_SECS = 0.5
+PUT_TICK_SECS = 0.1
 _log = logs.get("polygon_streamer")
+
+
+class Stopped(Exception):
+    """SIGTERM/SIGINT while feeding."""
 
 
 def first_cluster(files: CaptureFiles) -> str | None:
@@ -27,7 +37,7 @@ def first_cluster(files: CaptureFiles) -> str | None:
 
 def _statuses(frame: CapturedFrame) -> tuple[list[str], bool]:
     """The statuses of a frame and whether it holds anything else (what the reader forwards)."""
-    if not frame.is_json or not may_hold_status(frame.data):
+    if not may_hold_status(frame.data):
         return [], True
     try:
         events = parse_frame(frame.data)
@@ -38,8 +48,97 @@ def _statuses(frame: CapturedFrame) -> tuple[list[str], bool]:
     return statuses, len(events) > len(statuses)
 
 
+def _fails_to_parse(frame: CapturedFrame) -> bool:
+    """Whether the live dispatcher counted this frame as a parse error: `frame` lines hold strict JSON, so only one
+    that is not an array; the other forms are parsed here (they are rare)."""
+    if frame.form == "frame":
+        return frame.data.lstrip()[:1] != b"["
+    try:
+        parse_frame(frame.data)
+    except FrameError:
+        return True
+    return False
+
+
+class Feeder:
+    """Puts the capture's frames into the service's inbound queue as the reader did, with its holes."""
+
+    def __init__(self, config: Config, service: Service):
+        self.config = config
+        self.service = service
+        self.frames = 0
+        self.events_in = 0
+        self.expected_parse_errors = 0
+        self.last_recv_ms = 0
+        self.pending: list[Gap] = []        # holes not yet told (an `end` line said the session began one)
+        self.session_ended: set[int] = set()  # sessions whose `end` line was seen
+        self.subscribed: set[int] = set()
+        self.data_session: int | None = None
+
+    def put(self, item) -> None:
+        """Blocking, but answering signals and a dead pipeline."""
+        service = self.service
+        while True:
+            try:
+                service.inbound.put(item, timeout=PUT_TICK_SECS)
+                return
+            except queue.Full:
+                pass
+            if service.stop_requested() or service.dead_threads():
+                raise Stopped()
+
+    def feed(self, frame: CapturedFrame) -> None:
+        ingest_ms = frame.recv_ns // 1_000_000
+        if frame.form == "end":
+            self.session_ended.add(frame.session)
+            end = frame.end
+            if end.gap:
+                self.pending.append(Gap(end.reason, end.detail, ingest_ms, close_code=end.close_code,
+                                        close_reason=end.close_reason, subscription=end.subscription))
+            self.last_recv_ms = ingest_ms
+            return
+        self.frames += 1
+        statuses, has_data = _statuses(frame)
+        if protocol.AUTH_SUCCESS in statuses:
+            self.subscribed.add(frame.session)  # the reader subscribes right after auth_success
+        if has_data:
+            if frame.session != self.data_session:
+                self._session_changed(frame.session, ingest_ms)
+            if _fails_to_parse(frame):
+                self.expected_parse_errors += 1
+            self.events_in += max(0, frame.data.count(EV_MARKER) - len(statuses))
+            gaps, self.pending = self.pending, []
+            for gap in gaps:
+                gap.resumed_ms = ingest_ms
+            self.put((ingest_ms, gaps + [frame.data]))
+        self.last_recv_ms = ingest_ms
+
+    def _session_changed(self, session: int, ingest_ms: int) -> None:
+        """A capture written before `end` lines existed says nothing of why a session ended: a hole is told
+        anyway when a later session that subscribed brings data."""
+        previous = self.data_session
+        self.data_session = session
+        if previous is None or previous in self.session_ended or self.pending:
+            return
+        if any(earlier < session for earlier in self.subscribed):
+            self.pending.append(Gap("disconnect", f"session {session} began after session {previous} (reprocessed: "
+                                                  "the capture does not say why the last one ended)",
+                                    self.last_recv_ms, subscription=self.config.subscription))
+
+    def finish(self) -> None:
+        """The capture ends inside a hole: as live, the hole becomes a `shutdown` record."""
+        for gap in self.pending:
+            self.put((self.last_recv_ms, shutdown_gap(gap)))
+        self.pending = []
+        if self.data_session is not None and self.data_session not in self.session_ended \
+                and any(session > self.data_session for session in self.subscribed):
+            self.put((self.last_recv_ms, Gap("shutdown", f"the capture ends in session {max(self.subscribed)} before "
+                                                         f"data resumed after session {self.data_session}",
+                                             self.last_recv_ms, subscription=self.config.subscription)))
+
+
 def run(config: Config, paths: list[str], progress: bool = True) -> int:
-    files = CaptureFiles(paths)
+    files = CaptureFiles(paths, config.max_frame_bytes)
     if "capture" in config.sinks:
         raise ConfigError("invalid SINK (--sink) with reprocess: capture would copy the capture; choose "
                           "ndjson, zmq or stdout")
@@ -47,61 +146,57 @@ def run(config: Config, paths: list[str], progress: bool = True) -> int:
     for sink_queue in service.sink_queues:
         sink_queue.drop_when_full = False  # offline: wait for the sink, never drop
     service.start(network=False)
-    frames = events_in = 0
+    service.install_signal_handlers()
+    feeder = Feeder(config, service)
     started = time.monotonic()
     next_report = started + PROGRESS_SECS
-    subscribed_sessions: set[int] = set()
-    data_session: int | None = None
-    last_recv_ms = 0
-    put = service.inbound.put
-    for frame in files:
-        if frame.cluster != config.cluster:
-            files.skipped.append(_mixed(frame, config.cluster))
-            continue
-        frames += 1
-        ingest_ms = frame.recv_ns // 1_000_000
-        statuses, has_data = _statuses(frame)
-        if protocol.AUTH_SUCCESS in statuses:
-            subscribed_sessions.add(frame.session)  # the reader subscribes right after auth_success
-        if has_data:
-            if frame.session != data_session:
-                if any(session < frame.session for session in subscribed_sessions):
-                    put((ingest_ms, Gap("disconnect", f"session {frame.session} began after session {data_session}"
-                                        " (reprocessed: the capture does not say why the last one ended)",
-                                        last_recv_ms, ingest_ms, subscription=config.subscription)))
-                data_session = frame.session
-            events_in += frame.data.count(b'"ev"') - len(statuses)
-            put((ingest_ms, [frame.data]))
-        last_recv_ms = ingest_ms
-        if progress and time.monotonic() >= next_report:
-            _progress(frames, events_in, ingest_ms, files.bytes_read, started)
-            next_report += PROGRESS_SECS
-    if any(session > (data_session or 0) for session in subscribed_sessions) and data_session is not None:
-        # As live: the capture ends inside a hole (a later session subscribed and no data came before the stop).
-        put((last_recv_ms, Gap("shutdown", f"the capture ends in session {max(subscribed_sessions)} before data "
-                                           f"resumed after session {data_session}", last_recv_ms,
-                               subscription=config.subscription)))
+    why = None
+    try:
+        for frame in files:
+            if frame.cluster != config.cluster:
+                files.skipped.append(_mixed(frame, config.cluster))
+                continue
+            feeder.feed(frame)
+            if time.monotonic() >= next_report:
+                if service.stop_requested():
+                    raise Stopped()
+                if progress:
+                    _progress(feeder, files, started)
+                next_report += PROGRESS_SECS
+        feeder.finish()
+    except Stopped:
+        why = "a signal or a stopped thread ended the reprocess before the end of the captures"
     if progress:
-        _progress(frames, events_in, last_recv_ms, files.bytes_read, started, final=True)
-    status = service.shutdown(f"reprocessed {frames} frames")
+        _progress(feeder, files, started, final=True)
+    status = service.shutdown(why or f"reprocessed {feeder.frames} frames",
+                              timeout_secs=None if why else math.inf)
+    damaged = service.normalizer.parse_errors - feeder.expected_parse_errors
+    if damaged > 0:
+        print(f"reprocess: {damaged} captured frame(s) are not the JSON the capture recorded (damaged lines; the "
+              "parse warnings above give their sizes): skipped", file=sys.stderr)
     if files.skipped:
         print(f"reprocess: {len(files.skipped)} line(s) skipped:", file=sys.stderr)
         for skipped in files.skipped[:50]:
             print(f"  {skipped}", file=sys.stderr)
         if len(files.skipped) > 50:
             print(f"  ... and {len(files.skipped) - 50} more", file=sys.stderr)
-        return 1
-    return status
+    if why is not None:
+        print(f"reprocess: {why}", file=sys.stderr)
+    return 1 if files.skipped or damaged > 0 or why is not None else status
 
 
 def _mixed(frame: CapturedFrame, cluster: str) -> Skipped:
-    return Skipped("(merged input)", 0, f"a frame of cluster {frame.cluster} among {cluster} frames: "
-                                        "reprocess one cluster at a time")
+    path, _, line = frame.where.rpartition(":")
+    return Skipped(path or "(merged input)", int(line or 0),
+                   f"a frame of cluster {frame.cluster} among {cluster} frames: reprocess one cluster at a time")
 
 
-def _progress(frames: int, events: int, at_ms: int, read: int, started: float, final: bool = False) -> None:
+def _progress(feeder: Feeder, files: CaptureFiles, started: float, final: bool = False) -> None:
     elapsed = max(1e-9, time.monotonic() - started)
+    at_ms = feeder.last_recv_ms
     when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at_ms / 1000)) if at_ms else "-"
-    sys.stderr.write(f"\rreprocess: {frames:,} frames, ~{events:,} events, {read / 1e6:,.1f} MB read, "
-                     f"capture time {when}Z, {frames / elapsed:,.0f} frames/s" + ("\n" if final else ""))
+    sys.stderr.write(f"\rreprocess: {feeder.frames:,} frames, ~{feeder.events_in:,} events, "
+                     f"{files.bytes_read / 1e6:,.1f} MB read, capture time {when}Z, "
+                     f"{feeder.frames / elapsed:,.0f} frames/s" + ("\n" if final else ""))
     sys.stderr.flush()
+

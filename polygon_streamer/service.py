@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import queue
 import signal
@@ -91,6 +92,7 @@ class Service:
         self.metrics_server: MetricsServer | None = None
         self._signals: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
+        self._stop_signalled = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -153,6 +155,16 @@ class Service:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda number, _frame: self._signals.put_nowait(number))
 
+    def stop_requested(self) -> bool:
+        """Whether SIGTERM/SIGINT came (for a caller that feeds the pipeline itself: reprocess)."""
+        while not self._stop_signalled:
+            try:
+                signum = self._signals.get_nowait()
+            except queue.Empty:
+                break
+            self._stop_signalled = signum in (signal.SIGTERM, signal.SIGINT)
+        return self._stop_signalled
+
     def request_stop(self) -> None:
         self._signals.put_nowait(signal.SIGTERM)
 
@@ -206,14 +218,16 @@ class Service:
                   extra={"fields": {"path": path, "added": added[:20], "removed": removed[:20],
                                     "topics": len(topics)}})
 
-    def shutdown(self, why: str) -> int:
-        """Stop reading, drain every queue, flush and close every sink, all within SHUTDOWN_TIMEOUT_SECS.
+    def shutdown(self, why: str, timeout_secs: float | None = None) -> int:
+        """Stop reading, drain every queue, flush and close every sink, all within SHUTDOWN_TIMEOUT_SECS (an offline
+        tool gives math.inf: it waits for its queues as long as they move; a signal then ends the wait, counted).
         Exit 0 only when every accepted event was written or counted as dropped by a bound the user chose."""
         self._stopping = True
-        deadline = time.monotonic() + self.config.shutdown_timeout_secs
+        timeout_secs = self.config.shutdown_timeout_secs if timeout_secs is None else timeout_secs
+        deadline = time.monotonic() + timeout_secs
         _log.info("stopping (%s): draining queues", why,
                   extra={"fields": {"reason": why, "inbound_handovers": self.inbound.qsize(),
-                                    "deadline_secs": self.config.shutdown_timeout_secs}})
+                                    "deadline_secs": timeout_secs if math.isfinite(timeout_secs) else None}})
         self.reader.stop()
         if self.heartbeat:
             self.heartbeat.stop()
@@ -225,7 +239,9 @@ class Service:
         if self.metrics_server:
             self.metrics_server.stop()
         counts = self._counts()
-        unwritten = self.unwritten_events()
+        unwritten, unwritten_words = self._unwritten_text()
+        fields = dict(counts, unwritten_events=self.unwritten_events(),
+                      unwritten_capture_frames=self.unwritten_capture_frames())
         if drained and not unwritten:
             _log.info("stopped: every accepted event was handed to the sinks and flushed",
                       extra={"fields": counts})
@@ -233,15 +249,13 @@ class Service:
         if drained:
             failed = {thread.sink.name: thread.unwritten_at_close for thread in self.sink_threads
                       if thread.crashed is not None or thread.unwritten_at_close}
-            _log.error("stopped: %d accepted event(s) were not written (%s); %d dropped and counted",
-                       unwritten, ", ".join(f"{name}: {count}" for name, count in failed.items()),
-                       counts["sink_drops"],
-                       extra={"fields": dict(counts, unwritten_events=unwritten, failed_sinks=list(failed))})
+            _log.error("stopped: %s accepted were not written (%s); %d dropped and counted",
+                       unwritten_words, ", ".join(f"{name}: {count}" for name, count in failed.items()),
+                       counts["sink_drops"], extra={"fields": dict(fields, failed_sinks=list(failed))})
             return 1
         self.dispatcher.stop()
-        _log.error("stopped at the %gs deadline with %d event(s) not written",
-                   self.config.shutdown_timeout_secs, unwritten,
-                   extra={"fields": dict(counts, unwritten_events=unwritten)})
+        _log.error("stopped at the %gs deadline with %s not written", timeout_secs,
+                   unwritten_words, extra={"fields": fields})
         return 1
 
     def _stop_inbound(self, deadline: float) -> bool:
@@ -279,19 +293,37 @@ class Service:
         except queue.Empty:
             return
         if signum in (signal.SIGTERM, signal.SIGINT):
-            unwritten = self.unwritten_events()
-            _log.error("second %s: exiting now with %d event(s) not written", signal.Signals(signum).name,
-                       unwritten, extra={"fields": {"unwritten_events": unwritten}})
+            _, unwritten_words = self._unwritten_text()
+            _log.error("second %s: exiting now with %s not written", signal.Signals(signum).name, unwritten_words,
+                       extra={"fields": {"unwritten_events": self.unwritten_events(),
+                                         "unwritten_capture_frames": self.unwritten_capture_frames()}})
             logging.shutdown()
             os._exit(1)
 
     def unwritten_events(self) -> int:
+        """Events accepted and not written (the capture's frames aside: unwritten_capture_frames)."""
         with self.inbound.mutex:
             items = [item for item in self.inbound.queue if item is not None and item[1].__class__ is list]
-        # Raw frames (events estimated by marker), and with capture the messages still to capture.
-        pending = sum(frame.count(b'"ev":') for item in items for frame in item[1])
-        pending += sum(len(batch) for item in items if len(item) > 2 for batch in item[2])
-        return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads)
+        # Raw frames (events estimated by marker; the holes told with them are not events).
+        pending = sum(frame.count(b'"ev":') for item in items for frame in item[1] if frame.__class__ is bytes)
+        return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads
+                             if thread.sink_queue is not self.capture_queue)
+
+    def unwritten_capture_frames(self) -> int:
+        """With capture, the messages accepted for it and not written."""
+        if self.capture_queue is None:
+            return 0
+        with self.inbound.mutex:
+            items = [item for item in self.inbound.queue if item is not None and len(item) > 2]
+        pending = sum(batch.frames() for item in items for batch in item[2])
+        return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads
+                             if thread.sink_queue is self.capture_queue)
+
+    def _unwritten_text(self) -> tuple[int, str]:
+        """(events and frames not written, the words for them) for the shutdown lines."""
+        events, frames = self.unwritten_events(), self.unwritten_capture_frames()
+        words = f"{events} event(s)" + (f" and {frames} captured frame(s)" if frames else "")
+        return events + frames, words
 
     # -- health -------------------------------------------------------------------------------------------------
 
@@ -355,7 +387,7 @@ class Service:
             "frames": reader.messages_received,
             "events": self.normalizer.events,
             "gaps": sum(self.normalizer.gaps.values()),
-            "channel_drops": reader.channel_drops,
+            "channel_drops": self.reader.handover.stats.channel_drops,
             "sink_drops": sum(q.stats.dropped for q in self.sink_queues),
             "written": {q.name: q.stats.written for q in self.sink_queues},
             "parse_errors": self.normalizer.parse_errors,

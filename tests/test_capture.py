@@ -12,7 +12,8 @@ import ujson
 import websocket
 
 from helpers import ROOT, TEST_KEY, Streamer, base_env, free_port, wait_for
-from polygon_streamer.sinks.capture import CAPTURE_LINE, CaptureBatch, frame_json
+from polygon_streamer.capture_format import CAPTURE_LINE, CaptureBatch, SessionEnd, frame_json
+from polygon_streamer.normalize import Gap
 
 
 def capture_lines(*paths):
@@ -20,8 +21,8 @@ def capture_lines(*paths):
     for path in paths:
         for line in path.read_bytes().split(b"\n")[:-1]:
             record = json.loads(line)  # the stdlib's strict parser
-            assert list(record) in (["recv_ns", "cluster", "session", "frame"],
-                                    ["recv_ns", "cluster", "session", "frame_text"]), list(record)
+            assert list(record)[:3] == ["recv_ns", "cluster", "session"] and len(record) == 4, list(record)
+            assert list(record)[3] in ("frame", "frame_text", "frame_b64", "end"), list(record)
             assert CAPTURE_LINE.match(line)
             out.append((line, record))
     return out
@@ -86,8 +87,8 @@ def test_the_capture_embeds_the_frames_the_dispatcher_already_proved_strict(mock
     from polygon_streamer.service import Service
 
     checked = []
-    check = capture_module.frame_json
-    monkeypatch.setattr(capture_module, "frame_json", lambda data: checked.append(data) or check(data))
+    check = capture_module.frame_field
+    monkeypatch.setattr(capture_module, "frame_field", lambda data: checked.append(data) or check(data))
     mock_server.options.rate = 0
     mock_server.options.batch = 1
     mock_server.options.count = 20_000
@@ -102,7 +103,8 @@ def test_the_capture_embeds_the_frames_the_dispatcher_already_proved_strict(mock
     finally:
         assert service.shutdown("test") == 0
     lines = capture_lines(tmp_path / "c.capture")
-    assert len(lines) == 20_000 + 3
+    assert len(lines) == 20_000 + 3 + 1, "every frame, and the session's end (the stop)"
+    assert lines[-1][1]["end"]["reason"] == "shutdown" and lines[-1][1]["end"]["gap"] is False
     assert len(checked) == 3 and all(b'"status"' in data for data in checked), checked[:5]
 
 
@@ -266,7 +268,7 @@ def test_replay_keeps_the_captured_timing_scaled_by_speed_within_the_chosen_wind
 
 def test_messages_still_queued_for_capture_count_as_unwritten(tmp_path):
     # With capture on, an inbound item also carries the capture entries of every message the read completed: a
-    # shutdown that cannot drain them must count them (the capture's unit is the message) with the frames' events.
+    # shutdown that cannot drain them must count them, in the capture's unit (the frame), apart from the events.
     from polygon_streamer.config import build_config
     from polygon_streamer.service import Service
 
@@ -278,7 +280,11 @@ def test_messages_still_queued_for_capture_count_as_unwritten(tmp_path):
     status = b'[{"ev":"status","status":"success","message":"subscribed to: T.*"}]'
     service.inbound.put((1, [three, one], [CaptureBatch(1_000_000, 1, [status, three, one])]))
     service.inbound.put((3, [], [CaptureBatch(3_000_000, 1, [status]), CaptureBatch(3_000_001, 1, [status])]))
-    assert service.unwritten_events() == 4 + 5
+    gap = Gap("disconnect", "cut", 2)  # a hole told with the frames is not an event
+    service.inbound.put((4, [gap, one], [CaptureBatch(4_000_000, 2, [one, SessionEnd("shutdown", "stopped")])]))
+    assert service.unwritten_events() == 4 + 1
+    assert service.unwritten_capture_frames() == 3 + 2 + 1
+    assert service._unwritten_text() == (5 + 6, "5 event(s) and 6 captured frame(s)")
 
 
 def test_the_capture_keeps_the_frames_a_full_inbound_queue_dropped_in_order(mock_server, spawn, tmp_path):
@@ -304,8 +310,8 @@ def test_the_capture_keeps_the_frames_a_full_inbound_queue_dropped_in_order(mock
         lines = capture_lines(capture)
         records = [record for _, record in lines]
         assert [r["recv_ns"] for r in records] == sorted(r["recv_ns"] for r in records)
-        data_frames = [r["frame"] for r in records if r["frame"][0]["ev"] != "status"]
-        statuses = [r for r in records if r["frame"][0]["ev"] == "status"]
+        data_frames = [r["frame"] for r in records if "frame" in r and r["frame"][0]["ev"] != "status"]
+        statuses = [r for r in records if "frame" in r and r["frame"][0]["ev"] == "status"]
         assert len(statuses) == 3  # the handshake: connected, auth_success, the subscribe acks
         written = [ujson.loads(line)["payload"] for line in ndjson.read_text().splitlines()]
         written = [payload for payload in written if "reason" not in payload]
