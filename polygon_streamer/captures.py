@@ -149,9 +149,6 @@ class CaptureFiles:
                 except (binascii.Error, ValueError):
                     self.skipped.append(Skipped(path, number, "frame_b64 is not base64"))
                     return None
-        if not data and form != "end":
-            self.skipped.append(Skipped(path, number, "an empty frame"))
-            return None
         if len(data) > self.max_frame_bytes:
             self.skipped.append(Skipped(path, number, f"a frame of {len(data):,} bytes exceeds MAX_FRAME_BYTES "
                                                       f"({self.max_frame_bytes})"))

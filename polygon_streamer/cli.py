@@ -231,23 +231,43 @@ def _speed(text: str) -> float | None:
 @click.option("--from", "start", default=None, help="first receive time to serve: ISO 8601 UTC or Unix seconds")
 @click.option("--to", "end", default=None, help="last receive time to serve: ISO 8601 UTC or Unix seconds")
 @click.option("--loop", is_flag=True, help="start over after the last frame")
+@click.option("--max-clients", type=click.IntRange(min=1), default=64, show_default=True,
+              help="connections served at once; more are closed at accept")
+@click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="seconds a client has to upgrade, authenticate and subscribe before it is cut")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="progress on stderr")
 def replay(captures: tuple[str, ...], host: str, port: int, key: str | None, speed: str, start: str | None,
-           end: str | None, loop: bool, progress: bool) -> int:
+           end: str | None, loop: bool, max_clients: int, handshake_timeout: float, progress: bool) -> int:
     """Serve capture files over the Polygon protocol (ws://HOST:PORT/CLUSTER) to any client, subscriptions
-    honoured, each connection from the start. Prints the base URL on stdout; runs until SIGTERM/SIGINT."""
+    honoured. Where a captured session ended, the connection ends the same way and the client's next connection (same
+    API key) goes on with the next session. Prints the base URL on stdout; runs until SIGTERM/SIGINT. Exit 2 when
+    a capture cannot be read or the window holds nothing, 1 when capture lines were skipped."""
+    from .captures import CaptureFiles
     from .mockserver import MockOptions
-    from .replay import Replay, parse_time
+    from .replay import Replay, format_ms, parse_time
 
     try:
         window = parse_time(start), parse_time(end)
     except ValueError as exc:
         raise ConfigError(f"invalid --from/--to: {exc}") from None
+    problems = CaptureFiles(list(captures)).unreadable()
+    if problems:
+        raise ConfigError("; ".join(problems))
     source = Replay(captures, _speed(speed), window[0], window[1], loop, progress)
-    server = _local_server(host, port, MockOptions(api_key=key), source)
+    survey = source.survey()
+    if not survey.window_frames:
+        span = f"they hold data from {format_ms(survey.first_ms)} to {format_ms(survey.last_ms)}" \
+            if survey.first_ms is not None else "they hold no data frame"
+        skipped = f"; {len(survey.skipped)} line(s) unusable, first: {survey.skipped[0]}" if survey.skipped else ""
+        raise ConfigError(f"nothing to replay between {start or 'the start'} and {end or 'the end'}: {span}{skipped}")
+    held = ", ".join(f"{cluster} {count:,} in {survey.sessions[cluster]} session(s)"
+                     for cluster, count in sorted(survey.frames.items()))
+    server = _local_server(host, port, MockOptions(api_key=key, max_clients=max_clients,
+                                                   handshake_secs=handshake_timeout), source)
     server.start()
     done = _announce(server, f"replay: serving {len(captures)} capture file(s) on ws://{server.host}:{server.port}"
-                             "/CLUSTER")
+                             f"/CLUSTER: data frames {held}"
+                             + (f"; {len(survey.skipped)} line(s) skipped" if survey.skipped else ""))
     done.wait()
     server.stop()
     if source.skipped:

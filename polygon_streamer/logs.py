@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any, Iterable, TextIO
@@ -53,11 +54,21 @@ def dumps(value: Any) -> str:
     return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, default=str)
 
 
+# A secret this long is replaced wherever it appears; a shorter one only where it stands as a token of its own (no letter
+# or digit either side), as a key, a password or a URL's credentials do: a one-character key must not turn every such
+# character of a log line into <redacted>.
+_ANYWHERE_CHARS = 8
+
+
 def redact_text(text: str, secrets: Iterable[str]) -> str:
     """text with every secret replaced by <redacted> (give the longest first)."""
     for secret in secrets:
-        if secret and secret in text:
+        if not secret or secret not in text:
+            continue
+        if len(secret) >= _ANYWHERE_CHARS:
             text = text.replace(secret, "<redacted>")
+        else:
+            text = re.sub(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])", "<redacted>", text)
     return text
 
 

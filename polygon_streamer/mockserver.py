@@ -167,6 +167,9 @@ class MockOptions:
     close_code: int = 1011
     close_reason: str = "internal server error"
     frame_pool: int = 0                # benchmarks: cycle this many pre-rendered frames, sent in large chunks
+    max_clients: int = 0               # connections served at once (0: no cap); more are closed at accept
+    handshake_secs: float = 10.0       # upgrade, auth and the first subscribe within this long, or the connection
+                                       # is cut (0: no deadline)
 
 
 @dataclass
@@ -181,6 +184,10 @@ class MockStats:
     pings: int = 0
     huge_frame_events: int = 0
     sequence_faults: list = field(default_factory=list)  # (reason, code, q) of each extra event sent
+    refused_clients: int = 0        # closed at accept: max_clients were being served
+    handshake_timeouts: int = 0     # cut: no subscribe within handshake_secs
+    accept_errors: int = 0          # accept() failed (out of descriptors): the loop backs off
+    discarded_messages: int = 0     # client messages beyond the unread bound, dropped
 
 
 def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
@@ -204,6 +211,14 @@ def _status(status: str, message: str) -> dict:
 
 class _Closed(Exception):
     pass
+
+
+# What a client may have sent and we have not read yet: beyond it the oldest messages are discarded (counted), and a
+# single message longer than CLIENT_MESSAGE_CHARS ends the connection (1009): nothing a client sends grows memory.
+INBOX_MESSAGES = 64
+CLIENT_MESSAGE_CHARS = 64 * 1024
+# accept() failing (EMFILE, ENFILE, ENOBUFS): wait this long, doubling up to the ceiling, instead of spinning.
+ACCEPT_BACKOFF_SECS = (0.05, 1.0)
 
 
 class EventGenerator:
@@ -281,7 +296,10 @@ class _Connection:
         self.sock = sock
         self.ws = WSConnection(ConnectionType.SERVER)
         self.cluster = "stocks"
+        self.key: str | None = None  # the API key it authenticated with
         self.inbox: list[str] = []
+        self._partial: list[str] = []  # a message arriving in pieces
+        self._partial_chars = 0
         self.sent_events = 0
         self.data_frames = 0
         self.subscribed: list[str] = []  # every subscribe's params, in order
@@ -314,10 +332,9 @@ class _Connection:
                 else:
                     self.sock.sendall(self.ws.send(RejectConnection(status_code=404)))
                     raise _Closed()
-            elif isinstance(event, TextMessage):
-                self.inbox.append(event.data)
-            elif isinstance(event, BytesMessage):
-                self.inbox.append(bytes(event.data).decode("utf-8", "replace"))
+            elif isinstance(event, (TextMessage, BytesMessage)):
+                self._message_piece(event.data if isinstance(event, TextMessage) else
+                                    bytes(event.data).decode("utf-8", "replace"), event.message_finished)
             elif isinstance(event, Ping):
                 self.server.stats.pings += 1
                 self.sock.sendall(self.ws.send(event.response()))
@@ -327,6 +344,20 @@ class _Connection:
                 except Exception:
                     pass
                 raise _Closed()
+
+    def _message_piece(self, text: str, finished: bool) -> None:
+        self._partial.append(text)
+        self._partial_chars += len(text)
+        if self._partial_chars > CLIENT_MESSAGE_CHARS:
+            self.close(1009, "message too big", 0)
+            raise _Closed()
+        if not finished:
+            return
+        self.inbox.append("".join(self._partial))
+        self._partial, self._partial_chars = [], 0
+        if len(self.inbox) > INBOX_MESSAGES:
+            del self.inbox[0]
+            self.server.stats.discarded_messages += 1
 
     def _next_message(self, timeout: float) -> dict | None:
         deadline = time.monotonic() + timeout
@@ -345,6 +376,22 @@ class _Connection:
     def send(self, events: list, binary: bool = False) -> None:
         self.sock.sendall(ws_frame(2 if binary else 1, ujson.dumps(events).encode("utf-8")))
 
+    def send_raw(self, payload: bytes, binary: bool = False) -> None:
+        self.sock.sendall(ws_frame(2 if binary else 1, payload))
+
+    def close(self, code: int, reason: str, wait_secs: float) -> None:
+        """A close frame (a code wsproto cannot send, e.g. 1006, is not sent), then wait_secs for the client's."""
+        try:
+            self.sock.sendall(self.ws.send(CloseConnection(code=code, reason=reason[:100])))
+        except Exception:
+            return
+        deadline = time.monotonic() + wait_secs
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                self._pump(remaining)
+        except (_Closed, OSError):
+            pass
+
     def abort(self) -> None:
         """Close without a close handshake, as the real server does after auth_failed."""
         try:
@@ -358,6 +405,7 @@ class _Connection:
     def serve(self) -> None:
         options = self.options
         stats = self.server.stats
+        handshake_deadline = time.monotonic() + options.handshake_secs if options.handshake_secs else None
         while not self.ws.state.name == "OPEN":
             if options.hang_upgrade:
                 if self.server.stopping.wait(0.2):
@@ -366,12 +414,15 @@ class _Connection:
             self._pump(0.2)
             if self.server.stopping.is_set():
                 raise _Closed()
+            self._check_handshake(handshake_deadline)
         self.send([_status("connected", "Connected Successfully")])
         streams: list[tuple[str, str]] = []
         authed = False
         while True:
             subscribed = authed and bool(streams or (self.server.source is not None and self.subscribed))
-            message = self._next_message(0.2 if subscribed else 3600)
+            if not (authed and self.subscribed):
+                self._check_handshake(handshake_deadline)
+            message = self._next_message(0.2 if subscribed or handshake_deadline else 3600)
             if message is None:
                 if self.server.stopping.is_set():
                     raise _Closed()
@@ -381,6 +432,7 @@ class _Connection:
             action = message.get("action")
             if action == "auth":
                 stats.auth_attempts.append(time.monotonic())
+                self.key = str(message.get("params"))
                 key_ok = options.api_key is None or message.get("params") == options.api_key
                 if options.reject_auth or not key_ok:
                     if options.auth_failed_as_error:
@@ -407,6 +459,12 @@ class _Connection:
             self._stream_pool(generator)
         else:
             self._stream(generator)
+
+    def _check_handshake(self, deadline: float | None) -> None:
+        """A client that has not subscribed by the deadline holds a thread and a descriptor for nothing: cut it."""
+        if deadline is not None and time.monotonic() >= deadline:
+            self.server.stats.handshake_timeouts += 1
+            self.abort()
 
     def _subscribe(self, params: str, streams: list[tuple[str, str]]) -> None:
         """Ack each topic (or refuse it: not_authorized_codes, refuse_topics) and add its streams."""
@@ -632,15 +690,29 @@ class MockServer:
         self.stop()
 
     def _accept_loop(self) -> None:
+        backoff = ACCEPT_BACKOFF_SECS[0]
         while not self.stopping.is_set():
             try:
                 sock, _ = self._listener.accept()
-            except (socket.timeout, OSError):
+            except socket.timeout:
+                continue
+            except OSError:
+                # Out of descriptors (or buffers): the pending connection stays in the backlog, so accept() would fail
+                # again at once; wait instead of spinning.
+                self.stats.accept_errors += 1
+                self.stopping.wait(backoff)
+                backoff = min(ACCEPT_BACKOFF_SECS[1], backoff * 2)
+                continue
+            backoff = ACCEPT_BACKOFF_SECS[0]
+            self._connections = [t for t in self._connections if t.is_alive()]
+            if self.options.max_clients and len(self._connections) >= self.options.max_clients:
+                self.stats.refused_clients += 1
+                sock.close()
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.stats.connections += 1
             thread = threading.Thread(target=self._serve, args=(sock,), name="mock-polygon-conn", daemon=True)
-            self._connections = [t for t in self._connections if t.is_alive()] + [thread]
+            self._connections.append(thread)
             thread.start()
 
     def _serve(self, sock: socket.socket) -> None:

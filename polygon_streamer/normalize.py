@@ -179,6 +179,22 @@ class IncludeFilter:
     def __bool__(self) -> bool:
         return bool(self._rules)
 
+    def covers(self, code: str, symbol_pattern: str) -> bool:
+        """Whether every symbol the pattern (exact, PREFIX* or *) names matches."""
+        for key in (code, "*"):
+            rule = self._rules.get(key)
+            if rule is None:
+                continue
+            exact, prefixes, everything = rule
+            if everything:
+                return True
+            if symbol_pattern.endswith("*"):
+                if any(symbol_pattern[:-1].startswith(prefix) for prefix in prefixes):
+                    return True
+            elif symbol_pattern in exact or (prefixes and symbol_pattern.startswith(prefixes)):
+                return True
+        return False
+
     def matches(self, code: str, symbol: str) -> bool:
         for key in (code, "*"):
             rule = self._rules.get(key)

@@ -93,6 +93,9 @@ class Service:
         self._signals: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
         self._stop_signalled = False
+        self._reload_lock = threading.Lock()
+        self._reloader: threading.Thread | None = None
+        self._reload_again = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -195,13 +198,32 @@ class Service:
 
     def _reopen(self) -> None:
         if self.config.subscription_file:
-            self._reload_subscriptions()
+            self._start_reload()
         if self.config.ndjson_no_reopen:
             _log.info("SIGHUP ignored (NDJSON_NO_REOPEN)")
             return
         _log.info("SIGHUP: reopening files")
         for thread in self.sink_threads:
             thread.reopen_requested.set()
+
+    def _start_reload(self) -> None:
+        """The main thread handles signals: it never waits on a file (a hung network mount), so SUBSCRIPTION_FILE is
+        reread on a thread of its own; a SIGHUP while one runs is done right after it."""
+        with self._reload_lock:
+            if self._reloader is not None and self._reloader.is_alive():
+                self._reload_again = True
+                return
+            self._reloader = threading.Thread(target=self._reload_loop, name="polygon-subscription-reload",
+                                              daemon=True)
+            self._reloader.start()
+
+    def _reload_loop(self) -> None:
+        while True:
+            self._reload_subscriptions()
+            with self._reload_lock:
+                if not self._reload_again:
+                    return
+                self._reload_again = False
 
     def _reload_subscriptions(self) -> None:
         """SIGHUP: reread SUBSCRIPTION_FILE; the reader sends the difference on the live connection. A bad file is

@@ -7,6 +7,8 @@ is sent as the difference (unsubscribe the removed topics, subscribe the new one
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 
 from . import protocol
@@ -51,12 +53,33 @@ def parse_file(text: str, path: str = "SUBSCRIPTION_FILE") -> list[str]:
     return topics
 
 
+# A subscription file larger than this is refused (100,000 long options topics are about 3 MB).
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
 def read_file(path: str) -> list[str]:
+    """The topics of a regular file. Anything else is refused before it is read: opening a FIFO for reading blocks
+    until a writer comes (O_NONBLOCK opens it at once, and the check below refuses it), a device never ends."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SubscriptionFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            raise SubscriptionFileError(f"{path}: not a regular file (a FIFO, a device or a directory): "
+                                        "SUBSCRIPTION_FILE must be a file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise SubscriptionFileError(f"{path}: {info.st_size:,} bytes, more than a subscription file can be "
+                                        f"({MAX_FILE_BYTES:,})")
+        os.set_blocking(descriptor, True)
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SubscriptionFileError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    finally:
+        os.close(descriptor)
     return parse_file(text, path)
 
 

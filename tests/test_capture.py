@@ -184,26 +184,41 @@ class ReplayProcess:
         return self.proc.wait(10)
 
 
-def consume(url, params, until_quiet=1.5, limit=100_000):
-    """A plain websocket-client consumer, as the official clients do it: (monotonic arrival, events) per frame."""
-    ws = websocket.create_connection(url, timeout=5)
-    try:
-        assert json.loads(ws.recv())[0]["status"] == "connected"
-        ws.send(json.dumps({"action": "auth", "params": "any-key"}))
-        assert json.loads(ws.recv())[0]["status"] == "auth_success"
-        ws.send(json.dumps({"action": "subscribe", "params": params}))
-        assert json.loads(ws.recv())[0]["status"] == "success"
-        ws.settimeout(until_quiet)
-        frames = []
-        while len(frames) < limit:
-            try:
-                message = ws.recv()
+def consume(url, params, until_quiet=1.5, limit=100_000, key="any-key", sessions=None):
+    """A plain websocket-client consumer, as the official clients do it: (monotonic arrival, events) per frame, until
+    the connection is quiet. `sessions`: a list to which each connection's end is added ("quiet", or how the server
+    ended it), reconnecting (with the same key) after each end but a quiet one."""
+    frames = []
+    for _ in range(100):
+        ws = websocket.create_connection(url, timeout=5)
+        try:
+            assert json.loads(ws.recv())[0]["status"] == "connected"
+            ws.send(json.dumps({"action": "auth", "params": key}))
+            assert json.loads(ws.recv())[0]["status"] == "auth_success"
+            ws.send(json.dumps({"action": "subscribe", "params": params}))
+            assert json.loads(ws.recv())[0]["status"] == "success"
+            ws.settimeout(until_quiet)
+            ended = "quiet"
+            while len(frames) < limit:
+                try:
+                    opcode, message = ws.recv_data()
+                except websocket.WebSocketTimeoutException:
+                    break
+                except websocket.WebSocketConnectionClosedException:
+                    ended = "cut"
+                    break
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    ended = f"close {int.from_bytes(message[:2], 'big')}"
+                    break
                 frames.append((time.monotonic(), json.loads(message)))
-            except websocket.WebSocketTimeoutException:
-                break
-        return frames
-    finally:
-        ws.close()
+        finally:
+            ws.close()
+        if sessions is None:
+            return frames
+        sessions.append(ended)
+        if ended == "quiet" or len(frames) >= limit:
+            return frames
+    raise AssertionError("more than 100 connections")
 
 
 def captured_events(capture):
@@ -226,8 +241,16 @@ def test_replay_serves_the_capture_to_the_service_and_to_a_plain_client(mock_ser
         assert streamer.stop() == 0
         replayed = [r for r in without_host(out) if r["kind"] != "gap"]
         assert [r["payload"] for r in replayed] == [r["payload"] for r in live_data], "every event, in order"
-        # A client that subscribes to some symbols gets their events alone, as captured.
-        frames = consume(replay.url + "/stocks", "T.A*,Q.MSFT")
+        # The captured sessions are the replay's: its connection was cut where the live one was, so the replayed run
+        # has the live run's gap records, at the same places.
+        live_gaps = [(r["seq"], r["ts"], r["payload"]["reason"]) for r in without_host(live) if r["kind"] == "gap"]
+        assert len(live_gaps) == 2
+        assert [(r["seq"], r["ts"], r["payload"]["reason"]) for r in without_host(out) if r["kind"] == "gap"] \
+            == live_gaps
+        # A client that subscribes to some symbols gets their events alone, as captured, over the same reconnects.
+        sessions = []
+        frames = consume(replay.url + "/stocks", "T.A*,Q.MSFT", sessions=sessions)
+        assert sessions == ["cut", "cut", "quiet"]
         got = [event for _, events in frames for event in events]
         expected = [e for _, e in captured_events(capture)
                     if (e["ev"] == "T" and str(e.get("sym", "")).startswith("A")) or
@@ -317,7 +340,8 @@ def test_the_capture_keeps_the_frames_a_full_inbound_queue_dropped_in_order(mock
         written = [payload for payload in written if "reason" not in payload]
         captured = [event for frame in data_frames for event in frame]
         if cap == "2":
-            assert capture_drops > 0 and len(data_frames) + capture_drops == 10_000
+            ends = [r for r in records if "end" in r]  # the session's end line (the stop), unless dropped too
+            assert capture_drops > 0 and len(data_frames) + capture_drops == 10_000 + 1 - len(ends)
             continue
         assert capture_drops == 0 and len(data_frames) == 10_000 and len(captured) == 100_000
         assert len(written) < len(captured)

@@ -90,6 +90,10 @@ def connect(config: Config):
         raise SinkConfigError("SINK=redis needs the Python module redis: apt install python3-redis "
                               "(or pip install redis)") from None
     options = {"socket_timeout": SOCKET_TIMEOUT_SECS, "socket_connect_timeout": CONNECT_TIMEOUT_SECS}
+    if config.redis_url.startswith("unix:"):
+        # redis-py before 4.5 (Debian 12's 4.3.4) has no connect timeout for a unix socket, and refuses the argument;
+        # a local connect does not hang on the network.
+        del options["socket_connect_timeout"]
     if config.redis_password is not None:
         options["password"] = config.redis_password
     try:
