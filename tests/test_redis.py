@@ -10,7 +10,7 @@ import sys
 import pytest
 import ujson
 
-from helpers import ROOT, free_port, valid_record, wait_for
+from helpers import ROOT, Streamer, free_port, valid_record, wait_for
 from polygon_streamer.bench import LocalRedis
 from polygon_streamer.sinks.redis import shard_of
 
@@ -350,3 +350,28 @@ def test_redis_sub_says_clearly_when_redis_is_not_there():
     assert done.returncode == 2
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "Connection refused" in lines[0] and "pw123456" not in lines[0], lines
+
+
+def test_redis_sub_outlives_a_redis_restart(redis_server):
+    # Redis gone after the start is not a configuration error (exit 2 tells systemd not to restart): the reader says
+    # so once and reads on when Redis is back (a restarted Redis without persistence has lost the group: rejoined).
+    env = dict(os.environ, REDIS_URL=redis_server.url, POLYGON_CLUSTER="stocks")
+    reader = Streamer(env, "redis-sub", ("--group", "g", "--consumer", "c"))
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        wait_for(lambda: client.exists("polygon:stocks") and client.xinfo_groups("polygon:stocks"), what="the group")
+        client.close()
+        redis_server.stop(kill=True)
+        wait_for(lambda: "lost Redis" in "".join(reader.stderr_lines), what="the reader to notice")
+        redis_server.start()
+        client = redis.Redis.from_url(redis_server.url)
+        wait_for(lambda: client.exists("polygon:stocks") and client.xinfo_groups("polygon:stocks"), timeout=20,
+                 what="the group again")
+        client.xadd("polygon:stocks", {"record": b'{"seq":1}'})
+        wait_for(lambda: reader.stdout_lines == ['{"seq":1}\n'], what="the record after the restart")
+        assert reader.proc.poll() is None
+    finally:
+        code = reader.stop()
+        client.close()
+    errors = "".join(reader.stderr_lines)
+    assert code == 0 and errors.count("lost Redis") == 1 and "Redis is back" in errors, errors
