@@ -38,6 +38,56 @@ BENCH_KEY = "bench-key"
 SERVER_CPU = 0
 SERVICE_CPU = 1
 SETTING_VARIABLES = {setting.env for setting in SETTINGS} | {"RUST_LOG"}
+# The quiet feed of the visible-latency run: events per second, one a frame, for QUIET_SECS.
+QUIET_RATE = 100
+QUIET_SECS = 5
+
+
+class _Tailer:
+    """A consumer tailing the NDJSON file as `tail -f` does: for every data line, the time it became readable minus
+    its ingest_ts (the service's receive time)."""
+
+    def __init__(self, path: str):
+        import threading
+
+        self.path = path
+        self.lateness_ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-tailer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        handle = None
+        partial = b""
+        while not self._stop.is_set():
+            if handle is None:
+                try:
+                    handle = open(self.path, "rb")
+                except FileNotFoundError:
+                    self._stop.wait(0.001)
+                    continue
+            chunk = handle.read(1 << 20)
+            if not chunk:
+                self._stop.wait(0.0005)
+                continue
+            now_ms = time.time() * 1000.0
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            append = self.lateness_ms.append
+            for line in lines:
+                if line.startswith(b'{"ingest_ts":') and b'"kind":"gap"' not in line[:80]:
+                    append(now_ms - int(line[13:line.index(b",", 13)]))
+        if handle is not None:
+            handle.close()
+
+    def stop(self) -> tuple[float | None, float | None]:
+        """p50 and p99 in ms (None if no line was seen)."""
+        self._stop.set()
+        self._thread.join(5)
+        values = sorted(self.lateness_ms)
+        if not values:
+            return None, None
+        return (round(values[len(values) // 2], 1), round(values[min(len(values) - 1, int(len(values) * 0.99))], 1))
 
 
 @dataclass
@@ -64,6 +114,12 @@ class BenchResult:
     write_latency_p50_ms: float = 0.0
     write_latency_p99_ms: float = 0.0
     latency_rate: float = 0.0
+    # Receive -> readable in the NDJSON file, as a consumer tailing it sees each line (ms): at half the measured rate,
+    # and on a quiet feed (QUIET_RATE events/s, one a frame).
+    visible_latency_p50_ms: float | None = None
+    visible_latency_p99_ms: float | None = None
+    quiet_visible_latency_p50_ms: float | None = None
+    quiet_visible_latency_p99_ms: float | None = None
     written: dict = field(default_factory=dict)
     dropped: dict = field(default_factory=dict)
     lost: int = 0
@@ -426,6 +482,7 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
                # while; it catches up after the run and the bench checks that it got every message.
                ZMQ_SND_HWM=str(events + 16))
     service = subprocess.Popen(_python_command("run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tailer = _Tailer(dest) if rate and "ndjson" in sinks else None
     if pinned:
         _pin(service.pid, SERVICE_CPU)
     confined: list = []
@@ -477,6 +534,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             result.write_latency_p50_ms = latency.quantile(0.5) * 1000
             result.write_latency_p99_ms = latency.quantile(0.99) * 1000
             result.latency_rate = rate
+            if tailer is not None:
+                result.visible_latency_p50_ms, result.visible_latency_p99_ms = tailer.stop()
             result.cpu_seconds_per_million = round(cpu / events * 1_000_000, 2)
             return
         result.cpu_seconds_per_million = round(cpu / events * 1_000_000, 2)
@@ -503,6 +562,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             if received != result.written.get("zmq", 0):
                 result.problems.append(f"zmq: {received:,} received of {result.written.get('zmq', 0):,} sent")
     finally:
+        if tailer is not None:
+            tailer.stop()
         for proc in (service, subscriber):
             if proc is not None and proc.poll() is None:
                 proc.kill()
@@ -606,7 +667,15 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
         result.write_latency_p99_ms = paced.write_latency_p99_ms
         result.latency_rate = paced.latency_rate
         result.cpu_seconds_per_million_paced = paced.cpu_seconds_per_million
+        result.visible_latency_p50_ms = paced.visible_latency_p50_ms
+        result.visible_latency_p99_ms = paced.visible_latency_p99_ms
         result.notes += [f"paced run: {note}" for note in paced.notes]
+        if "ndjson" in sinks:
+            # A quiet feed: what a consumer waits for each event when nothing fills the buffers.
+            quiet = BenchResult(events=QUIET_RATE * QUIET_SECS, cluster=cluster, batch=1, sinks=result.sinks)
+            _service(quiet, sinks, workdir, progress=False, rate=QUIET_RATE)
+            result.quiet_visible_latency_p50_ms = quiet.visible_latency_p50_ms
+            result.quiet_visible_latency_p99_ms = quiet.visible_latency_p99_ms
     if result.official_events_per_sec:
         result.service_to_official_ratio = round(result.service_events_per_sec / result.official_events_per_sec, 3)
     result.service_to_parse_ratio = round(result.service_events_per_sec / result.parse_events_per_sec, 3)
@@ -652,6 +721,12 @@ def format_table(result: BenchResult) -> str:
         ("peak RSS", f"{result.peak_rss_mb:.1f} MB"),
         (f"receive -> write latency p50 / p99 at {result.latency_rate:,.0f}/s",
          f"<= {result.write_latency_p50_ms:g} ms / <= {result.write_latency_p99_ms:g} ms"),
+        (f"visible latency p50 / p99 at {result.latency_rate:,.0f}/s (a consumer tailing the file)",
+         f"{result.visible_latency_p50_ms} ms / {result.visible_latency_p99_ms} ms"
+         if result.visible_latency_p50_ms is not None else "- (no NDJSON sink)"),
+        (f"visible latency p50 / p99 at a steady {QUIET_RATE}/s, one event a frame",
+         f"{result.quiet_visible_latency_p50_ms} ms / {result.quiet_visible_latency_p99_ms} ms"
+         if result.quiet_visible_latency_p50_ms is not None else "- (no NDJSON sink)"),
         ("written", ", ".join(f"{sink} {count:,}" for sink, count in result.written.items())),
         ("dropped (counted)", ", ".join(f"{name} {count:,}" for name, count in result.dropped.items())),
     ]

@@ -10,7 +10,7 @@ from typing import Callable
 import click
 
 from . import __version__, logs
-from .config import SETTINGS, Config, ConfigError, build_config
+from .config import NETWORK_ONLY, SETTINGS, Config, ConfigError, build_config
 
 # Settings the demo sets itself.
 _DEMO_FIXED = ("api_key", "api_key_file", "ws_url", "feed")
@@ -20,6 +20,7 @@ DEMO_SUBSCRIPTIONS = {"stocks": "T.*,Q.*", "options": "T.*,Q.*", "futures": "T.*
 DEMO_DEFAULTS = {"cluster": "stocks"}
 _DEMO_HELP_DEFAULTS = {
     "cluster": "stocks",
+    "metrics_addr": "127.0.0.1 on a free port (printed)",
     "subscription": "the cluster's trades and quotes: " + ", ".join(
         f"{topics} ({cluster})" for cluster, topics in DEMO_SUBSCRIPTIONS.items() if cluster != "options"
         and cluster != "futures").replace("(stocks)", "(stocks, options, futures)"),
@@ -35,12 +36,14 @@ def setting_options(skip: tuple[str, ...] = (), shown_defaults: dict[str, str] |
             if setting.field in skip:
                 continue
             envvar = [setting.env, "RUST_LOG"] if setting.field == "log_level" else setting.env
-            default_text = f"default: {setting.default}" if setting.default not in (None, "") else "default: unset"
+            default_text = f"default: {setting.default_text or setting.default}" \
+                if (setting.default_text or setting.default) not in (None, "") else "default: unset"
             if shown_defaults and setting.field in shown_defaults:
                 default_text = f"default: {shown_defaults[setting.field]}"
+            # (RUST_LOG is read too, but only LOG_LEVEL is the variable to set: the help names it alone)
             command = click.option(setting.flag, setting.field, envvar=envvar, default=None, type=str,
-                                   show_envvar=True, metavar="VALUE",
-                                   help=f"{setting.help} [{default_text}]")(command)
+                                   show_envvar=False, metavar="VALUE",
+                                   help=f"{setting.help} [{default_text}] [env var: {setting.env}]")(command)
         return command
 
     return decorate
@@ -73,11 +76,40 @@ def run(**values) -> int:
 
 @cli.command("config")
 @setting_options()
-def show_config(**values) -> int:
-    """Print the effective configuration (key redacted) and exit."""
-    config = build_config(_settings(values), require_key=False)
-    click.echo(logs.dumps(config.redacted()))
+@click.option("--check", is_flag=True,
+              help="run every check `run` makes before connecting (key, sinks, files, ports); exit 2 with its line")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object (for machines) instead of the table")
+def show_config(check: bool, as_json: bool, **values) -> int:
+    """Print the effective configuration (secrets redacted) and exit; --check also proves that `run` would start."""
+    config = build_config(_settings(values), require_key=check)
+    if check:
+        logs.setup("off", secrets=config.secrets())
+        from .service import Service
+
+        Service(config).check()
+    if as_json:
+        click.echo(logs.dumps(config.redacted()))
+    else:
+        click.echo(format_config(config))
+    if check:
+        click.echo("config --check: OK: every check `run` makes before connecting passed", err=True)
     return 0
+
+
+def format_config(config: Config) -> str:
+    """The effective configuration as VARIABLE  VALUE lines, the way the environment file spells them."""
+    shown = config.redacted()
+    field_of = {"ws_url": "url", "sink": "sinks"}
+    rows = []
+    for setting in SETTINGS:
+        field = field_of.get(setting.field, setting.field)
+        if field not in shown:
+            continue
+        value = shown[field]
+        rows.append((setting.env, "" if value is None else str(value).lower() if isinstance(value, bool)
+                     else str(value)))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 @cli.command()
@@ -105,13 +137,20 @@ def demo(rate: float, batch: int, max_events: int, **values) -> int:
     cluster = build_config(raw, require_key=False, defaults=DEMO_DEFAULTS).cluster
     defaults = dict(DEMO_DEFAULTS, subscription=DEMO_SUBSCRIPTIONS[cluster])
     server = MockServer(options=MockOptions(api_key=key, rate=rate, batch=batch, count=max_events)).start()
+    if raw.get("metrics_addr") is None:
+        raw["metrics_addr"] = "127.0.0.1:0"  # a free port: the demo must not collide with a running service
     try:
         raw.update(api_key=key, ws_url=server.url(cluster))
         config = build_config(raw, defaults=defaults)
         _start_logging(config)
+        from .config import format_addr
         from .service import run_service
 
-        return run_service(config, stop_after_events=max_events or None)
+        def announce(service) -> None:
+            click.echo(f"demo: metrics, /health and /ready on http://{format_addr(service.metrics_server.address)}",
+                       err=True)
+
+        return run_service(config, stop_after_events=max_events or None, on_started=announce)
     finally:
         server.stop()
 
@@ -153,12 +192,11 @@ def subscriptions(addr: str, as_json: bool) -> int:
     return 0
 
 
-_OFFLINE_FIXED = ("api_key", "api_key_file", "ws_url", "feed", "cluster")
 
 
 @cli.command()
 @click.argument("captures", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@setting_options(skip=_OFFLINE_FIXED)
+@setting_options(skip=NETWORK_ONLY)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="progress on stderr")
 def reprocess(captures: tuple[str, ...], progress: bool, **values) -> int:
     """Run the pipeline (normalize, filters, sampling, sinks) over capture files, offline: no network, no key.
@@ -368,10 +406,12 @@ def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: b
             if not count_only:
                 out.write(topic + b" " + payload + b"\n")
         out.flush()
-        if count_only and time.monotonic() >= next_report:
-            click.echo(f"{received} received ({window}/s)")
+        now = time.monotonic()
+        if count_only and now >= next_report:
+            # (from now, not from the last deadline: after an idle start that would be a line per message)
+            click.echo(f"{received} received ({window / (now - next_report + 1.0):.0f}/s)")
             window = 0
-            next_report += 1.0
+            next_report = now + 1.0
     if count_only:
         click.echo(f"{received} received")
     sock.close(0)
@@ -387,22 +427,26 @@ def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: b
 @click.option("--password-file", default=None, envvar="REDIS_PASSWORD_FILE", help="as REDIS_PASSWORD_FILE")
 @click.option("--stream", default="polygon:{cluster}", show_default=True, envvar="REDIS_STREAM",
               help="the key template the sink writes (REDIS_STREAM); every key it can give is read")
-@click.option("--cluster", "market", default="futures", show_default=True, envvar="POLYGON_CLUSTER",
-              help="the market cluster in {cluster}")
+@click.option("--cluster", "market", default=None, envvar="POLYGON_CLUSTER", show_envvar=True,
+              help="the market cluster in {cluster} [default: from POLYGON_WS_URL's path, else futures]")
+@click.option("--ws-url", default=None, envvar="POLYGON_WS_URL", show_envvar=True,
+              help="the service's POLYGON_WS_URL, whose path names the cluster when --cluster is not given")
 @click.option("--shards", default="16", show_default=True, envvar="REDIS_SHARDS", help="as REDIS_SHARDS")
 @click.option("--redis-cluster", default="false", show_default=True, envvar="REDIS_CLUSTER",
               help="as REDIS_CLUSTER")
 @click.option("--from-start", is_flag=True, help="a new group starts at the streams' first entry, not their end")
 @click.option("--count", "count_only", is_flag=True, help="print a count per second instead of the records")
 @click.option("--max-records", type=click.IntRange(min=0), default=0, help="exit after this many (0: never)")
-def redis_sub(group: str, consumer: str, url: str, password_file: str | None, stream: str, market: str, shards: str,
-              redis_cluster: str, from_start: bool, count_only: bool, max_records: int) -> int:
+def redis_sub(group: str, consumer: str, url: str, password_file: str | None, stream: str, market: str | None,
+              ws_url: str | None, shards: str, redis_cluster: str, from_start: bool, count_only: bool,
+              max_records: int) -> int:
     """A Redis Streams consumer-group reader (XREADGROUP + XACK): prints (or counts) the records of the redis sink;
     several readers in one group share the records, each gets its own."""
     from . import redis_sub as reader
 
     config = build_config({"redis_url": url, "redis_password_file": password_file, "redis_stream": stream,
-                           "cluster": market, "redis_shards": shards, "redis_cluster": redis_cluster},
+                           "cluster": market, "ws_url": ws_url, "redis_shards": shards,
+                           "redis_cluster": redis_cluster},
                           require_key=False)
     try:
         return reader.run(config, group, consumer, count_only, max_records, from_start)

@@ -220,6 +220,7 @@ class Setting:
     help: str
     secret: bool = False
     shown: Callable[[str], str] = str  # how a bad value appears in the error
+    default_text: str | None = None  # the default as --help and the docs say it, where `default` is not it
 
     @property
     def flag(self) -> str:
@@ -230,7 +231,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_key", "POLYGON_API_KEY", None, _nonempty, "API key (prefer POLYGON_API_KEY_FILE)", secret=True),
     Setting("api_key_file", "POLYGON_API_KEY_FILE", None, _nonempty,
             "read the API key from this file; wins over POLYGON_API_KEY"),
-    Setting("cluster", "POLYGON_CLUSTER", "futures", _choice(*protocol.CLUSTERS), "market cluster"),
+    Setting("cluster", "POLYGON_CLUSTER", "futures", _choice(*protocol.CLUSTERS),
+            "market cluster: labels every record; when unset, taken from POLYGON_WS_URL's path if it names one"),
     Setting("feed", "POLYGON_FEED", "realtime", _choice(*protocol.FEEDS), "realtime or delayed host"),
     Setting("ws_url", "POLYGON_WS_URL", None, _ws_url, "full WebSocket URL (overrides cluster and feed host)",
             shown=redact_url),
@@ -254,7 +256,9 @@ SETTINGS: tuple[Setting, ...] = (
             "polygon_stats log interval; 0 disables"),
     Setting("bp_warn_interval_secs", "BP_WARN_INTERVAL_SECS", "5", _seconds(0, True),
             "at most one inbound backpressure warning per interval"),
-    Setting("sink", "SINK", None, _sinks, "stdout, ndjson, zmq, capture, redis or a comma list (default stdout)"),
+    Setting("sink", "SINK", None, _sinks, "stdout, ndjson, zmq, capture, redis or a comma list; stdout prints each "
+            "event as a log record of the polygon_events target, so LOG_LEVEL must keep that target at info",
+            default_text="stdout (ndjson with EMIT_NDJSON=true)"),
     Setting("emit_ndjson", "EMIT_NDJSON", "false", _bool, "legacy: SINK=ndjson when SINK is unset"),
     Setting("ndjson_dest", "NDJSON_DEST", "stdout", _nonempty, "stdout or a file path"),
     Setting("ndjson_channel_cap", "NDJSON_CHANNEL_CAP", "2048", _int(1),
@@ -303,7 +307,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ready_min_messages", "READY_MIN_MESSAGES", "1", _int(0), "data events after subscribe before READY"),
     Setting("ready_delay_ms", "READY_DELAY_MS", "0", _int(0), "and at least this long after subscribe"),
     Setting("log_level", "LOG_LEVEL", "info", _log_level,
-            "level or directives, e.g. warn,polygon_events=info (RUST_LOG if unset)"),
+            "level or directives, e.g. warn,polygon_events=info (read from RUST_LOG when LOG_LEVEL is unset); "
+            "SINK=stdout prints events at info on the polygon_events target: a plain warn turns it off"),
     Setting("shutdown_timeout_secs", "SHUTDOWN_TIMEOUT_SECS", "10", _seconds(0, False),
             "drain and flush deadline on SIGTERM/SIGINT"),
     Setting("cpu_affinity", "CPU_AFFINITY", "auto", _cpu_affinity,
@@ -311,6 +316,14 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SETTINGS_BY_FIELD = {setting.field: setting for setting in SETTINGS}
+
+# Settings of the connection and the running service's surroundings: meaningless to an offline tool (reprocess),
+# which neither offers nor logs them.
+NETWORK_ONLY = ("api_key", "api_key_file", "cluster", "feed", "ws_url", "subscription", "subscription_file",
+                "backoff_initial_secs", "backoff_max_secs", "read_timeout_secs", "stale_after_secs",
+                "heartbeat_interval_secs", "metrics_addr", "stats_interval_secs", "ready_min_messages",
+                "ready_delay_ms", "capture_dest", "capture_channel_cap", "capture_max_bytes", "capture_rotate_secs",
+                "capture_gzip")
 
 
 @dataclass(frozen=True)
@@ -372,10 +385,14 @@ class Config:
     redis_channel_cap: int = 4096
     redis_cluster: bool = False
 
-    def redacted(self) -> dict[str, Any]:
-        """The configuration as plain JSON-able values, the key replaced by a marker."""
+    def redacted(self, offline: bool = False) -> dict[str, Any]:
+        """The configuration as plain JSON-able values, the key replaced by a marker; offline: without the
+        settings an offline tool does not use (NETWORK_ONLY; the cluster stays: it is the capture's)."""
         out: dict[str, Any] = {}
+        hidden = {"url", "redis_password", *NETWORK_ONLY} - {"cluster"} if offline else ()
         for item in dataclasses.fields(self):
+            if item.name in hidden:
+                continue
             value = getattr(self, item.name)
             if item.name in ("api_key", "redis_password"):
                 value = "<redacted>" if value else "<unset>"
@@ -465,11 +482,37 @@ def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
         values["redis_password"] = _read_secret_file(values["redis_password_file"],
                                                      "REDIS_PASSWORD_FILE (--redis-password-file)")
 
+    values["cluster"] = _cluster(raw, overrides, values)
     url = values["ws_url"] or protocol.feed_url(values["feed"], values["cluster"])
     fields = {f.name for f in dataclasses.fields(Config)}
     kwargs = {name: value for name, value in values.items() if name in fields}
     kwargs.update(api_key=api_key or "", url=url, sinks=tuple(sinks))
     return Config(**kwargs)
+
+
+def url_cluster(url: str) -> str | None:
+    """The cluster a WebSocket URL's path names (wss://socket.massive.com/stocks -> stocks), or None."""
+    try:
+        first = urlsplit(url).path.strip("/").split("/")[0]
+    except ValueError:
+        return None
+    return first if first in protocol.CLUSTERS else None
+
+
+def _cluster(raw: Mapping[str, str | None], overrides: Mapping[str, str], values: dict) -> str:
+    """POLYGON_CLUSTER labels every record: taken from POLYGON_WS_URL's path when unset there; both set and
+    different is an error (every record would carry the wrong feed)."""
+    from_url = url_cluster(values["ws_url"]) if values["ws_url"] else None
+    given = raw.get("cluster") is not None or "cluster" in overrides
+    if from_url is None:
+        return values["cluster"]
+    if not given:
+        return from_url
+    if values["cluster"] != from_url:
+        raise ConfigError(f"invalid POLYGON_CLUSTER (--cluster) {values['cluster']!r} with POLYGON_WS_URL "
+                          f"(--ws-url) {redact_url(values['ws_url'])!r}: the URL is the {from_url} cluster's; "
+                          f"set POLYGON_CLUSTER={from_url} or leave it unset")
+    return values["cluster"]
 
 
 def _read_key_file(path: str) -> str:

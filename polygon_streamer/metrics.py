@@ -196,7 +196,10 @@ class ServiceCollector:
                      "socket read)", labels=["queue"], samples=depth)
         yield _gauge("polygon_queue_capacity", "Capacity of each queue in batches (inbound: hand-overs)",
                      labels=["queue"], samples=capacity)
-        yield _counter("polygon_sink_written_total", "Events handed to each sink", labels=["sink"], samples=written)
+        yield _counter("polygon_sink_written_total",
+                       "Records (events and gap records) each sink's thread took from its queue and handed to the sink "
+                       "(a file sink may still buffer them: polygon_ndjson_written_total counts those written to the "
+                       "file; the capture counts frames)", labels=["sink"], samples=written)
         yield _counter("polygon_sink_drops_total", "Events dropped because a sink's queue was full",
                        labels=["sink"], samples=dropped)
         for sink, sink_queue in zip(service.sinks, service.sink_queues):
@@ -227,7 +230,8 @@ def sink_metrics(sink, queue_stats) -> Iterable:
     describe = getattr(sink, "describe_metrics", None)
     if describe is None:
         return ()
-    return [_counter(name, documentation, value) for name, documentation, value in describe(queue_stats)]
+    return [(_counter if name.endswith("_total") else _gauge)(name, documentation, value)
+            for name, documentation, value in describe(queue_stats)]
 
 
 class _Handler(MetricsHandler):
@@ -356,6 +360,10 @@ class MetricsServer:
 
     def stop(self) -> None:
         self._server.shutdown()
+        self._server.server_close()
+
+    def close(self) -> None:
+        """Release the port of a server never started (config --check)."""
         self._server.server_close()
 
 

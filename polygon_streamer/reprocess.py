@@ -168,6 +168,7 @@ def run(config: Config, paths: list[str], progress: bool = True) -> int:
         why = "a signal or a stopped thread ended the reprocess before the end of the captures"
     if progress:
         _progress(feeder, files, started, final=True)
+    service.frames_fed = feeder.frames
     status = service.shutdown(why or f"reprocessed {feeder.frames} frames",
                               timeout_secs=None if why else math.inf)
     damaged = service.normalizer.parse_errors - feeder.expected_parse_errors

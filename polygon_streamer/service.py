@@ -93,15 +93,17 @@ class Service:
         self._signals: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
         self._stop_signalled = False
+        self.frames_fed = 0  # frames an offline caller put into the inbound queue itself (reprocess)
         self._reload_lock = threading.Lock()
         self._reloader: threading.Thread | None = None
         self._reload_again = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
-    def start(self, network: bool = True) -> None:
+    def start(self, network: bool = True, threads: bool = True) -> None:
         """Open sinks and bind the metrics port before connecting; problems there are config errors (exit 2).
-        network=False (reprocess): the sinks and the dispatcher only; the caller feeds the inbound queue."""
+        network=False (reprocess): the sinks and the dispatcher only; the caller feeds the inbound queue.
+        threads=False (check): the checks alone, nothing started."""
         opened: list[Sink] = []
         try:
             for sink in self.sinks:
@@ -114,6 +116,9 @@ class Service:
             except OSError as exc:
                 raise ConfigError(f"invalid METRICS_ADDR (--metrics-addr) {format_addr(self.config.metrics_addr)!r}: "
                                   f"cannot listen there ({exc.strerror or exc}); pick a free host:port") from None
+            if not threads:
+                self._cpus()
+                return
             self._confine()
         except SinkConfigError as exc:
             for sink in opened:
@@ -123,7 +128,12 @@ class Service:
             for sink in opened:
                 sink.close()
             raise
-        logs.get("polygon_config").info("effective configuration", extra={"fields": self.config.redacted()})
+        logs.get("polygon_config").info("effective configuration",
+                                        extra={"fields": self.config.redacted(offline=not network)})
+        if "stdout" in self.config.sinks and not logging.getLogger("polygon_events").isEnabledFor(logging.INFO):
+            _log.warning("SINK=stdout but LOG_LEVEL %r turns the polygon_events target off: no event will be "
+                         "printed; add polygon_events=info (e.g. LOG_LEVEL=warn,polygon_events=info)",
+                         self.config.log_level, extra={"fields": {"log_level": self.config.log_level}})
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         for thread in self.sink_threads:
@@ -139,13 +149,36 @@ class Service:
                                                "sinks": ",".join(self.config.sinks),
                                                "metrics": format_addr(self.metrics_server.address)}})
 
+    def check(self) -> None:
+        """Every check start() makes before connecting, then everything released (`config --check`): the sinks
+        open (files and their directories, the ZeroMQ endpoint, Redis), the metrics port binds, CPU_AFFINITY
+        parses. A file the check created is removed again (so a check run as root leaves no root-owned file for the
+        service user). Raises ConfigError with the line `run` would print."""
+        paths = [path for path in (self.config.ndjson_dest, self.config.capture_dest)
+                 if path and path != "stdout" and not os.path.exists(path)]
+        try:
+            self.start(network=True, threads=False)
+        finally:
+            for sink in self.sinks:
+                sink.close(time.monotonic())
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+            for path in paths:
+                if os.path.isfile(path) and os.path.getsize(path) == 0:
+                    os.unlink(path)
+
+    def _cpus(self):
+        """The CPUs CPU_AFFINITY chooses (None: off); ConfigError if it cannot."""
+        try:
+            return affinity.choose(self.config.cpu_affinity, self.config.cluster)
+        except ValueError as exc:
+            raise ConfigError(f"invalid CPU_AFFINITY (--cpu-affinity) {self.config.redacted()['cpu_affinity']!r}: "
+                              f"{exc}") from None
+
     def _confine(self) -> None:
         """CPU_AFFINITY, for this thread and so for every thread started after it (affinity.py says why)."""
         shown = self.config.redacted()["cpu_affinity"]
-        try:
-            cpus = affinity.choose(self.config.cpu_affinity, self.config.cluster)
-        except ValueError as exc:
-            raise ConfigError(f"invalid CPU_AFFINITY (--cpu-affinity) {shown!r}: {exc}") from None
+        cpus = self._cpus()
         if cpus is None:
             return
         allowed = sorted(os.sched_getaffinity(0))
@@ -265,8 +298,9 @@ class Service:
         fields = dict(counts, unwritten_events=self.unwritten_events(),
                       unwritten_capture_frames=self.unwritten_capture_frames())
         if drained and not unwritten:
-            _log.info("stopped: every accepted event was handed to the sinks and flushed",
-                      extra={"fields": counts})
+            notes = [note for note in (sink.close_report() for sink in self.sinks) if note]
+            _log.info("stopped: every accepted event was handed to the sinks and flushed" +
+                      "".join(f"; {note}" for note in notes), extra={"fields": dict(counts, notes=notes)})
             return 0
         if drained:
             failed = {thread.sink.name: thread.unwritten_at_close for thread in self.sink_threads
@@ -406,7 +440,7 @@ class Service:
     def _counts(self) -> dict:
         reader = self.reader.stats
         return {
-            "frames": reader.messages_received,
+            "frames": reader.messages_received + self.frames_fed,
             "events": self.normalizer.events,
             "gaps": sum(self.normalizer.gaps.values()),
             "channel_drops": self.reader.handover.stats.channel_drops,

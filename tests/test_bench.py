@@ -29,6 +29,9 @@ def test_bench_runs_with_both_sinks_and_reports_no_loss():
     assert "dispatcher" in report["cpu_seconds_per_million_by_thread"]
     assert sum(report["cpu_seconds_per_million_by_thread"].values()) <= report["cpu_seconds_per_million"] + 0.05
     assert report["write_latency_p99_ms"] >= report["write_latency_p50_ms"] > 0
+    # What a consumer tailing the file sees: measured, at half the rate and on a quiet feed.
+    assert report["visible_latency_p99_ms"] >= report["visible_latency_p50_ms"] >= 0
+    assert report["quiet_visible_latency_p99_ms"] >= report["quiet_visible_latency_p50_ms"] >= 0
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None and os.environ.get("CI") != "true",

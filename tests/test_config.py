@@ -49,7 +49,7 @@ def test_bad_value_exits_2_with_one_line_naming_the_variable(variable, value, ex
 
 
 def test_flag_beats_variable_and_both_are_named_in_errors():
-    result = run_cli("config", "--channel-cap", "7", env={"CHANNEL_CAP": "9"})
+    result = run_cli("config", "--json", "--channel-cap", "7", env={"CHANNEL_CAP": "9"})
     assert result.returncode == 0 and '"channel_cap":7' in result.stdout
     result = run_cli("run", "--channel-cap", "x", env={"POLYGON_API_KEY": TEST_KEY})
     assert result.returncode == 2 and "CHANNEL_CAP (--channel-cap) 'x'" in result.stderr
@@ -65,7 +65,7 @@ def test_key_file_wins_and_the_key_is_never_printed(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("file-key-123456\n")
     key_file.chmod(0o600)
-    result = run_cli("config", env={"POLYGON_API_KEY": TEST_KEY, "POLYGON_API_KEY_FILE": str(key_file)})
+    result = run_cli("config", "--json", env={"POLYGON_API_KEY": TEST_KEY, "POLYGON_API_KEY_FILE": str(key_file)})
     assert result.returncode == 0
     assert TEST_KEY not in result.stdout + result.stderr and "file-key-123456" not in result.stdout
     assert '"api_key":"<redacted>"' in result.stdout
@@ -90,9 +90,9 @@ def test_defaults_are_the_seeds_and_urls_follow_feed_and_cluster():
 
 
 def test_rust_log_is_the_fallback_for_log_level():
-    result = run_cli("config", env={"RUST_LOG": "warn,polygon_events=info"})
+    result = run_cli("config", "--json", env={"RUST_LOG": "warn,polygon_events=info"})
     assert '"log_level":"warn,polygon_events=info"' in result.stdout
-    result = run_cli("config", env={"RUST_LOG": "warn", "LOG_LEVEL": "debug"})
+    result = run_cli("config", "--json", env={"RUST_LOG": "warn", "LOG_LEVEL": "debug"})
     assert '"log_level":"debug"' in result.stdout
 
 
@@ -141,7 +141,7 @@ def test_every_command_that_binds_a_busy_port_says_in_use_in_one_line_and_exits_
 
 def test_the_demo_help_shows_the_defaults_it_uses_and_each_cluster_streams_its_own_codes():
     help_text = " ".join(run_cli("demo", "--help").stdout.split())
-    assert "market cluster [default: stocks]" in help_text
+    assert "market cluster: labels every record" in help_text and "[default: stocks]" in help_text
     assert "XT.*,XQ.* (crypto)" in help_text and "[default: T.*]" not in help_text
     for cluster, codes in (("crypto", {"XT", "XQ"}), ("forex", {"C"}), ("indices", {"V"}), ("options", {"T", "Q"})):
         result = run_cli("demo", "--max-events", "4", "--rate", "200", "--metrics-addr", "127.0.0.1:0",
@@ -180,3 +180,62 @@ def test_the_redis_sink_says_clearly_when_the_redis_module_is_missing(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "apt install python3-redis" in lines[0], lines
+
+
+def test_the_cluster_comes_from_the_url_when_unset_and_a_disagreement_is_refused():
+    from polygon_streamer.config import ConfigError, build_config
+    import pytest as _pytest
+
+    assert build_config({"ws_url": "ws://127.0.0.1:8765/stocks"}, require_key=False).cluster == "stocks"
+    assert build_config({"ws_url": "wss://socket.massive.com/crypto?x=1"}, require_key=False).cluster == "crypto"
+    assert build_config({"ws_url": "ws://127.0.0.1:8765/"}, require_key=False).cluster == "futures"
+    assert build_config({"ws_url": "ws://h/stocks", "cluster": "stocks"}, require_key=False).cluster == "stocks"
+    with _pytest.raises(ConfigError) as refused:
+        build_config({"ws_url": "ws://h/stocks", "cluster": "futures"}, require_key=False)
+    assert "POLYGON_CLUSTER" in str(refused.value) and "stocks" in str(refused.value) \
+        and "futures" in str(refused.value)
+
+
+def test_records_carry_the_cluster_of_the_url(mock_server, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, Streamer, base_env, free_port, wait_for
+
+    out = tmp_path / "out.ndjson"
+    env = base_env(mock_server.url("stocks"), free_port(), SINK="ndjson", NDJSON_DEST=str(out))
+    del env["POLYGON_CLUSTER"]
+    streamer = Streamer(env)
+    wait_for(lambda: out.exists() and out.read_text().count("\n") >= 3, what="records")
+    assert streamer.stop() == 0
+    assert '"feed":"stocks"' in out.read_text().splitlines()[0]
+    env["POLYGON_CLUSTER"] = "futures"
+    done = subprocess.run([sys.executable, "-m", "polygon_streamer", "run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=20)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and "stocks" in done.stderr
+
+
+def test_config_check_refuses_what_run_refuses_with_the_same_line(tmp_path):
+    import socket
+
+    key = {"POLYGON_API_KEY": TEST_KEY}
+    cases = [({}, "missing POLYGON_API_KEY"),
+             (dict(key, SINK="ndjson", NDJSON_DEST=str(tmp_path / "nope" / "x.ndjson")), "does not exist")]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases.append((dict(key, METRICS_ADDR=f"127.0.0.1:{busy.getsockname()[1]}"), "cannot listen there"))
+        for env, words in cases:
+            checked = run_cli("config", "--check", env=env)
+            started = run_cli("run", env=dict(env, POLYGON_WS_URL="ws://127.0.0.1:9/stocks"))
+            assert checked.returncode == started.returncode == 2, (checked.stderr, started.stderr)
+            assert words in checked.stderr and checked.stderr == started.stderr
+    dest = tmp_path / "out.ndjson"
+    checked = run_cli("config", "--check", env=dict(key, SINK="ndjson", NDJSON_DEST=str(dest),
+                                                    METRICS_ADDR="127.0.0.1:0"))
+    assert checked.returncode == 0 and "OK" in checked.stderr
+    assert not dest.exists(), "the check leaves no file behind (a root-owned one would lock the service user out)"
+    # Plain `config` is for people: one aligned VARIABLE VALUE line per setting, the key redacted.
+    lines = run_cli("config", env=key).stdout.splitlines()
+    assert lines[0].split() == ["POLYGON_API_KEY", "<redacted>"]
+    assert len({line.index(line.split()[1]) for line in lines if len(line.split()) == 2}) == 1

@@ -149,3 +149,22 @@ def test_bad_endpoints_are_exit_2(mock_server, spawn):
     finally:
         busy.close(0)
     assert mock_server.stats.connections == 0
+
+
+def test_with_no_peer_the_service_says_so_in_metrics_health_and_the_stop_line(mock_server, run):
+    launch, subscribe = run
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    streamer = launch(SINK="zmq", ZMQ_ENDPOINT=endpoint, ZMQ_BIND="false")
+    wait_for(lambda: streamer.metric("polygon_zmq_sent_total") > 0, what="events published into the void")
+    assert streamer.metric("polygon_zmq_peers") == 0
+    status, text = streamer.get("/health")
+    assert status == 200 and "degraded" in text and "no peer" in text, text
+    # A subscriber binds there: one peer, healthy.
+    subscriber = subscribe(endpoint, bind=True)
+    wait_for(lambda: streamer.metric("polygon_zmq_peers") == 1, what="the peer counted")
+    wait_for(lambda: subscriber.messages, what="messages at the subscriber")
+    assert streamer.get("/health")[1].strip() == "OK"
+    subscriber.close()
+    wait_for(lambda: streamer.metric("polygon_zmq_peers") == 0, what="the peer gone")
+    assert streamer.stop() == 0
+    assert "no peer" in streamer.shutdown_report()["message"]

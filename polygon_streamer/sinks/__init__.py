@@ -53,8 +53,16 @@ class Sink:
         """Why the sink cannot deliver right now while the process is fine (for /health), or None."""
         return None
 
+    def close_report(self) -> str | None:
+        """After close: what the shutdown line must add about this sink (e.g. nobody received it), or None."""
+        return None
+
     def tick(self, now: float) -> None:
         """Called at least every TICK_SECS: time-based flushing and rotation."""
+
+    def idle(self) -> None:
+        """The queue is empty after a write: make what is buffered visible now (natural batching: under load the
+        queue is rarely empty and writes stay large; when quiet every batch is visible at once)."""
 
     def reopen(self) -> None:
         """SIGHUP: reopen files by path."""
@@ -224,6 +232,7 @@ class SinkThread(ServiceThread):
     def _drain(self) -> None:
         get = self.sink_queue.queue.get
         get_nowait = self.sink_queue.queue.get_nowait
+        empty = self.sink_queue.queue.empty
         stats = self.sink_queue.stats
         sink = self.sink
         coalesce = sink.coalesce_events
@@ -248,6 +257,8 @@ class SinkThread(ServiceThread):
                 ingest_ms, records = batch
                 sink.write(records, ingest_ms)
                 stats.written += len(records)
+            if batch and empty():
+                sink.idle()
             now = time.monotonic()
             if now >= next_tick:
                 sink.tick(now)

@@ -337,6 +337,11 @@ class NdjsonSink(Sink):
     def _buffered_bytes(self) -> int:
         return sum(len(o.carry) + sum(len(line) + 1 for line in o.lines) for o in self._outputs.values())
 
+    def idle(self) -> None:
+        for output in self._outputs.values():
+            if output.buffered:
+                self._flush(output)
+
     def tick(self, now: float) -> None:
         for output in list(self._outputs.values()):
             if output.path is not None and output.fd is not None:
@@ -519,7 +524,8 @@ class NdjsonSink(Sink):
     def describe_metrics(self, queue_stats: SinkStats):
         name, unit = self.name, self.unit
         return [
-            (f"polygon_{name}_written_total", f"{unit} written to {name} files (or stdout)", self.written),
+            (f"polygon_{name}_written_total", f"{unit} written to {name} files (or stdout): handed to the OS, no longer "
+                                              "in the sink's buffer", self.written),
             (f"polygon_{name}_bytes_total", f"Bytes written by the {name} sink", self.bytes),
             (f"polygon_{name}_rotations_total", f"{name} files rotated (size or time)", self.rotations),
             (f"polygon_{name}_write_errors_total", f"Failed {name} writes or reopens (retried)", self.write_errors),

@@ -12,6 +12,7 @@ import re
 import socket
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import logs
 from ..config import Config
@@ -21,6 +22,8 @@ from . import Sink, SinkConfigError, SinkStats
 _log = logs.get("polygon_zmq")
 
 LINGER_MS = 1000
+# A peer is there: a subscriber connected to our bound socket, or our connect reached a bound one.
+_PEER_UP = zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED
 _TOPIC_CACHE_LIMIT = 200_000
 _TOPIC_CACHE_BYTES = 32 * 1024 * 1024  # symbols come from the network: bounded in bytes too (as normalize's cache)
 
@@ -39,6 +42,8 @@ class ZmqSink(Sink):
         self._drop_warning = logs.RateLimitedWarning(_log, config.zmq_warn_interval_secs)
         self.sent = 0
         self.socket_drops = 0
+        self.peers = 0  # connected peers, from the socket's monitor (read by the scrape and /health)
+        self._monitor: zmq.Socket | None = None
 
     def open(self) -> None:
         endpoint = self._config.zmq_endpoint
@@ -47,6 +52,8 @@ class ZmqSink(Sink):
         self._context = zmq.Context()
         sock = self._context.socket(zmq.XPUB)
         try:
+            # With no peer a PUB socket takes every message and drops it: count the peers, so it shows.
+            self._monitor = sock.get_monitor_socket(_PEER_UP | zmq.EVENT_DISCONNECTED)
             sock.setsockopt(zmq.XPUB_NODROP, 1)
             sock.setsockopt(zmq.LINGER, LINGER_MS)
             if self._config.zmq_snd_hwm is not None:
@@ -56,6 +63,9 @@ class ZmqSink(Sink):
             else:
                 sock.connect(endpoint)
         except zmq.ZMQError as exc:
+            if self._monitor is not None:
+                self._monitor.close(0)
+                self._monitor = None
             sock.close(0)
             self._context.term()
             verb = "bind" if self._config.zmq_bind else "connect"
@@ -116,6 +126,7 @@ class ZmqSink(Sink):
         return topic
 
     def tick(self, now: float) -> None:
+        self._count_peers()
         # XPUB hands subscription messages up to us; read them so they do not pile up.
         while True:
             try:
@@ -126,7 +137,37 @@ class ZmqSink(Sink):
                 _log.debug("subscription %s", "added" if message[:1] == b"\x01" else "removed",
                            extra={"fields": {"topic": message[1:].decode("utf-8", "replace")}})
 
+    def _count_peers(self) -> None:
+        while self._monitor is not None:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] & _PEER_UP:
+                self.peers += 1
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.peers = max(0, self.peers - 1)
+
+    def degraded(self) -> str | None:
+        if self.peers == 0:
+            return (f"zmq sink: no peer {'connected to' if self._config.zmq_bind else 'at'} "
+                    f"{self._config.zmq_endpoint}: events published are dropped by ZeroMQ unseen")
+        return None
+
+    def close_report(self) -> str | None:
+        if self.peers == 0:
+            return f"zmq: no peer at the stop, {self.sent} event(s) published may have reached nobody"
+        return None
+
     def close(self, deadline: float | None = None) -> None:
+        if self._monitor is not None:
+            self._count_peers()
+            try:
+                self._socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
+            self._monitor = None
         if self._socket is not None:
             self._socket.close(LINGER_MS)
             self._socket = None
@@ -142,4 +183,6 @@ class ZmqSink(Sink):
              queue_stats.dropped + self.socket_drops),
             ("polygon_zmq_socket_drops_total", "Events refused by the socket at the high-water mark",
              self.socket_drops),
+            ("polygon_zmq_peers", "Peers connected to the ZeroMQ socket (0: what is published reaches nobody)",
+             self.peers),
         ]
