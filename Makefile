@@ -11,13 +11,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The tests run the working tree (pytest and the child processes import it from here): an editable install with the
+# test extras. The demo needs only the package and the local server's wsproto: a plain install, no test tools.
 $(VENV)/.installed: $(BIN)/python setup.cfg setup.py
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+$(VENV)/.demo-installed: $(BIN)/python setup.cfg setup.py $(wildcard polygon_streamer/*.py polygon_streamer/*/*.py)
+	$(BIN)/python -m pip install --quiet '.[mockserver]'
+	touch $@
+
 install: $(VENV)/.installed
 
-demo: install
+demo: $(VENV)/.demo-installed
 	$(BIN)/polygon-streamer demo $(DEMO_ARGS)
 
 # The Debian package test needs root and apt and changes the system (a package, a user): it runs in CI

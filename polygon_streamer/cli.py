@@ -60,7 +60,8 @@ def _start_logging(config: Config) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="polygon-streamer")
 def cli() -> None:
-    """Stream Polygon.io / Massive market data into stdout, NDJSON files and ZeroMQ."""
+    """Stream Polygon.io / Massive market data into stdout, NDJSON files, ZeroMQ and Redis Streams, with capture,
+    replay and reprocess of the wire."""
 
 
 @cli.command()
@@ -69,9 +70,10 @@ def run(**values) -> int:
     """Connect to the cluster and stream until SIGTERM/SIGINT."""
     config = build_config(_settings(values))
     _start_logging(config)
+    from .notify import Notifier
     from .service import run_service
 
-    return run_service(config)
+    return run_service(config, notifier=Notifier.from_environ(os.environ))
 
 
 @cli.command("config")

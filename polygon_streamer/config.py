@@ -311,6 +311,9 @@ SETTINGS: tuple[Setting, ...] = (
             "SINK=stdout prints events at info on the polygon_events target: a plain warn turns it off"),
     Setting("shutdown_timeout_secs", "SHUTDOWN_TIMEOUT_SECS", "10", _seconds(0, False),
             "drain and flush deadline on SIGTERM/SIGINT"),
+    Setting("sink_stuck_secs", "SINK_STUCK_SECS", "30", _seconds(0, False),
+            "a sink write that has not returned for this long (a FIFO nobody reads, a hung mount) is stuck: /health "
+            "answers 503 and the systemd watchdog is no longer fed, so systemd restarts the service"),
     Setting("cpu_affinity", "CPU_AFFINITY", "auto", _cpu_affinity,
             "auto (one CPU: the idlest allowed), off, or CPUs such as 2 or 0,2-3 for the Python threads"),
 )
@@ -384,6 +387,7 @@ class Config:
     redis_maxlen: int = 1_000_000
     redis_channel_cap: int = 4096
     redis_cluster: bool = False
+    sink_stuck_secs: float = 30.0
 
     def redacted(self, offline: bool = False) -> dict[str, Any]:
         """The configuration as plain JSON-able values, the key replaced by a marker; offline: without the

@@ -18,6 +18,7 @@ from .config import Config, ConfigError, format_addr
 from .dispatch import Dispatcher, stop_inbound
 from .metrics import LatencyHistogram, MetricsServer, make_registry
 from .normalize import FrameNormalizer
+from .notify import Notifier
 from .reader import Heartbeat, Reader
 from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread
 from .subscriptions import SubscriptionFileError, Subscriptions, read_file
@@ -25,6 +26,7 @@ from .subscriptions import SubscriptionFileError, Subscriptions, read_file
 _log = logs.get("polygon_streamer")
 _stats_log = logs.get("polygon_stats")
 MAIN_TICK_SECS = 0.1
+STATUS_SECS = 2.0  # how often STATUS= may change
 # The hot path allocates millions of short-lived dicts and tuples that never form cycles; with the default
 # gen-0 threshold (700) the cyclic GC ran every few frames and its full passes walked every queued record
 # (8.7% of the dispatcher's time in a profile). Collections still run, just far less often.
@@ -67,8 +69,9 @@ def build_sinks(config: Config) -> list[tuple[Sink, SinkQueue]]:
 
 class Service:
     def __init__(self, config: Config, sinks: list[tuple[Sink, SinkQueue]] | None = None,
-                 stop_after_events: int | None = None):
+                 stop_after_events: int | None = None, notifier: Notifier | None = None):
         self.config = config
+        self.notifier = notifier or Notifier()
         self.stop_after_events = stop_after_events
         self.inbound: queue.Queue = queue.Queue(config.channel_cap)
         self.normalizer = FrameNormalizer(config.cluster, socket.gethostname(), __version__,
@@ -93,6 +96,7 @@ class Service:
         self._signals: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
         self._stop_signalled = False
+        self._events_per_sec = 0.0  # over the last pulse (STATUS=)
         self.frames_fed = 0  # frames an offline caller put into the inbound queue itself (reprocess)
         self._reload_lock = threading.Lock()
         self._reloader: threading.Thread | None = None
@@ -208,6 +212,7 @@ class Service:
         """The main thread's loop: signals, thread health, stats; returns the exit status."""
         next_stats = time.monotonic() + self.config.stats_interval_secs
         last = self._counts()
+        pulse = _Pulse(self)
         while True:
             try:
                 signum = self._signals.get(timeout=MAIN_TICK_SECS)
@@ -216,7 +221,9 @@ class Service:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 return self.shutdown(f"received {signal.Signals(signum).name}")
             if signum == signal.SIGHUP:
+                self.notifier.reloading()
                 self._reopen()
+                self.notifier.ready(self.status_text())
             dead = self.dead_threads()
             if dead:
                 _log.error("stopping: thread(s) died: %s", ", ".join(dead), extra={"fields": {"threads": dead}})
@@ -225,6 +232,7 @@ class Service:
             if self.stop_after_events is not None and self.normalizer.events >= self.stop_after_events:
                 return self.shutdown(f"delivered {self.stop_after_events} events")
             now = time.monotonic()
+            pulse.beat(now)
             if self.config.stats_interval_secs > 0 and now >= next_stats:
                 last = self._log_stats(last, self.config.stats_interval_secs)
                 next_stats = now + self.config.stats_interval_secs
@@ -278,6 +286,7 @@ class Service:
         tool gives math.inf: it waits for its queues as long as they move; a signal then ends the wait, counted).
         Exit 0 only when every accepted event was written or counted as dropped by a bound the user chose."""
         self._stopping = True
+        self.notifier.stopping(f"stopping ({why}): draining queues")
         timeout_secs = self.config.shutdown_timeout_secs if timeout_secs is None else timeout_secs
         deadline = time.monotonic() + timeout_secs
         _log.info("stopping (%s): draining queues", why,
@@ -394,12 +403,21 @@ class Service:
     def dead_threads(self) -> list[str]:
         return [thread.name for thread in self.threads() if thread.ident is not None and not thread.is_alive()]
 
+    def stuck_sinks(self) -> list[str]:
+        """Sinks inside one write for longer than SINK_STUCK_SECS, with how long."""
+        now = time.monotonic()
+        return [f"{thread.sink.name} ({now - since:.0f}s in one write)" for thread in self.sink_threads
+                if (since := thread.busy_since) is not None and now - since > self.config.sink_stuck_secs]
+
     def health(self) -> tuple[bool, str]:
         if self._stopping:
             return False, "STOPPING"
         dead = self.dead_threads()
         if dead:
             return False, "UNHEALTHY: thread(s) not running: " + ", ".join(dead)
+        stuck = self.stuck_sinks()
+        if stuck:
+            return False, "UNHEALTHY: sink stuck (SINK_STUCK_SECS): " + ", ".join(stuck)
         notes = [f"not ready: {refused}"] if (refused := self._refused()) else []
         notes += [f"degraded: {why}" for why in (sink.degraded() for sink in self.sinks) if why]
         return True, f"OK ({'; '.join(notes)})" if notes else "OK"
@@ -435,6 +453,23 @@ class Service:
             return False, f"NOT READY: {waited_ms:.0f} of {self.config.ready_delay_ms} ms since subscribe"
         return True, "READY"
 
+    def status_text(self) -> str:
+        """One line for systemd's STATUS= (`systemctl status`): connecting, backoff, streaming N events/s, and
+        why it is degraded."""
+        reader = self.reader
+        healthy, text = self.health()
+        if not healthy:
+            return text
+        if reader.stats.connected and reader.subscribed_at is not None:
+            state = f"streaming {self._events_per_sec:,.0f} events/s"
+        elif reader.retry_at is not None and reader.retry_at > time.monotonic() and reader.last_end is not None:
+            state = (f"backoff: reconnecting in {reader.retry_at - time.monotonic():.0f}s after: "
+                     f"{reader.last_end.reason}")
+        else:
+            state = "connecting"
+        notes = text[len("OK ("):-1] if text.startswith("OK (") else ""
+        return f"{state}; {notes}" if notes else state
+
     # -- stats --------------------------------------------------------------------------------------------------
 
     def _counts(self) -> dict:
@@ -462,11 +497,46 @@ class Service:
         return counts
 
 
+class _Pulse:
+    """The main loop's beat for systemd: STATUS= when it changes (at most every STATUS_SECS), and WATCHDOG=1 every
+    half WatchdogSec while every thread is alive and no sink is stuck; a service that stops feeding it is restarted."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.notifier = service.notifier
+        self.next_status = 0.0
+        self.next_watchdog = 0.0
+        self.last_status = ""
+        self.last_events = service.normalizer.events
+        self.last_at = time.monotonic()
+
+    def beat(self, now: float) -> None:
+        notifier = self.notifier
+        if not notifier.enabled:
+            return
+        service = self.service
+        if notifier.watchdog_interval and now >= self.next_watchdog:
+            self.next_watchdog = now + notifier.watchdog_interval
+            if not service.dead_threads() and not service.stuck_sinks():
+                notifier.watchdog()
+        if now >= self.next_status:
+            events = service.normalizer.events
+            service._events_per_sec = (events - self.last_events) / max(1e-9, now - self.last_at)
+            self.last_events, self.last_at = events, now
+            self.next_status = now + STATUS_SECS
+            status = service.status_text()
+            if status != self.last_status:
+                notifier.status(status)
+                self.last_status = status
+
+
 def run_service(config: Config, stop_after_events: int | None = None,
-                on_started: Callable[[Service], None] | None = None) -> int:
-    service = Service(config, stop_after_events=stop_after_events)
+                on_started: Callable[[Service], None] | None = None, notifier: Notifier | None = None) -> int:
+    service = Service(config, stop_after_events=stop_after_events, notifier=notifier)
     service.start()
     service.install_signal_handlers()
     if on_started:
         on_started(service)
+    # The sinks are open and the metrics port is bound: ready (not "data flows": markets close).
+    service.notifier.ready(service.status_text())
     return service.run()

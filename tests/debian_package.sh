@@ -41,11 +41,12 @@ for path in ./usr/bin/polygon-streamer ./etc/polygon-streamer/example.env ./etc/
             ./usr/lib/tmpfiles.d/polygon-streamer.conf ./usr/lib/python3/dist-packages/polygon_streamer/reader.py \
             ./usr/share/man/man1/polygon-streamer.1.gz ./usr/share/doc/polygon-streamer/README.md \
             ./usr/share/doc/polygon-streamer/schema.md ./usr/share/doc/polygon-streamer/schema.json \
-            ./usr/lib/python3/dist-packages/polygon_streamer/schema.json; do
+            ./usr/lib/python3/dist-packages/polygon_streamer/schema.json \
+            ./usr/share/polygon-streamer/alerts.yml ./usr/share/polygon-streamer/dashboard.json; do
     grep -qx "$path" "$WORK/contents" || fail "missing $path"
 done
 for unit in polygon-streamer.service polygon-streamer@.service polygon-streamer-logrotate.service \
-            polygon-streamer-logrotate.timer; do
+            polygon-streamer-logrotate.timer polygon-streamer-dirs.service; do
     grep -Eqx "\./(usr/)?lib/systemd/system/$unit" "$WORK/contents" || fail "missing unit $unit"
 done
 ! grep -q "site-packages\|\.venv\|/tests/" "$WORK/contents" || fail "the package ships pip or test files"
@@ -92,7 +93,8 @@ UNIT="$UNITDIR/polygon-streamer@.service"
 for line in 'ExecStart=/usr/bin/polygon-streamer run' 'ExecReload=/bin/kill -HUP $MAINPID' 'Restart=on-failure' \
             'RestartPreventExitStatus=2' 'User=polygon-streamer' 'EnvironmentFile=/etc/polygon-streamer/%i.env' \
             'NoNewPrivileges=yes' 'ProtectSystem=strict' 'PrivateTmp=yes' 'ReadWritePaths=/var/log/polygon-streamer' \
-            'LimitNOFILE=8192' \
+            'LimitNOFILE=8192' 'Type=notify' 'NotifyAccess=main' 'WatchdogSec=30s' 'StateDirectoryMode=0750' \
+            'Requires=polygon-streamer-dirs.service' 'StartLimitBurst=5' \
             'KillMode=mixed' 'PartOf=polygon-streamer.service' 'ReloadPropagatedFrom=polygon-streamer.service'; do
     grep -qxF "$line" "$UNIT" || fail "the template unit lacks: $line"
 done
@@ -110,6 +112,12 @@ exposure=$(systemd-analyze security --offline=true "$WORK/polygon-streamer@stock
 [ -n "$exposure" ] || fail "systemd-analyze security gave no exposure level"
 awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }' || fail "the instance unit's exposure is $exposure, above 2.0"
 step "instance unit exposure (systemd-analyze security --offline): $exposure"
+cp "$UNITDIR/polygon-streamer-logrotate.service" "$WORK/polygon-streamer-logrotate.service"
+exposure=$(systemd-analyze security --offline=true "$WORK/polygon-streamer-logrotate.service" 2>&1 \
+    | sed -n 's/.*Overall exposure level for polygon-streamer-logrotate.service: \([0-9.]*\).*/\1/p')
+[ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }' \
+    || fail "the logrotate service's exposure is ${exposure:-unknown}, above 2.0"
+step "logrotate service exposure (systemd-analyze security --offline): $exposure"
 
 step "rotating a live NDJSON file with the shipped logrotate configuration"
 EVENTS=24000
@@ -199,13 +207,18 @@ out=$(sh -c "$job" 2>&1) || true
 [ -z "$out" ] && [ ! -e /var/lib/logrotate/polygon-streamer.status ] || fail "the cron job ran after remove: $out"
 
 step "purging: nothing of the package is left (the system user stays)"
+# What systemd leaves where the package was used: an enabled instance's link and the timer's stamp.
+mkdir -p /etc/systemd/system/multi-user.target.wants /var/lib/systemd/timers
+ln -sf /lib/systemd/system/polygon-streamer@.service /etc/systemd/system/multi-user.target.wants/polygon-streamer@stocks.service
+touch /var/lib/systemd/timers/stamp-polygon-streamer-logrotate.timer
 apt-get purge -y -qq polygon-streamer > "$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log"; fail "purge"; }
 left=""
 while read -r path; do
     case "$path" in *polygon*) [ -e "$path" ] && left="$left $path";; esac
 done < "$WORK/package.files"
 for path in /etc/polygon-streamer /etc/cron.d/polygon-streamer /var/log/polygon-streamer /var/lib/polygon-streamer \
-            /var/lib/logrotate/polygon-streamer.status; do
+            /var/lib/logrotate/polygon-streamer.status /etc/systemd/system/multi-user.target.wants/polygon-streamer@stocks.service \
+            /var/lib/systemd/timers/stamp-polygon-streamer-logrotate.timer; do
     [ -e "$path" ] && left="$left $path"
 done
 [ -z "$left" ] || fail "left after purge:$left"

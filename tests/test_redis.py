@@ -375,3 +375,19 @@ def test_redis_sub_outlives_a_redis_restart(redis_server):
         client.close()
     errors = "".join(reader.stderr_lines)
     assert code == 0 and errors.count("lost Redis") == 1 and "Redis is back" in errors, errors
+
+
+def test_redis_over_a_unix_socket(mock_server, spawn, tmp_path):
+    # The README's recipe (REDIS_URL=unix:///run/redis/redis-server.sock): redis-py before 4.5 (Debian 12's 4.3.4, which
+    # the clean-chroot build tests with) refused the connect timeout for a unix socket, and nothing was written.
+    socket_path = tmp_path / "redis.sock"
+    server = LocalRedis(str(tmp_path / "redis"), ("--unixsocket", str(socket_path), "--unixsocketperm", "700")).start()
+    try:
+        streamer = spawn(SINK="redis", REDIS_URL=f"unix://{socket_path}", SUBSCRIPTION="T.*")
+        wait_for(lambda: streamer.metric("polygon_redis_sent_total") >= 500, timeout=20, what="500 records via unix://")
+        assert streamer.stop() == 0
+        entries = stream_records(server.url, "polygon:stocks")
+        assert len(entries) == streamer.shutdown_report()["written"]["redis"] >= 500
+        assert "degraded" not in "".join(streamer.stderr_lines)
+    finally:
+        server.stop(kill=True)

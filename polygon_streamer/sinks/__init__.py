@@ -53,6 +53,12 @@ class Sink:
         """Why the sink cannot deliver right now while the process is fine (for /health), or None."""
         return None
 
+    def still_working(self) -> None:
+        """Called each round of a long retry inside a write (a full disk, Redis away): the sink is waiting on
+        purpose, not stuck, so the watchdog keeps being fed."""
+        if self.thread is not None and self.thread.busy_since is not None:
+            self.thread.busy_since = time.monotonic()
+
     def close_report(self) -> str | None:
         """After close: what the shutdown line must add about this sink (e.g. nobody received it), or None."""
         return None
@@ -212,6 +218,9 @@ class SinkThread(ServiceThread):
         self.reopen_requested = threading.Event()
         self.unwritten_at_close = 0  # taken from the queue but never written (SinkClosed, or a failing close)
         self.close_deadline: float | None = None  # set by the service's shutdown before it queues STOP
+        # When the sink's current write (or tick) began; None between them. A write that has not returned for
+        # SINK_STUCK_SECS (a FIFO nobody reads, a hung mount) is stuck: /health says so and the watchdog is not fed.
+        self.busy_since: float | None = None
         sink_queue.consumer = self
         sink.thread = self  # a sink that retries reads stopping and close_deadline
 
@@ -247,6 +256,7 @@ class SinkThread(ServiceThread):
             if self.reopen_requested.is_set():
                 self.reopen_requested.clear()
                 sink.reopen()
+            self.busy_since = time.monotonic()
             if batch and coalesce:
                 batches, stop = self._coalesce(batch, get_nowait, coalesce)
                 sink.write_batches(batches)
@@ -263,6 +273,7 @@ class SinkThread(ServiceThread):
             if now >= next_tick:
                 sink.tick(now)
                 next_tick = now + TICK_SECS
+            self.busy_since = None
 
     @staticmethod
     def _coalesce(batch: tuple, get_nowait, limit: int) -> tuple[list[tuple], bool]:

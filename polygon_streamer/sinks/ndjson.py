@@ -329,6 +329,7 @@ class NdjsonSink(Sink):
         """While the disk refuses writes and too much is buffered, stop taking batches: the queue fills and its
         drops are counted, instead of memory growing without bound."""
         while self._retry_at and self._buffered_bytes() > MAX_BUFFERED_BYTES:
+            self.still_working()
             time.sleep(max(0.0, min(0.2, self._retry_at - time.monotonic())))
             if time.monotonic() >= self._retry_at:
                 for output in self._outputs.values():

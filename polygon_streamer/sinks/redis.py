@@ -338,6 +338,7 @@ class RedisSink(Sink):
 
     def _wait(self, delay: float) -> bool:
         """Sleep before the next try; False once the service is stopping and the deadline is near."""
+        self.still_working()
         thread = self.thread
         now = time.monotonic()
         if thread is None:
