@@ -1,5 +1,6 @@
 # make demo: install into .venv and run the whole pipeline against the built-in local Polygon server.
-# make test: install into .venv (with test extras) and run the test suite (and, in CI, the package test).
+# make test: install into .venv (with test extras) and run the test suite (and, in CI, the package test and the
+# container image test).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -37,8 +38,9 @@ test: install
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			$(SYSTEM_TEST_PACKAGES) > /dev/null; fi
 	$(BIN)/python -m pytest -q
-	@if [ "$${CI:-}" = true ] || [ -n "$${PACKAGE_TEST:-}" ]; then bash tests/debian_package.sh; \
-	else echo "Debian package test skipped: set PACKAGE_TEST=1 (needs root and apt)"; fi
+	@if [ "$${CI:-}" = true ] || [ -n "$${PACKAGE_TEST:-}" ]; then bash tests/debian_package.sh \
+		&& bash tests/container_image.sh; \
+	else echo "Debian package and container image tests skipped: set PACKAGE_TEST=1 (needs root and apt)"; fi
 
 bench: install
 	$(BIN)/polygon-streamer bench $(BENCH_ARGS)

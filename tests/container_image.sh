@@ -30,18 +30,23 @@ apt-get install -y -qq --no-install-recommends podman systemd-container debootst
         > "$WORK/apt.log" 2>&1; } || { tail -20 "$WORK/apt.log"; fail "apt-get install"; }
 
 step "the base image: a Debian 12 rootfs imported into podman"
-if [ -f "$CACHE/bookworm-minbase.tar" ]; then
-    podman import "$CACHE/bookworm-minbase.tar" "$BASE_IMAGE" > /dev/null
-else
-    mkdir -p "$WORK/rootfs"
-    debootstrap --variant=minbase bookworm "$WORK/rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
-        > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; fail "debootstrap"; }
-    tar -C "$WORK/rootfs" -c . | podman import - "$BASE_IMAGE" > /dev/null
+BASE_TAR="$CACHE/bookworm-minbase.tar"  # the clean-chroot build's, when it ran first
+if [ ! -f "$BASE_TAR" ]; then
+    BASE_TAR="$CACHE/bookworm-image-base.tar"
+    if [ ! -f "$BASE_TAR" ] || [ -z "$(find "$BASE_TAR" -mtime -7)" ]; then
+        mkdir -p "$WORK/rootfs" "$CACHE"
+        debootstrap --variant=minbase bookworm "$WORK/rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
+            > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; fail "debootstrap"; }
+        tar -C "$WORK/rootfs" -cf "$BASE_TAR.tmp" . && mv "$BASE_TAR.tmp" "$BASE_TAR"
+    fi
 fi
+podman import "$BASE_TAR" "$BASE_IMAGE" > /dev/null
 
 step "podman build (chroot isolation, host network for apt)"
 git -C "$ROOT" archive HEAD | tar -x -C "$WORK" --one-top-level=src
-podman build --isolation=chroot --network=host --build-arg "BASE=$BASE_IMAGE" -t "$IMAGE" "$WORK/src" \
+# (--format docker: the OCI image format has no HEALTHCHECK)
+podman build --format docker --isolation=chroot --network=host --build-arg "BASE=$BASE_IMAGE" -t "$IMAGE" \
+    "$WORK/src" \
     > "$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; fail "podman build"; }
 config=$(podman image inspect "$IMAGE" --format '{{.Config.User}} {{json .Config.Entrypoint}} {{json .Config.Cmd}}')
 step "image config: $config"
@@ -70,7 +75,7 @@ for setting in "POLYGON_API_KEY=image-key" "POLYGON_WS_URL=$URL/stocks" "SUBSCRI
                "NDJSON_DEST=/data/stocks.ndjson" "NDJSON_FLUSH_INTERVAL_MS=100" "METRICS_ADDR=127.0.0.1:$METRICS"; do
     env_args+=("--setenv=$setting")
 done
-systemd-nspawn -D "$MOUNT" --register=no --keep-unit --quiet --read-only --bind="$WORK/data:/data" \
+systemd-nspawn -D "$MOUNT" --register=no --keep-unit --quiet --console=pipe --read-only --bind="$WORK/data:/data" \
     --user=polygon-streamer --chdir=/data --kill-signal=SIGTERM "${env_args[@]}" /usr/bin/polygon-streamer run \
     > "$WORK/run.out" 2> "$WORK/run.err" &
 NSPAWN=$!
@@ -90,7 +95,7 @@ step "the image's own HEALTHCHECK command, inside the image"
 check=$(podman image inspect "$IMAGE" --format '{{range $i, $a := .Config.Healthcheck.Test}}{{if $i}}{{printf "%s\x00" $a}}{{end}}{{end}}' \
     | xargs -0 printf '%q ' )
 # (chroot: the running container holds systemd-nspawn's lock on the image's tree)
-env -i PATH=/usr/bin:/bin "METRICS_ADDR=127.0.0.1:$METRICS" chroot --userspec=10001:10001 "$MOUNT" /bin/sh -c "$check" \
+env -i PATH=/usr/bin:/bin "METRICS_ADDR=127.0.0.1:$METRICS" /usr/sbin/chroot --userspec=10001:10001 "$MOUNT" /bin/sh -c "$check" \
     > "$WORK/check.log" 2>&1 \
     || { cat "$WORK/check.log"; fail "the HEALTHCHECK command failed against a healthy service"; }
 

@@ -3,8 +3,8 @@
 # (contents, lintian with no warning), installs it with apt, runs the installed service on Debian's python3, verifies
 # the units (and their hardening), rotates a live NDJSON file with the shipped logrotate configuration and its real
 # postrotate and proves by seq that no line was lost, checks that the cron job does nothing once the package is
-# removed, then purges it and checks that nothing of it is left. Needs root and apt (a Debian 12 machine); .ci/run
-# calls it through `make test`.
+# removed, then purges it and checks that nothing of it is left; then boots it under a real systemd in a container
+# (tests/debian_systemd.sh). Needs root and apt (a Debian 12 machine); .ci/run calls it through `make test`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -222,4 +222,6 @@ for path in /etc/polygon-streamer /etc/cron.d/polygon-streamer /var/log/polygon-
     [ -e "$path" ] && left="$left $path"
 done
 [ -z "$left" ] || fail "left after purge:$left"
+step "under a booted systemd (tests/debian_systemd.sh)"
+bash "$ROOT/tests/debian_systemd.sh" "$DEB" || fail "the package under a booted systemd"
 step "OK"
