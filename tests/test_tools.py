@@ -143,9 +143,10 @@ def test_one_hole_is_one_gap_record_however_often_the_full_queue_refuses(mock_se
         streamer.shutdown_report()["channel_drops"]
 
 
-def test_a_topic_longer_than_the_logged_message_becomes_active(mock_server, spawn):
+def test_a_topic_longer_than_the_logged_message_becomes_active(mock_server, spawn, tmp_path):
     topic = "T." + "L" * 400
-    streamer = spawn(SUBSCRIPTION=f"{topic},T.AAPL", SINK="ndjson", NDJSON_DEST=os.devnull)
+    # (a file of the test's own: the build user may not write /dev/null's directory, which the sink checks)
+    streamer = spawn(SUBSCRIPTION=f"{topic},T.AAPL", SINK="ndjson", NDJSON_DEST=str(tmp_path / "out.ndjson"))
     def active():
         try:
             return json.loads(streamer.get("/subscriptions")[1])["counts"]["active"]
@@ -158,7 +159,7 @@ def test_a_topic_longer_than_the_logged_message_becomes_active(mock_server, spaw
 def test_a_fifo_as_subscription_file_is_refused_and_sigterm_still_stops(mock_server, spawn, tmp_path):
     topics = tmp_path / "topics.txt"
     topics.write_text("T.AAPL\n")
-    streamer = spawn(SUBSCRIPTION_FILE=str(topics), SINK="ndjson", NDJSON_DEST=os.devnull)
+    streamer = spawn(SUBSCRIPTION_FILE=str(topics), SINK="ndjson", NDJSON_DEST=str(tmp_path / "out.ndjson"))
     streamer.wait_ready()
     topics.unlink()
     os.mkfifo(topics)  # nobody ever writes it: opening it for reading would block for good
