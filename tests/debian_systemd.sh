@@ -51,10 +51,11 @@ else
     rm -rf "$NEW" "$NEW.log"
 fi
 tar -C "$ROOTFS" -xf "$BASE"
-cp "$DEB" "$ROOTFS/root/"
+chmod 755 "$ROOTFS"  # it becomes /: mktemp made it 0700, and the services' users must be able to enter it
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf" 2> /dev/null || true
-echo polygon-boot > "$ROOTFS/etc/hostname"
+echo boot-test > "$ROOTFS/etc/hostname"
 # The package's dependencies (and python3-wsproto for the local server) from apt, then the .deb itself.
+cp "$DEB" "$ROOTFS/root/"
 chroot "$ROOTFS" /bin/sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     --no-install-recommends /root/$(basename "$DEB") python3-wsproto python3-redis" > "$ROOTFS.apt.log" 2>&1 \
     || { tail -20 "$ROOTFS.apt.log"; fail "installing the .deb in the container"; }
@@ -158,9 +159,12 @@ print(f"debian_systemd: {len(seqs)} records across reload and rotation: seq 1..{
 EOF
 
 step "the journal: no seccomp or permission failure"
-if inside journalctl -b --no-pager | grep -Ei "polygon.*(seccomp|SIGSYS|Operation not permitted|Permission denied|status=226|status=31)"; then
+# (A container without CAP_NET_ADMIN cannot set up PrivateNetwork='s loopback: systemd says so and goes on, "ignoring".)
+if inside journalctl -b --no-pager -u 'polygon-streamer*' | grep -v "ignoring" \
+        | grep -Ei "seccomp|SIGSYS|Operation not permitted|Permission denied|status=226|status=31|code=killed"; then
     fail "a sandbox failure in the journal"
 fi
+step "journal of every polygon-streamer unit: $(inside journalctl -b --no-pager -u 'polygon-streamer*' | wc -l) lines, no sandbox failure"
 
 step "kill -9 restarts the instance"
 inside systemctl start polygon-streamer@stocks
@@ -174,8 +178,8 @@ step "a removed log directory recovers"
 inside systemctl stop polygon-streamer@stocks
 rm -rf "$ROOTFS/var/log/polygon-streamer"
 inside systemctl start polygon-streamer@stocks || fail "start with the log directory removed"
-[ "$(stat -c '%a %U %G' "$ROOTFS/var/log/polygon-streamer")" = "2750 polygon-streamer adm" ] \
-    || fail "the log directory came back as $(stat -c '%a %U %G' "$ROOTFS/var/log/polygon-streamer")"
+[ "$(inside stat -c '%a %U %G' /var/log/polygon-streamer)" = "2750 polygon-streamer adm" ] \
+    || fail "the log directory came back as $(inside stat -c '%a %U %G' /var/log/polygon-streamer)"
 wait_until 20 reopened || fail "no data after the directory came back"
 [ "$(stat -c %a "$ROOTFS/var/lib/polygon-streamer")" = 750 ] || fail "/var/lib/polygon-streamer is not 0750"
 
