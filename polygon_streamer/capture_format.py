@@ -48,7 +48,7 @@ def frame_json(data: bytes) -> str | None:
             return text
         except ValueError:
             return None
-    if "\n" in text or "\r" in text or text.startswith("\ufeff"):
+    if "\n" in text or "\r" in text:
         return None
     try:
         json.loads(text, parse_constant=_refuse)  # the strict parser for the rest (rare: statuses with spaces)

@@ -183,6 +183,7 @@ class Replay:
         after_end = False
         ended_by = None   # how the session being served ended (its `end` line), once seen
         acked: list[str] = []  # the topics the captured session had acknowledged so far
+        whole = False  # the client's subscription covers them: frames go as captured
         served_in_run = served = 0
         first_ns = None
         started = time.monotonic()
@@ -203,6 +204,7 @@ class Replay:
                 after_end = False
                 ended_by = None
                 acked = []
+                whole = False
                 served_in_run = 0
             if frame.form == "end":
                 after_end = True
@@ -212,13 +214,13 @@ class Replay:
                 continue
             if ACK_TEXT in frame.data:
                 acked += _acked_topics(frame)
+                # A client subscribed to at least what the live one was gets what the live one got, byte for byte.
+                whole = bool(acked) and all(matcher.covers(*topic.split(".", 1)) for topic in acked)
             at_ms = frame.recv_ns // 1_000_000
             if self._before(at_ms):
                 continue
             if self._after(at_ms):
                 break
-            # A client subscribed to at least what the live one was gets what the live one got, byte for byte.
-            whole = bool(acked) and all(matcher.covers(*topic.split(".", 1)) for topic in acked)
             payload, events = self._select(frame, matcher, connection.cluster, whole)
             if payload is None:
                 continue

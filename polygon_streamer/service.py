@@ -303,9 +303,9 @@ class Service:
         if self.metrics_server:
             self.metrics_server.stop()
         counts = self._counts()
-        unwritten, unwritten_words = self._unwritten_text()
-        fields = dict(counts, unwritten_events=self.unwritten_events(),
-                      unwritten_capture_frames=self.unwritten_capture_frames())
+        events, frames, unwritten_words = self._unwritten()
+        unwritten = events + frames
+        fields = dict(counts, unwritten_events=events, unwritten_capture_frames=frames)
         if drained and not unwritten:
             notes = [note for note in (sink.close_report() for sink in self.sinks) if note]
             _log.info("stopped: every accepted event was handed to the sinks and flushed" +
@@ -358,10 +358,9 @@ class Service:
         except queue.Empty:
             return
         if signum in (signal.SIGTERM, signal.SIGINT):
-            _, unwritten_words = self._unwritten_text()
+            events, frames, unwritten_words = self._unwritten()
             _log.error("second %s: exiting now with %s not written", signal.Signals(signum).name, unwritten_words,
-                       extra={"fields": {"unwritten_events": self.unwritten_events(),
-                                         "unwritten_capture_frames": self.unwritten_capture_frames()}})
+                       extra={"fields": {"unwritten_events": events, "unwritten_capture_frames": frames}})
             logging.shutdown()
             os._exit(1)
 
@@ -384,11 +383,10 @@ class Service:
         return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads
                              if thread.sink_queue is self.capture_queue)
 
-    def _unwritten_text(self) -> tuple[int, str]:
-        """(events and frames not written, the words for them) for the shutdown lines."""
+    def _unwritten(self) -> tuple[int, int, str]:
+        """(events, captured frames) not written and the words for them, for the shutdown lines."""
         events, frames = self.unwritten_events(), self.unwritten_capture_frames()
-        words = f"{events} event(s)" + (f" and {frames} captured frame(s)" if frames else "")
-        return events + frames, words
+        return events, frames, f"{events} event(s)" + (f" and {frames} captured frame(s)" if frames else "")
 
     # -- health -------------------------------------------------------------------------------------------------
 
@@ -418,9 +416,13 @@ class Service:
         stuck = self.stuck_sinks()
         if stuck:
             return False, "UNHEALTHY: sink stuck (SINK_STUCK_SECS): " + ", ".join(stuck)
-        notes = [f"not ready: {refused}"] if (refused := self._refused()) else []
-        notes += [f"degraded: {why}" for why in (sink.degraded() for sink in self.sinks) if why]
+        notes = self._health_notes()
         return True, f"OK ({'; '.join(notes)})" if notes else "OK"
+
+    def _health_notes(self) -> list[str]:
+        """What a healthy service says about itself: the server refusing it, sinks that cannot deliver for now."""
+        notes = [f"not ready: {refused}"] if (refused := self._refused()) else []
+        return notes + [f"degraded: {why}" for why in (sink.degraded() for sink in self.sinks) if why]
 
     def _refused(self) -> str | None:
         """Why the server will not stream to us, while that lasts (the process itself is healthy: a restart would
@@ -467,8 +469,7 @@ class Service:
                      f"{reader.last_end.reason}")
         else:
             state = "connecting"
-        notes = text[len("OK ("):-1] if text.startswith("OK (") else ""
-        return f"{state}; {notes}" if notes else state
+        return "; ".join([state] + self._health_notes())
 
     # -- stats --------------------------------------------------------------------------------------------------
 

@@ -307,7 +307,7 @@ def test_messages_still_queued_for_capture_count_as_unwritten(tmp_path):
     service.inbound.put((4, [gap, one], [CaptureBatch(4_000_000, 2, [one, SessionEnd("shutdown", "stopped")])]))
     assert service.unwritten_events() == 4 + 1
     assert service.unwritten_capture_frames() == 3 + 2 + 1
-    assert service._unwritten_text() == (5 + 6, "5 event(s) and 6 captured frame(s)")
+    assert service._unwritten() == (5, 6, "5 event(s) and 6 captured frame(s)")
 
 
 def test_the_capture_keeps_the_frames_a_full_inbound_queue_dropped_in_order(mock_server, spawn, tmp_path):
