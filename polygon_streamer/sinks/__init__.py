@@ -137,11 +137,13 @@ class SinkQueue:
 
     def offer(self, ingest_ms: int, records: list[tuple]) -> None:
         if self.drop_when_full:
-            if self._pending_drops and not self._offer_gap(ingest_ms, self.queue.put_nowait):
-                self.drop(records, "queue full", ingest_ms)
-                return
             try:
-                self.queue.put_nowait((ingest_ms, records))
+                if self._pending_drops:
+                    # The gap record travels in the batch that resumes the data: queued alone, it could take
+                    # the last free slot, the batch be dropped, and one hole be told as two adjacent records.
+                    self._offer_gap(ingest_ms, self.queue.put_nowait, records)
+                else:
+                    self.queue.put_nowait((ingest_ms, records))
             except queue.Full:
                 self.drop(records, "queue full", ingest_ms)
                 return
@@ -169,11 +171,14 @@ class SinkQueue:
         self._warning.warn(f"{self.name} sink: {why}, dropping events", sink=self.name,
                            capacity_batches=self.capacity, dropped_events_total=self.stats.dropped)
 
-    def _offer_gap(self, resumed_ms: int | None, put) -> bool:
-        """Queue the sink_drop gap record for the drops since the last queued batch; False if there is no room."""
+    def _offer_gap(self, resumed_ms: int | None, put, records: list[tuple] = ()) -> None:
+        """Queue the sink_drop gap record for the drops since the last queued batch, ahead of `records` in one
+        batch; put's queue.Full (no room) leaves the drops pending."""
         if self.normalizer is None:  # no gap records in this sink (capture): its drops are told by its metric only
+            if records:
+                put((resumed_ms, records))
             self._pending_drops = 0
-            return True
+            return
         from ..normalize import Gap
 
         dropped = self._pending_drops
@@ -183,13 +188,9 @@ class SinkQueue:
         record = self.normalizer.gap_record(gap, self._first_drop_ms, seq=self._last_dropped_seq,
                                             last_ingest_ms=last_ingest_ms, last_ts=last_ts, count=False)
         gap_ms = self.normalizer.last_gap_ms
-        try:
-            put((self._first_drop_ms, [record]))
-        except queue.Full:
-            return False
+        put((resumed_ms, [record, *records]) if records else (self._first_drop_ms, [record]))
         self.normalizer.count_gap(gap.reason, gap_ms)
         self._pending_drops = 0
-        return True
 
     def close(self, deadline: float) -> bool:
         """Queue STOP behind everything already accepted (and the gap record of drops not yet told); False if the
@@ -198,8 +199,6 @@ class SinkQueue:
             try:
                 if self._pending_drops:
                     self._offer_gap(None, lambda item: self.queue.put(item, timeout=TICK_SECS))
-                    if self._pending_drops:
-                        continue
                 self.queue.put(STOP, timeout=TICK_SECS)
                 return True
             except queue.Full:
