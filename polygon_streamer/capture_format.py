@@ -16,6 +16,12 @@ it is not valid UTF-8 (a binary frame with any bytes). When a session ends, one 
 
 `reason` is the gap record's word, `gap` whether the live service began a gap there (reprocess then writes the same
 gap record), and replay ends its client's connection the same way (the close code where there was one).
+
+With BACKFILL, what was delivered from the REST API for a gap is kept too, where the live service delivered it
+(`session` is then the last session's), so that reprocess delivers the same records; replay skips these lines:
+
+    {"recv_ns":...,"cluster":"stocks","session":3,"backfill":[...the backfilled events, as WebSocket events...]}
+    {"recv_ns":...,"cluster":"stocks","session":3,"backfill_summary":{...the summary record's payload...}}
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import ujson
 from .normalize import strict_compact
 
 # A line as the capture sink writes it: the prefix is fixed, so readers take the frame back byte for byte.
-CAPTURE_LINE = re.compile(rb'\{"recv_ns":(\d+),"cluster":"([a-z]+)","session":(\d+),"(frame|frame_text|frame_b64|end)":')
+CAPTURE_LINE = re.compile(rb'\{"recv_ns":(\d+),"cluster":"([a-z]+)","session":(\d+),'
+                          rb'"(frame|frame_text|frame_b64|end|backfill|backfill_summary)":')
 
 
 def _refuse(constant: str):
@@ -69,7 +76,42 @@ def frame_field(data: bytes) -> str:
     return '_text":' + json.dumps(decoded, ensure_ascii=False)
 
 
-class SessionEnd:
+class CaptureNote:
+    """A capture line that is not a received frame: it writes its own field (`field()`, after the line's prefix)."""
+
+    __slots__ = ()
+
+    def field(self) -> str:
+        raise NotImplementedError
+
+
+class Backfilled(CaptureNote):
+    """Events the REST API returned for a gap, as WebSocket events (backfill.py), after deduplication: the dispatcher
+    normalizes them as records marked "backfill": true, and the capture keeps them as a `backfill` line (strict
+    JSON: the service wrote it) so that reprocess delivers the same records."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def field(self) -> str:
+        return '"backfill":' + self.text
+
+
+class BackfillSummary(CaptureNote):
+    """The summary of one gap's backfill (the payload of the record of kind "backfill"), as its capture line."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def field(self) -> str:
+        return '"backfill_summary":' + self.text
+
+
+class SessionEnd(CaptureNote):
     """How a session ended, as the capture's `end` line records it (a message of a CaptureBatch, after the session's
     last frame)."""
 
@@ -121,4 +163,4 @@ class CaptureBatch(list):
 
     def frames(self) -> int:
         """Its messages that are frames (not a SessionEnd)."""
-        return sum(1 for message in self if message.__class__ is not SessionEnd)
+        return sum(1 for message in self if not isinstance(message, CaptureNote))

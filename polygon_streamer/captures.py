@@ -27,7 +27,8 @@ class CapturedFrame(NamedTuple):
     session: int
     data: bytes              # the message as it was received (for an end: b"")
     form: str                # "frame" (strict JSON as received), "frame_text" (UTF-8, not that), "frame_b64" (not
-                             # UTF-8: a binary frame), "end" (how the session ended: `end`)
+                             # UTF-8: a binary frame), "end" (how the session ended: `end`), "backfill" (events
+                             # the REST API filled a gap with), "backfill_summary" (that gap's summary payload)
     end: SessionEnd | None = None
     where: str = ""          # file:line, for what a reader reports about this frame
 
@@ -126,6 +127,17 @@ class CaptureFiles:
         form = match.group(4).decode()
         end = None
         if form == "frame":
+            data = body
+        elif form == "backfill":
+            data = body  # strict JSON written by the service: the dispatcher's parse checks it as any frame
+        elif form == "backfill_summary":
+            try:
+                summary = json.loads(body)
+            except (ValueError, RecursionError):
+                summary = None
+            if not isinstance(summary, dict):
+                self.skipped.append(Skipped(path, number, "backfill_summary is not a JSON object"))
+                return None
             data = body
         elif form == "end":
             end = SessionEnd.from_json(body)

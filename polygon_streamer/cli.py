@@ -18,6 +18,12 @@ _DEMO_FIXED = ("api_key", "api_key_file", "ws_url", "feed")
 DEMO_SUBSCRIPTIONS = {"stocks": "T.*,Q.*", "options": "T.*,Q.*", "futures": "T.*,Q.*", "crypto": "XT.*,XQ.*",
                       "forex": "C.*", "indices": "V.*"}
 DEMO_DEFAULTS = {"cluster": "stocks"}
+# demo --backfill: explicit tickers (a wildcard cannot be backfilled), a cut every DEMO_CUT_EVENTS events of which the
+# local server loses DEMO_LOST_EVENTS while the demo reconnects.
+DEMO_BACKFILL_SUBSCRIPTIONS = {"stocks": "T.AAPL,Q.AAPL,T.MSFT,Q.MSFT", "options": "T.O:SPY241220P00720000,"
+                               "Q.O:SPY241220P00720000", "crypto": "XT.BTC-USD,XT.ETH-USD", "indices": "AM.I:SPX"}
+DEMO_CUT_EVENTS = 200
+DEMO_LOST_EVENTS = 25
 _DEMO_HELP_DEFAULTS = {
     "cluster": "stocks",
     "metrics_addr": "127.0.0.1 on a free port (printed)",
@@ -124,21 +130,33 @@ def schema() -> int:
 
 
 @cli.command()
-@setting_options(skip=_DEMO_FIXED, shown_defaults=_DEMO_HELP_DEFAULTS)
+@setting_options(skip=_DEMO_FIXED + ("backfill", "rest_url"), shown_defaults=_DEMO_HELP_DEFAULTS)
+@click.option("--backfill", "backfill", is_flag=True,
+              help=f"gap healing end to end: the local server cuts the stream every {DEMO_CUT_EVENTS} events, loses "
+                   f"{DEMO_LOST_EVENTS} while the demo reconnects, and serves them over REST; the output shows each "
+                   "gap record, the backfilled events and the summary")
 @click.option("--rate", type=click.FloatRange(min=0), default=20.0, show_default=True,
               help="events per second from the local server (0: as fast as possible)")
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True, help="events per frame")
 @click.option("--max-events", type=click.IntRange(min=0), default=0, show_default=True,
               help="stop cleanly after delivering this many events (0: run until Ctrl-C)")
-def demo(rate: float, batch: int, max_events: int, **values) -> int:
+def demo(rate: float, batch: int, max_events: int, backfill: bool, **values) -> int:
     """Run the whole pipeline against the built-in local Polygon server: no API key, no network."""
     from .mockserver import MockOptions, MockServer
 
     key = secrets.token_hex(16)
     raw = _settings(values)
     cluster = build_config(raw, require_key=False, defaults=DEMO_DEFAULTS).cluster
-    defaults = dict(DEMO_DEFAULTS, subscription=DEMO_SUBSCRIPTIONS[cluster])
-    server = MockServer(options=MockOptions(api_key=key, rate=rate, batch=batch, count=max_events)).start()
+    subscriptions = DEMO_BACKFILL_SUBSCRIPTIONS if backfill else DEMO_SUBSCRIPTIONS
+    defaults = dict(DEMO_DEFAULTS, subscription=subscriptions.get(cluster, DEMO_SUBSCRIPTIONS[cluster]))
+    options = MockOptions(api_key=key, rate=rate, batch=batch, count=max_events)
+    if backfill:
+        options.drop_after, options.lose_on_reconnect, options.count = DEMO_CUT_EVENTS, DEMO_LOST_EVENTS, 0
+        defaults.update(backoff_initial_secs="0.2", backoff_max_secs="1")
+    server = MockServer(options=options)
+    if backfill:
+        raw.update(backfill="on", rest_url=server.start_rest())
+    server.start()
     if raw.get("metrics_addr") is None:
         raw["metrics_addr"] = "127.0.0.1:0"  # a free port: the demo must not collide with a running service
     try:
@@ -337,13 +355,25 @@ def replay(captures: tuple[str, ...], host: str, port: int, key: str | None, spe
 @click.option("--frame-pool", type=click.IntRange(min=0), default=0,
               help="benchmarks: cycle N pre-rendered frames as fast as the client reads (ignores --rate)")
 @click.option("--hold", is_flag=True, help="complete handshakes but send no data until SIGUSR1")
-def mock_server(host: str, port: int, key: str | None, hold: bool, **options) -> int:
+@click.option("--rest-port", type=click.IntRange(0, 65535), default=None,
+              help="serve the REST API for backfill on this port too (0: a free one; its URL is printed)")
+@click.option("--lose-on-reconnect", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with --rest-port: N events happen unsent at each reconnect (REST has them)")
+def mock_server(host: str, port: int, key: str | None, hold: bool, rest_port: int | None, **options) -> int:
     """Serve the Polygon protocol locally for every cluster (ws://HOST:PORT/stocks, /crypto, ...)."""
     import signal
 
     from .mockserver import MockOptions
 
     server = _local_server(host, port, MockOptions(api_key=key, **options))
+    if rest_port is not None:
+        try:
+            rest_url = server.start_rest(host, rest_port)
+        except OSError as exc:
+            server.stop()
+            raise ConfigError(f"invalid --rest-port {rest_port}: cannot listen there ({exc.strerror or exc}); "
+                              "pick a free port, or 0 for any") from None
+        click.echo(f"REST API on {rest_url} (POLYGON_REST_URL)", err=True)
     if hold:
         server.streaming.clear()
         signal.signal(signal.SIGUSR1, lambda *_: server.streaming.set())

@@ -192,6 +192,38 @@ def _include(raw: str) -> tuple[str, ...]:
     return patterns
 
 
+BACKFILL_KINDS = ("trades", "quotes", "aggs")
+
+
+def _backfill(raw: str) -> tuple[str, ...]:
+    words = [part.strip().lower() for part in raw.split(",") if part.strip()]
+    expected = "expected off, on, or a comma list of trades, quotes, aggs"
+    if words in (["off"], ["false"], ["0"], ["no"]):
+        return ()
+    if words in (["on"], ["true"], ["1"], ["yes"]):
+        return BACKFILL_KINDS
+    if not words or any(word not in BACKFILL_KINDS for word in words):
+        raise ValueError(expected)
+    return tuple(kind for kind in BACKFILL_KINDS if kind in words)
+
+
+def _rest_url(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^/\s?#]+", url):
+        raise ValueError("expected the REST API's base URL, http(s)://HOST[:PORT], e.g. https://api.massive.com")
+    return url
+
+
+def _rps(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected requests per second > 0, e.g. 10 (0.08 is 5 a minute)") from None
+    if not 0 < value <= 1000 or value != value:
+        raise ValueError("expected requests per second > 0 and <= 1000, e.g. 10 (0.08 is 5 a minute)")
+    return value
+
+
 def _cpu_affinity(raw: str):
     from .affinity import parse
 
@@ -314,6 +346,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sink_stuck_secs", "SINK_STUCK_SECS", "30", _seconds(0, False),
             "a sink write that has not returned for this long (a FIFO nobody reads, a hung mount) is stuck: /health "
             "answers 503 and the systemd watchdog is no longer fed, so systemd restarts the service"),
+    Setting("backfill", "BACKFILL", "off", _backfill,
+            "fill gaps from the REST API: off, on, or a list of trades, quotes, aggs (explicit tickers only)"),
+    Setting("rest_url", "POLYGON_REST_URL", "https://api.massive.com", _rest_url,
+            "REST API base URL for backfill (the same API key)"),
+    Setting("backfill_max_rps", "BACKFILL_MAX_RPS", "10", _rps, "backfill REST requests per second at most"),
+    Setting("backfill_max_secs", "BACKFILL_MAX_SECS", "900", _seconds(0, False),
+            "how far back a gap is filled; older parts are reported too_old"),
     Setting("cpu_affinity", "CPU_AFFINITY", "auto", _cpu_affinity,
             "auto (one CPU: the idlest allowed), off, or CPUs such as 2 or 0,2-3 for the Python threads"),
 )
@@ -326,7 +365,7 @@ NETWORK_ONLY = ("api_key", "api_key_file", "cluster", "feed", "ws_url", "subscri
                 "backoff_initial_secs", "backoff_max_secs", "read_timeout_secs", "stale_after_secs",
                 "heartbeat_interval_secs", "metrics_addr", "stats_interval_secs", "ready_min_messages",
                 "ready_delay_ms", "capture_dest", "capture_channel_cap", "capture_max_bytes", "capture_rotate_secs",
-                "capture_gzip")
+                "capture_gzip", "backfill", "rest_url", "backfill_max_rps", "backfill_max_secs")
 
 
 @dataclass(frozen=True)
@@ -388,6 +427,10 @@ class Config:
     redis_channel_cap: int = 4096
     redis_cluster: bool = False
     sink_stuck_secs: float = 30.0
+    backfill: tuple[str, ...] = ()
+    rest_url: str = "https://api.massive.com"
+    backfill_max_rps: float = 10.0
+    backfill_max_secs: float = 900.0
 
     def redacted(self, offline: bool = False) -> dict[str, Any]:
         """The configuration as plain JSON-able values, the key replaced by a marker; offline: without the
@@ -400,7 +443,7 @@ class Config:
             value = getattr(self, item.name)
             if item.name in ("api_key", "redis_password"):
                 value = "<redacted>" if value else "<unset>"
-            elif item.name in ("url", "redis_url"):
+            elif item.name in ("url", "redis_url", "rest_url"):
                 value = redact_url(value)
             elif item.name == "metrics_addr":
                 value = format_addr(value)
@@ -418,7 +461,7 @@ class Config:
     def secrets(self) -> list[str]:
         """Every value that must never reach a log line: the key and any credential in the URL."""
         return [secret for secret in [self.api_key, *url_secrets(self.url), self.redis_password,
-                                      *url_secrets(self.redis_url)] if secret]
+                                      *url_secrets(self.redis_url), *url_secrets(self.rest_url)] if secret]
 
 
 def format_addr(addr: tuple[str, int]) -> str:

@@ -10,6 +10,8 @@ import queue
 import time
 
 from . import logs
+from .backfill import WAKE, Desk
+from .capture_format import Backfilled, BackfillSummary, CaptureBatch
 from .metrics import LatencyHistogram
 from .handover import gap_item_ms
 from .normalize import FrameError, FrameNormalizer, Gap
@@ -30,7 +32,8 @@ class Dispatcher(ServiceThread):
     then queues STOP behind them for each sink. The stop flag is for a hard stop only."""
 
     def __init__(self, inbound: queue.Queue, normalizer: FrameNormalizer, sink_queues: list[SinkQueue],
-                 latency: LatencyHistogram, warn_interval_secs: float, capture_queue: SinkQueue | None = None):
+                 latency: LatencyHistogram, warn_interval_secs: float, capture_queue: SinkQueue | None = None,
+                 desk: Desk | None = None):
         super().__init__("polygon-dispatcher")
         self.inbound = inbound
         self.normalizer = normalizer
@@ -41,6 +44,8 @@ class Dispatcher(ServiceThread):
         self._sequence_warning = logs.RateLimitedWarning(_log, warn_interval_secs)
         # code -> ingest ms of its last event delivered (polygon_last_event_timestamp_seconds)
         self.last_seen_ms: dict[str, int] = {}
+        self.desk = desk  # BACKFILL: the dispatcher's side of gap healing
+        self._capture_session = 0  # the session of the last captured batch (backfill lines take it)
 
     def loop(self) -> None:
         get = self.inbound.get
@@ -55,17 +60,27 @@ class Dispatcher(ServiceThread):
             except queue.Empty:
                 if self.stopping.is_set():
                     return
+                if self.desk is not None:
+                    self._backfill()
                 continue
             if item is STOP:
+                if self.desk is not None:
+                    self.desk.shutdown(self.emit)
                 for sink_queue in sink_queues + ([self.capture_queue] if self.capture_queue else []):
                     while not sink_queue.close(time.monotonic() + TICK_SECS) and not self.stopping.is_set():
                         if sink_queue.consumer is not None and not sink_queue.consumer.is_alive():
                             break
                 return
+            if item is WAKE:
+                self._backfill()
+                continue
             ingest_ms = item[0]
             frames = item[1]
             if frames.__class__ is Gap:
                 self.gap(frames, ingest_ms)
+                continue
+            if frames.__class__ is Backfilled or frames.__class__ is BackfillSummary:  # reprocess of a capture
+                self.emit(frames, ingest_ms)
                 continue
             if frames and frames[0].__class__ is Gap:  # the holes before these frames
                 told = 0
@@ -107,6 +122,8 @@ class Dispatcher(ServiceThread):
                 self._capture(item[2], frames, proven)
             if normalizer.sequence_anomalies_total != anomalies:
                 self._warn_sequence()
+            if self.desk is not None and self.desk.due(False):
+                self.desk.deliver(self.emit)
 
     def _capture(self, batches: list, frames: list[bytes], proven: list[str | None]) -> None:
         """A hand-over's capture batch (sinks.capture.CaptureBatch: every message in order, data frames and statuses),
@@ -123,6 +140,8 @@ class Dispatcher(ServiceThread):
                     at += 1
         for batch in batches:
             self.capture_queue.offer(batch.recv_ns // 1_000_000, batch)
+        if batches:
+            self._capture_session = batches[-1].session
         if not frames:
             batches.clear()  # passed on: the reader counts the batches it released and the dispatcher has not
 
@@ -136,6 +155,33 @@ class Dispatcher(ServiceThread):
                                            "dropped_events": gap.dropped_events, "seq": record[0]}})
         for sink_queue in self.sink_queues:
             sink_queue.offer(ingest_ms, [record])
+        if self.desk is not None:
+            last = self.normalizer.last_ingest_ms
+            self.desk.gap(gap.reason, record[0], last if last is not None else gap.interrupted_ms, gap.resumed_ms,
+                          self.emit)
+
+    def _backfill(self) -> None:
+        """Chunks of backfill while no live data waits (a bounded number a turn)."""
+        for _ in range(64):
+            if not self.desk.due(True) or self.inbound.queue:
+                return
+            self.desk.deliver(self.emit)
+
+    def emit(self, note: Backfilled | BackfillSummary, ingest_ms: int) -> None:
+        """Backfilled events (records marked "backfill": true) or a backfill summary, to every sink and the capture."""
+        if note.__class__ is Backfilled:
+            try:
+                records, _ = self.normalizer.normalize(note.text, ingest_ms, backfill=True)
+            except FrameError as exc:
+                self._parse_warning.warn(f"skipped backfilled events: {exc}", frame_bytes=len(note.text))
+                return
+        else:
+            records = [self.normalizer.summary_record(note.text, ingest_ms)]
+        if records:
+            for sink_queue in self.sink_queues:
+                sink_queue.offer(ingest_ms, records)
+        if self.capture_queue is not None:
+            self.capture_queue.offer(ingest_ms, CaptureBatch(ingest_ms * 1_000_000, self._capture_session, [note]))
 
     def _warn_sequence(self) -> None:
         code, symbol, q, previous, reason = self.normalizer.last_sequence_anomaly

@@ -213,6 +213,9 @@ class ServiceCollector:
                        "Connections to the metrics port closed at the request deadline",
                        server.expired_connections if server else 0)
 
+        if service.backfill is not None:
+            yield from backfill_metrics(service.backfill_stats)
+
         latency = service.latency
         yield HistogramMetricFamily("polygon_event_latency_seconds",
                                     "Ingest time minus event time, per frame (its newest event)",
@@ -223,6 +226,25 @@ class ServiceCollector:
         for sink in service.sinks:
             write_latency.add_metric([sink.name], sink.write_latency.cumulative(), sink.write_latency.sum)
         yield write_latency
+
+
+def backfill_metrics(stats) -> Iterable:
+    """BACKFILL's metrics (backfill.BackfillStats): read at scrape time, written by the backfill thread (requests)
+    and the dispatcher (events, duplicates, summaries)."""
+    yield _counter("polygon_backfill_requests_total", "REST requests of backfill, by kind and answer (an HTTP status, "
+                   "timeout, error, bad_response)", labels=["kind", "status"], samples=dict(stats.requests))
+    yield _counter("polygon_backfill_events_total", "Events backfilled from the REST API and delivered, by kind",
+                   labels=["kind"], samples=dict(stats.events))
+    yield _counter("polygon_backfill_duplicates_total",
+                   "Events the REST API returned that the live stream had delivered (not delivered again)",
+                   stats.duplicates)
+    yield _counter("polygon_backfill_bad_results_total",
+                   "REST results that are not what the API documents (skipped)", stats.bad_results)
+    yield _counter("polygon_backfill_gaps_total", "Backfill summaries written, by result (complete or the reason)",
+                   labels=["result"], samples=dict(stats.summaries))
+    seconds = stats.seconds
+    yield HistogramMetricFamily("polygon_backfill_seconds", "A gap's backfill, from its first request to its summary",
+                                buckets=seconds.cumulative(), sum_value=seconds.sum)
 
 
 def sink_metrics(sink, queue_stats) -> Iterable:

@@ -170,6 +170,15 @@ class MockOptions:
     max_clients: int = 0               # connections served at once (0: no cap); more are closed at accept
     handshake_secs: float = 10.0       # upgrade, auth and the first subscribe within this long, or the connection
                                        # is cut (0: no deadline)
+    # The REST side (mockrest.py), once MockServer.start_rest() runs: every generated event is kept for it, and the
+    # market goes on across connections (q and prices continue instead of starting again).
+    lose_on_reconnect: int = 0         # at each connection after the first: this many events happen unsent (lost)
+    rest_page_size: int = 0            # results per REST page at most (0: the request's limit)
+    rest_not_entitled: tuple[str, ...] = ()  # REST kinds (trades, quotes, aggs) answered 403
+    rest_throttle: int = 0             # the first N REST requests are answered 429 (Retry-After: rest_retry_after)
+    rest_retry_after: str = "1"
+    rest_errors: int = 0               # the next N REST requests (after the throttled ones) are answered 500
+    rest_hang: bool = False            # REST requests are read and never answered
 
 
 @dataclass
@@ -188,6 +197,9 @@ class MockStats:
     handshake_timeouts: int = 0     # cut: no subscribe within handshake_secs
     accept_errors: int = 0          # accept() failed (out of descriptors): the loop backs off
     discarded_messages: int = 0     # client messages beyond the unread bound, dropped
+    lost_events: int = 0            # generated while no client was connected (lose_on_reconnect): REST has them
+    rest_requests: list = field(default_factory=list)  # (path, status) of each REST request
+    rest_headers: list = field(default_factory=list)   # the Authorization header of each REST request
 
 
 def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
@@ -222,15 +234,18 @@ ACCEPT_BACKOFF_SECS = (0.05, 1.0)
 
 
 class EventGenerator:
-    """Round-robin over the subscribed (code, symbol) streams, each with its own sequence and price walk."""
+    """Round-robin over the subscribed (code, symbol) streams, each with its own sequence and price walk. With a
+    market (the REST side is on), the sequences and prices are the server's, going on across connections, and every
+    event generated is kept in the market's history."""
 
-    def __init__(self, cluster: str, streams: list[tuple[str, str]], seed: int):
+    def __init__(self, cluster: str, streams: list[tuple[str, str]], seed: int, market=None):
         self._cluster = cluster
         self._templates = TEMPLATES[cluster]
         self._streams = streams
         self._next = 0
-        self._seq: dict[tuple[str, str], int] = {}
-        self._price: dict[str, float] = {}
+        self._market = market
+        self._seq: dict[tuple[str, str], int] = market.seq if market is not None else {}
+        self._price: dict[str, float] = market.price if market is not None else {}
         self._random = random.Random(seed)
 
     def __bool__(self) -> bool:
@@ -242,6 +257,12 @@ class EventGenerator:
         return self._streams
 
     def take(self, count: int) -> list[dict]:
+        if self._market is None:
+            return self._take(count)
+        with self._market.lock:
+            return self._take(count)
+
+    def _take(self, count: int) -> list[dict]:
         now = time.time_ns() // 1_000_000
         out = []
         streams = self._streams
@@ -255,6 +276,8 @@ class EventGenerator:
             price = round(max(1.0, price + self._random.uniform(-0.05, 0.05)), 2)
             self._price[symbol] = price
             out.append(self._templates[code](symbol, seq, now, price))
+        if self._market is not None:
+            self._market.history.add(out)
         return out
 
 
@@ -454,7 +477,12 @@ class _Connection:
         if self.server.source is not None:  # replay: frames from captures instead of generated events
             self.server.source(self, ",".join(self.subscribed))
             return
-        generator = EventGenerator(self.cluster, streams, options.seed + stats.connections)
+        market = self.server.market
+        generator = EventGenerator(self.cluster, streams, options.seed + stats.connections, market)
+        if market is not None and options.lose_on_reconnect and market.connected(self.cluster):
+            # What happened while the client was away: in the history (REST has it), never sent.
+            generator.take(options.lose_on_reconnect)
+            stats.lost_events += options.lose_on_reconnect
         if options.frame_pool:
             self._stream_pool(generator)
         else:
@@ -664,9 +692,20 @@ class MockServer:
         self.host, self.port = self._listener.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept_loop, name="mock-polygon-accept", daemon=True)
         self._connections: list[threading.Thread] = []
+        self.market = None  # mockrest.Market once start_rest() runs
+        self.rest = None
 
     def url(self, cluster: str = "stocks") -> str:
         return f"ws://{self.host}:{self.port}/{cluster}"
+
+    def start_rest(self, host: str | None = None, port: int = 0) -> str:
+        """Serve the REST API too (mockrest.py) over the events this server generates; returns its base URL."""
+        from .mockrest import Market, RestServer
+
+        if self.market is None:
+            self.market = Market()
+        self.rest = RestServer(self, host or self.host, port).start()
+        return self.rest.url
 
     def start(self) -> "MockServer":
         self._thread.start()
@@ -674,6 +713,8 @@ class MockServer:
 
     def stop(self) -> None:
         self.stopping.set()
+        if self.rest is not None:
+            self.rest.stop()
         self._thread.join(2)
         for thread in self._connections:
             thread.join(2)

@@ -33,6 +33,7 @@ SEQUENCED = {"stocks": ("T", "Q"), "options": ("T", "Q")}
 _NO_Q = -(1 << 64)
 
 GAP = "gap"
+BACKFILL = "backfill"  # the type, kind and topic of a backfill summary (backfill.py)
 GAP_REASONS = ("disconnect", "read_timeout", "server_close", "status", "stale", "max_connections", "inbound_drop",
                "sink_drop", "shutdown")
 
@@ -222,10 +223,15 @@ class FrameNormalizer:
         self._feed_json = _json_str(cluster)
         self._tail = (f',"hostname":{_json_str(hostname)},"app_version":{_json_str(app_version)},'
                       f'"schema_version":1,"seq":')
+        self._backfill_tail = ',"backfill":true' + self._tail
         # (code, symbol) -> (identity JSON fragment, kind, included, the code's label in events_by_type,
-        #                    [last q] for a sequenced code or None)
-        self._identities: dict[tuple[str, str], tuple[str | None, str, bool, str, list | None]] = {}
+        #                    [last q] for a sequenced code or None, its backfill Track or None)
+        self._identities: dict[tuple[str, str], tuple] = {}
         self._identity_bytes = 0
+        # The same for backfilled events, apart: no q checks (they fill a hole behind the live q), no tracks.
+        self._backfill_identities: dict[tuple[str, str], tuple] = {}
+        # (code, symbol) -> backfill.Track: the explicit topics BACKFILL fills; each sees its live events.
+        self.tracks: dict[tuple[str, str], object] = {}
         # code -> (symbol key, time key) for the inlined common case of _locate
         self._fast_keys = {code: (shape.symbol_keys[0], shape.time_keys[0]) for code, shape in self._shapes.items()}
         self.seq = 0
@@ -246,16 +252,20 @@ class FrameNormalizer:
         self.last_ts: int | None = None
         self.gaps: dict[str, int] = {}
         self.gap_seconds = 0.0
-        self.gap_records = 0  # gap records that took a seq (seq - gap_records: data events delivered)
+        self.gap_records = 0  # gap records that took a seq (seq - gap_records - backfill_records: live events)
+        self.backfill_records = 0  # backfilled events and backfill summaries (they take a seq too)
+        self.backfill_by_type: dict[str, int] = {}
         self.last_gap_ms: int | None = None
 
     def _count(self, table: dict[str, int], key: str, amount: int = 1) -> None:
         table[key] = table.get(key, 0) + amount
 
-    def _identity(self, code: str, symbol: str) -> tuple[str | None, str, bool, str, list | None]:
+    def _identity(self, code: str, symbol: str, backfill: bool = False) -> tuple:
         """The record's identity fragment for (code, symbol); None if it cannot be valid UTF-8 (a lone surrogate)."""
+        identities = self._backfill_identities if backfill else self._identities
         if len(self._identities) >= _IDENTITY_CACHE_LIMIT or self._identity_bytes >= _IDENTITY_CACHE_BYTES:
             self._identities.clear()
+            self._backfill_identities.clear()
             self._identity_bytes = 0
         kind = self._shapes.get(code, protocol.OTHER).kind
         fragment: str | None = (f'"type":{_json_str(code)},"kind":"{kind}","symbol":{_json_str(symbol)},'
@@ -268,8 +278,12 @@ class FrameNormalizer:
         included = not self._include or self._include.matches(code, symbol)
         # Codes come from the network: the unknown ones share one label, so that they cannot grow the metrics.
         label = code if code in self._shapes else protocol.UNKNOWN_LABEL
-        entry = (fragment, kind, included, label, [_NO_Q] if code in self._sequenced else None)
-        self._identities[(code, symbol)] = entry
+        if backfill:
+            entry = (fragment, kind, included, label, None, None)
+        else:
+            entry = (fragment, kind, included, label, [_NO_Q] if code in self._sequenced else None,
+                     self.tracks.get((code, symbol)))
+        identities[(code, symbol)] = entry
         self._identity_bytes += 2 * len(code) + 2 * len(symbol) + 200  # key, fragment and the entry itself
         return entry
 
@@ -298,10 +312,12 @@ class FrameNormalizer:
                 break
         return symbol, ts
 
-    def normalize(self, data: bytes | str, ingest_ms: int) -> tuple[list[tuple], int | None]:
+    def normalize(self, data: bytes | str, ingest_ms: int, backfill: bool = False) -> tuple[list[tuple], int | None]:
         """Records of one frame, and its last event's time (ms) for the latency histogram; `frame_text` is then the
         frame's text if the parse proved it strict JSON as received (what the capture embeds), else None.
-        Raises FrameError for a frame that is not a JSON array (counted in parse_errors)."""
+        Raises FrameError for a frame that is not a JSON array (counted in parse_errors).
+        backfill: the frame holds events the REST API returned for a gap (backfill.py): marked `"backfill":true`,
+        counted apart, and outside the live checks (q order, the tracks, what a gap record says came before)."""
         try:
             events = parse_frame(data)
         except FrameError:
@@ -315,12 +331,12 @@ class FrameNormalizer:
         records: list[tuple] = []
         append = records.append
         head = f'{{"ingest_ts":{ingest_ms},'
-        tail = self._tail
-        identities = self._identities
+        tail = self._backfill_tail if backfill else self._tail
+        identities = self._backfill_identities if backfill else self._identities
         fast_keys = self._fast_keys
         sampling = self._sample_quotes > 1
         seq = self.seq
-        by_type = self.events_by_type
+        by_type = self.backfill_by_type if backfill else self.events_by_type
         for event, text in zip(events, texts) if texts is not None else ((event, None) for event in events):
             try:
                 code = event["ev"]
@@ -340,13 +356,16 @@ class FrameNormalizer:
                 continue
             else:
                 symbol, ts = self._locate(event, code)
-            fragment, kind, included, label, last_q = identities.get((code, symbol)) or self._identity(code, symbol)
+            fragment, kind, included, label, last_q, track = (identities.get((code, symbol))
+                                                              or self._identity(code, symbol, backfill))
             if last_q is not None:
                 q = event.get("q")
                 if type(q) is int:
                     if q <= last_q[0]:
                         self._sequence_anomaly(code, symbol, q, last_q[0])
                     last_q[0] = q
+            if track is not None:
+                track.see(ts, event)
             if fragment is None:
                 self._count(self.bad_events, "invalid_unicode")
                 continue
@@ -377,6 +396,10 @@ class FrameNormalizer:
             by_type[label] = by_type.get(label, 0) + 1
         # The frame's last event stands for the frame in the latency histogram (feeds are time-ordered).
         newest = records[-1][4] if records else None
+        if backfill:
+            self.backfill_records += seq - self.seq
+            self.seq = seq
+            return records, None
         self.seq = seq
         if events:
             self.last_ingest_ms = ingest_ms
@@ -387,7 +410,7 @@ class FrameNormalizer:
     @property
     def events(self) -> int:
         """Data events offered to the sinks (seq also numbers the gap records)."""
-        return self.seq - self.gap_records
+        return self.seq - self.gap_records - self.backfill_records
 
     def _sequence_anomaly(self, code: str, symbol: str, q: int, previous: int) -> None:
         reason = "duplicate" if q == previous else "backwards"
@@ -395,6 +418,21 @@ class FrameNormalizer:
         self.sequence_anomalies[key] = self.sequence_anomalies.get(key, 0) + 1
         self.sequence_anomalies_total += 1
         self.last_sequence_anomaly = (code, symbol, q, previous, reason)
+
+    def refresh_tracks(self) -> None:
+        """The backfill tracks changed (the subscription did): the cached identities take the new ones."""
+        tracks = self.tracks
+        for key, entry in self._identities.items():
+            if entry[5] is not tracks.get(key):
+                self._identities[key] = entry[:5] + (tracks.get(key),)
+
+    def summary_record(self, payload: str, ingest_ms: int) -> tuple:
+        """A backfill summary record (schema.md, "The backfill record"): payload is its JSON object's text."""
+        self.seq += 1
+        self.backfill_records += 1
+        line = (f'{{"ingest_ts":{ingest_ms},"type":"{BACKFILL}","kind":"{BACKFILL}","symbol":"","topic":"{BACKFILL}",'
+                f'"feed":{self._feed_json},"ts":null,"payload":{payload}{self._tail}{self.seq}}}')
+        return (self.seq, BACKFILL, "", BACKFILL, None, line)
 
     def new_session(self) -> None:
         """A new connection: `q` is checked within a session only (protocol.md: comparing it across reconnects is

@@ -39,7 +39,7 @@ def run(config: Config, group: str, consumer: str, count_only: bool, max_records
     import redis.exceptions
 
     client = connect(config)
-    keys = stream_keys(config, protocol.KINDS + ("gap",))
+    keys = stream_keys(config, protocol.KINDS + ("gap", "backfill"))
     _join_groups(client, keys, group, consumer, from_start)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

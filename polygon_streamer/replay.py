@@ -33,6 +33,9 @@ PROGRESS_SECS = 1.0
 # A client that does not answer our close within this long is cut.
 CLOSE_WAIT_SECS = 1.0
 
+# What backfill delivered (REST, not the WebSocket): the client's own backfill fetches it, replay does not serve it.
+BACKFILL_FORMS = ("backfill", "backfill_summary")
+
 
 def topic_filter(params: str) -> IncludeFilter:
     """Subscribe params (`T.AAPL,Q.*,XT.BTC-*`) as the include filter they mean (`T:AAPL,Q:*,XT:BTC-*`)."""
@@ -132,7 +135,7 @@ class Replay:
         first = last = None
         files = CaptureFiles(self.paths)
         for frame in files:
-            if frame.form == "end" or _is_status_only(frame):
+            if frame.form == "end" or frame.form in BACKFILL_FORMS or _is_status_only(frame):
                 continue
             at_ms = frame.recv_ns // 1_000_000
             first = at_ms if first is None else first
@@ -191,7 +194,7 @@ class Replay:
         for frame in files:
             if stopping.is_set():
                 return "session_end"
-            if frame.cluster != connection.cluster:
+            if frame.cluster != connection.cluster or frame.form in BACKFILL_FORMS:
                 continue
             if run < 0 or frame.session != session or after_end:
                 if run >= target and served_in_run:  # the served session is over and another follows

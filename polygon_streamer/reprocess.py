@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import logs, protocol
+from .capture_format import Backfilled, BackfillSummary
 from .captures import CaptureFiles, CapturedFrame, Skipped
 from .config import Config, ConfigError
 from .handover import EV_MARKER, shutdown_gap
@@ -89,6 +90,11 @@ class Feeder:
 
     def feed(self, frame: CapturedFrame) -> None:
         ingest_ms = frame.recv_ns // 1_000_000
+        if frame.form == "backfill" or frame.form == "backfill_summary":
+            # Delivered live where it stands in the capture: the same records again, in the same place.
+            text = frame.data.decode("utf-8", "replace")
+            self.put((ingest_ms, Backfilled(text) if frame.form == "backfill" else BackfillSummary(text)))
+            return
         if frame.form == "end":
             self.session_ended.add(frame.session)
             end = frame.end

@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from . import __version__, affinity, logs, protocol
+from .backfill import BackfillStats, BackfillThread, Desk
 from .config import Config, ConfigError, format_addr
 from .dispatch import Dispatcher, stop_inbound
 from .metrics import LatencyHistogram, MetricsServer, make_registry
@@ -23,6 +24,8 @@ from .reader import Heartbeat, Reader
 from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread
 from .subscriptions import SubscriptionFileError, Subscriptions, read_file
 
+# polygon_backfill_seconds: a gap's backfill, from its first request to its summary.
+BACKFILL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 _log = logs.get("polygon_streamer")
 _stats_log = logs.get("polygon_stats")
 MAIN_TICK_SECS = 0.1
@@ -86,8 +89,14 @@ class Service:
             sink_queue.normalizer = self.normalizer  # sink_drop gap records
         self.subscriptions = Subscriptions(config.subscription.split(","), config.subscription_file or "SUBSCRIPTION")
         self.reader = Reader(config, self.inbound, self.capture_queue, self.subscriptions)
+        # BACKFILL: the dispatcher's desk and the thread that asks the REST API (backfill.py).
+        self.backfill_stats = BackfillStats()
+        self.backfill_stats.seconds = LatencyHistogram(BACKFILL_BUCKETS)
+        desk = Desk(config.cluster, config.backfill, self.normalizer, self.subscriptions, self.backfill_stats,
+                    self.inbound) if config.backfill else None
+        self.backfill = BackfillThread(config, desk, self.backfill_stats) if desk is not None else None
         self.dispatcher = Dispatcher(self.inbound, self.normalizer, dispatched, self.latency,
-                                     config.bp_warn_interval_secs, self.capture_queue)
+                                     config.bp_warn_interval_secs, self.capture_queue, desk)
         self.sink_threads = [SinkThread(sink, sink_queue) for sink, sink_queue in built]
         self.heartbeat = Heartbeat(self.reader, config.heartbeat_interval_secs) \
             if config.heartbeat_interval_secs > 0 else None
@@ -146,6 +155,8 @@ class Service:
         if not network:
             return
         self.reader.start()
+        if self.backfill:
+            self.backfill.start()
         if self.heartbeat:
             self.heartbeat.start()
         self.metrics_server.start()
@@ -293,6 +304,8 @@ class Service:
                   extra={"fields": {"reason": why, "inbound_handovers": self.inbound.qsize(),
                                     "deadline_secs": timeout_secs if math.isfinite(timeout_secs) else None}})
         self.reader.stop()
+        if self.backfill:
+            self.backfill.stop()  # at once: its open gaps' summaries say shutdown
         if self.heartbeat:
             self.heartbeat.stop()
         # A reader stuck in a TCP connect has accepted nothing: do not let it eat the drain deadline.
@@ -394,6 +407,8 @@ class Service:
         threads: list[threading.Thread] = [self.reader, self.dispatcher, *self.sink_threads]
         if self.heartbeat:
             threads.append(self.heartbeat)
+        if self.backfill:
+            threads.append(self.backfill)
         if self.metrics_server:
             threads.append(self.metrics_server.thread)
         return threads

@@ -98,6 +98,7 @@ class Subscriptions:
         self.changed = False  # read without the lock by the reader between frames (a plain bool)
         self.states: dict[str, tuple[str, str]] = {}  # topic -> (state, the server's message)
         self._in_flight: list[str] = []  # the last subscribe's topics still unanswered (for an `error` status)
+        self.version = 0  # +1 at every change of the desired set (backfill follows it: a plain int, read unlocked)
 
     @property
     def desired(self) -> list[str]:
@@ -112,6 +113,8 @@ class Subscriptions:
             removed = [topic for topic in self._desired if topic not in set(topics)]
             self._desired = list(topics)
             self.changed = self.changed or bool(added or removed)
+            if added or removed:
+                self.version += 1
         return added, removed
 
     # -- the reader's side ----------------------------------------------------------------------------------------

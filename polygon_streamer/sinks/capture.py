@@ -10,7 +10,7 @@ subclass).
 
 from __future__ import annotations
 
-from ..capture_format import CaptureBatch, SessionEnd, frame_field
+from ..capture_format import CaptureBatch, CaptureNote, frame_field
 from ..config import Config
 from .ndjson import FileSettings, NdjsonSink
 
@@ -32,6 +32,6 @@ class CaptureSink(NdjsonSink):
         head = f'{{"recv_ns":{records.recv_ns}{self._head}{records.session},'
         prefix = head + '"frame'
         lines = [prefix + '":' + frame + "}" if frame.__class__ is str else
-                 head + frame.field() + "}" if frame.__class__ is SessionEnd else prefix + frame_field(frame) + "}"
+                 head + frame.field() + "}" if isinstance(frame, CaptureNote) else prefix + frame_field(frame) + "}"
                  for frame in records]
         self.write_lines(lines, len(lines), ingest_ms)

@@ -23,7 +23,7 @@ import time
 
 from .. import logs, protocol
 from ..config import Config
-from ..normalize import GAP
+from ..normalize import BACKFILL, GAP
 from ..threads import ServiceThread
 from . import Sink, SinkConfigError, SinkStats, stdout_gone
 
@@ -194,7 +194,7 @@ class NdjsonSink(Sink):
         if not os.access(directory, os.W_OK | os.X_OK):
             raise SinkConfigError(f"{where}: directory {directory} is not writable by this user "
                                   f"(uid {os.geteuid()}); fix its owner or mode")
-        paths = [split_path(path, kind) for kind in protocol.KINDS + (GAP,)] if self._files.split_per_type \
+        paths = [split_path(path, kind) for kind in protocol.KINDS + (GAP, BACKFILL)] if self._files.split_per_type \
             else [path]
         for candidate in paths:
             if os.path.exists(candidate) and not os.access(candidate, os.W_OK):
@@ -290,9 +290,10 @@ class NdjsonSink(Sink):
             touched: dict[str, int] = {}
             for record in records:
                 kinds = [record[3]]
-                if record[3] == GAP:
-                    # A hole is in every kind's stream: each file that has data tells it where it happened.
-                    kinds = [kind for kind in self._outputs if kind != GAP] or [GAP]
+                if record[3] == GAP or record[3] == BACKFILL:
+                    # A hole is in every kind's stream: each file that has data tells it where it happened (and
+                    # what backfill brought back).
+                    kinds = [kind for kind in self._outputs if kind != GAP and kind != BACKFILL] or [record[3]]
                 for kind in kinds:
                     output = self._output_for(kind)
                     if not output.buffered:

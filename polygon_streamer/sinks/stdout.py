@@ -9,11 +9,12 @@ import time
 from typing import BinaryIO
 
 from .. import logs
-from ..normalize import GAP
+from ..normalize import BACKFILL, GAP
 from . import Sink, stdout_gone
 
 PAYLOAD_START = ',"payload":'
 PAYLOAD_END = ',"hostname":'
+BACKFILLED = ',"backfill":true'  # between the payload and the hostname in a backfilled record
 
 
 class StdoutSink(Sink):
@@ -40,17 +41,20 @@ class StdoutSink(Sink):
         dumps = logs.dumps
         out = []
         for seq, code, symbol, kind, ts, line in records:
-            payload = line[line.index(PAYLOAD_START) + len(PAYLOAD_START):line.rindex(PAYLOAD_END)]
-            if kind == GAP and code == GAP:
+            end = line.rindex(PAYLOAD_END)
+            backfilled = line.startswith(BACKFILLED, end - len(BACKFILLED))
+            payload = line[line.index(PAYLOAD_START) + len(PAYLOAD_START):end - len(BACKFILLED) if backfilled else end]
+            if kind in (GAP, BACKFILL) and code == kind:
                 if self._gaps_enabled:
-                    fields = {"message": "gap", "type": code, "symbol": symbol, "ts": ts, "seq": seq,
-                              "line": f"gap {payload}"}
+                    fields = {"message": kind, "type": code, "symbol": symbol, "ts": ts, "seq": seq,
+                              "line": f"{kind} {payload}"}
                     out.append(f'{{"timestamp":"{now}","level":"WARN","target":"polygon_gaps","fields":'
                                f'{dumps(fields)}}}\n')
                 continue
             if not self._enabled:
                 continue
-            fields = {"message": "event", "type": code, "symbol": symbol, "ts": ts, "seq": seq,
+            fields = {"message": "backfilled event" if backfilled else "event",
+                      "type": code, "symbol": symbol, "ts": ts, "seq": seq,
                       "line": f"{code}:{symbol} {payload}"}
             out.append(f"{head}{dumps(fields)}}}\n")
         if not out:

@@ -16,7 +16,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .. import logs
 from ..config import Config
-from ..normalize import GAP
+from ..normalize import BACKFILL, GAP
 from . import Sink, SinkConfigError, SinkStats
 
 _log = logs.get("polygon_zmq")
@@ -118,9 +118,10 @@ class ZmqSink(Sink):
         if len(self._topics) >= _TOPIC_CACHE_LIMIT or self._topic_bytes >= _TOPIC_CACHE_BYTES:
             self._topics.clear()
             self._topic_bytes = 0
-        # A gap record's topic is `gap` (schema.md), so that SUBSCRIBE "gap" gets every hole.
-        topic = f"{self._prefix}{code}:{symbol}".encode("utf-8") if (code, symbol) != (GAP, "") \
-            else f"{self._prefix}{GAP}".encode("utf-8")
+        # A gap record's topic is `gap` (schema.md), so that SUBSCRIBE "gap" gets every hole; a backfill summary's
+        # is `backfill`.
+        topic = f"{self._prefix}{code}".encode("utf-8") if symbol == "" and code in (GAP, BACKFILL) \
+            else f"{self._prefix}{code}:{symbol}".encode("utf-8")
         self._topics[(code, symbol)] = topic
         self._topic_bytes += 3 * len(topic) + 200  # the key's strings, the topic and the entry
         return topic
