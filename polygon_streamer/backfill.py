@@ -140,6 +140,9 @@ def to_event(cluster: str, code: str, kind: str, symbol: str, result) -> dict | 
                                                                                    (int, float)):
             return None
         _copy(result, event, _QUOTE)
+        conditions = event.get("c")
+        if isinstance(conditions, list) and len(conditions) == 1:
+            event["c"] = conditions[0]  # the WebSocket quote carries one condition code, REST a list
     event["t"] = t
     return event
 

@@ -208,13 +208,16 @@ class _Handler(BaseHTTPRequestHandler):
         status, headers, body = self.rest.answer(parts.path, parse_qs(parts.query), self.headers.get("Authorization"))
         stats.rest_requests.append((parts.path, status))
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client went away (a service that stopped): nothing to answer
+            self.close_connection = True
 
     def log_message(self, *args) -> None:
         pass

@@ -39,13 +39,16 @@ def strict_json(line: str):
 RECORD_SCHEMA = json.loads((ROOT / "polygon_streamer" / "schema.json").read_text())
 _record_validator = jsonschema.Draft202012Validator(RECORD_SCHEMA)
 RECORD_KEYS = RECORD_SCHEMA["$defs"]["event"]["required"]
+# A backfilled event has one more key, between payload and hostname.
+BACKFILLED_KEYS = RECORD_KEYS[:RECORD_KEYS.index("payload") + 1] + ["backfill"] + RECORD_KEYS[
+    RECORD_KEYS.index("payload") + 1:]
 
 
 def valid_record(line: str) -> dict:
     """A line a sink wrote: strict JSON, valid against the shipped JSON Schema, keys in the documented order."""
     record = strict_json(line)
     _record_validator.validate(record)
-    assert list(record) == RECORD_KEYS, list(record)
+    assert list(record) == (BACKFILLED_KEYS if "backfill" in record else RECORD_KEYS), list(record)
     return record
 
 

@@ -1,0 +1,264 @@
+"""Gap healing (BACKFILL, issue 28): the real service against the local server's WebSocket and REST sides, over
+loopback. The local server keeps every event it generates, loses some at each reconnect (lose_on_reconnect) and
+serves them over REST: the NDJSON file must then hold every event of the subscribed tickers exactly once."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, TEST_KEY, report, valid_record, wait_for
+from polygon_streamer import backfill
+from polygon_streamer.config import ConfigError, build_config
+from polygon_streamer.rest import RestClient, RestError
+from test_capture import reprocess
+
+EXPLICIT = "T.AAPL,Q.AAPL,T.MSFT,Q.MSFT"
+
+
+def records_of(path):
+    return [valid_record(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def summaries(records):
+    return [r for r in records if r["kind"] == "backfill"]
+
+
+def lossy(mock_server, page_size=0, lose=400, cut=2000):
+    """The local server cuts each connection after `cut` events and loses `lose` at each reconnect; REST on."""
+    mock_server.options.rate = 4000
+    mock_server.options.batch = 4
+    mock_server.options.drop_after = cut
+    mock_server.options.lose_on_reconnect = lose
+    mock_server.options.rest_page_size = page_size
+    mock_server.options.record = True
+    return mock_server.start_rest()
+
+
+def backfilling(spawn, rest_url, dest, subscription=EXPLICIT, **settings):
+    settings = dict(dict(SINK="ndjson", NDJSON_DEST=str(dest), NDJSON_FLUSH_INTERVAL_MS="20",
+                         SUBSCRIPTION=subscription, BACKFILL="on", POLYGON_REST_URL=rest_url,
+                         BACKFILL_MAX_RPS="200"), **settings)
+    return spawn(**settings)
+
+
+def history_of(mock_server, subscription=EXPLICIT):
+    wanted = [tuple(topic.split(".", 1)) for topic in subscription.split(",")]
+    return {(code, symbol): [e["q"] for e in mock_server.market.history.events(code, symbol)]
+            for code, symbol in wanted}
+
+
+def test_two_lossy_cuts_are_healed_every_event_exactly_once_backfilled_ones_marked(mock_server, spawn, tmp_path):
+    rest_url = lossy(mock_server, page_size=40)
+    dest = tmp_path / "healed.ndjson"
+    streamer = backfilling(spawn, rest_url, dest)
+    wait_for(lambda: mock_server.stats.connections >= 2, timeout=30, what="the first cut")
+    # The third connection (after the second cut) streams 1,500 events and falls silent.
+    mock_server.options.drop_after = 0
+    mock_server.options.count = 1500
+    total = 2000 + (400 + 2000) + (400 + 1500)
+
+    def data_records():
+        return sum(1 for r in records_of(dest) if r["kind"] not in ("gap", "backfill"))
+    wait_for(lambda: sum(map(len, history_of(mock_server).values())) == total and data_records() >= total
+             and len(summaries(records_of(dest))) >= 2, timeout=60, what="every event and both summaries")
+    metrics = streamer.metrics()
+
+    def metric(name, **labels):
+        return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+    assert streamer.stop() == 0
+    records = records_of(dest)
+    data = [r for r in records if r["kind"] not in ("gap", "backfill")]
+    got: dict[tuple, list] = {}
+    for record in data:
+        got.setdefault((record["type"], record["symbol"]), []).append(record["payload"]["q"])
+    history = history_of(mock_server)
+    lost = mock_server.stats.lost_events
+    assert lost == 2 * 400
+    for key, qs in history.items():
+        assert qs == list(range(1, len(qs) + 1)), "the market's own sequence is whole"
+        assert sorted(got[key]) == qs, f"{key}: every event exactly once"
+    backfilled = [r for r in data if r.get("backfill") is True]
+    assert len(backfilled) >= lost, "at least what the server lost (a cut may also lose what was in flight)"
+    gaps = [r for r in records if r["kind"] == "gap" and r["payload"]["reason"] != "shutdown"]
+    done = summaries(records)
+    assert len(gaps) == len(done) == 2
+    for gap, summary in zip(gaps, done):
+        payload = summary["payload"]
+        assert payload["gap_seq"] == gap["seq"] and payload["gap_reason"] == gap["payload"]["reason"]
+        assert payload["complete"] is True and payload["reason"] is None
+        assert [t["topic"] for t in payload["topics"]] == EXPLICIT.split(",")
+        assert all(t["complete"] and t["recovered"] > 0 for t in payload["topics"])
+        assert summary["seq"] > gap["seq"] and summary["topic"] == "backfill" and summary["ts"] is None
+    assert sum(s["payload"]["recovered"] for s in done) == len(backfilled)
+    # Backfilled records come after their gap, never before.
+    first_gap = gaps[0]["seq"]
+    assert all(r["seq"] > first_gap for r in backfilled)
+    live = [r["seq"] for r in records]
+    assert live == list(range(1, len(records) + 1)), "one seq for everything written"
+    assert metric("polygon_backfill_events_total", kind="trades") + metric(
+        "polygon_backfill_events_total", kind="quotes") == len(backfilled)
+    pages = metric("polygon_backfill_requests_total", kind="trades", status="200")
+    assert pages >= 2 * 2 * (400 / 4 / 40), "40 results a page: every window took several pages"
+    assert metric("polygon_backfill_duplicates_total") == sum(s["payload"]["duplicates"] for s in done)
+    report_ = streamer.shutdown_report()
+    assert report_["events"] == len(data) - len(backfilled), "the exit report counts the live stream only"
+    assert set(mock_server.stats.rest_headers) == {f"Bearer {TEST_KEY}"}, "the key in the header, every time"
+    assert not any(TEST_KEY in path for path, _ in mock_server.stats.rest_requests)
+    report("backfill: two lossy cuts", lost=lost, backfilled=len(backfilled), pages=int(pages),
+           duplicates=int(metric("polygon_backfill_duplicates_total")), events=len(data))
+
+
+def test_429_is_retried_after_retry_after_and_the_backfill_completes(mock_server, spawn, tmp_path):
+    rest_url = lossy(mock_server, lose=80)
+    mock_server.options.rest_throttle = 2
+    mock_server.options.rest_errors = 1
+    dest = tmp_path / "throttled.ndjson"
+    streamer = backfilling(spawn, rest_url, dest)
+    wait_for(lambda: summaries(records_of(dest)), timeout=40, what="the summary")
+    assert streamer.stop() == 0
+    summary = summaries(records_of(dest))[0]["payload"]
+    assert summary["complete"] is True and summary["recovered"] > 0
+    assert streamer_requests(mock_server, 429) == 2 and streamer_requests(mock_server, 500) == 1
+
+
+def streamer_requests(mock_server, status):
+    return sum(1 for _, answered in mock_server.stats.rest_requests if answered == status)
+
+
+def test_403_turns_that_kind_off_until_restart_and_says_not_entitled(mock_server, spawn, tmp_path):
+    rest_url = lossy(mock_server, lose=80)
+    mock_server.options.rest_not_entitled = ("quotes",)
+    dest = tmp_path / "entitled.ndjson"
+    streamer = backfilling(spawn, rest_url, dest)
+    wait_for(lambda: len(summaries(records_of(dest))) >= 2, timeout=40, what="two summaries")
+    assert streamer.stop() == 0
+    for summary in summaries(records_of(dest))[:2]:
+        payload = summary["payload"]
+        assert payload["complete"] is False and payload["reason"] == "not_entitled"
+        by_topic = {t["topic"]: t for t in payload["topics"]}
+        assert by_topic["Q.AAPL"]["reason"] == "not_entitled" and by_topic["T.AAPL"]["complete"] is True
+        assert by_topic["T.AAPL"]["recovered"] > 0
+    assert streamer_requests(mock_server, 403) == 1, "asked once, then off until restart"
+    assert sum(1 for m in streamer.log_messages() if m.startswith("backfill of quotes is off until restart")) == 1
+
+
+def test_sigterm_while_the_rest_server_hangs_stops_at_once_and_the_summary_says_shutdown(mock_server, spawn,
+                                                                                        tmp_path):
+    rest_url = lossy(mock_server, lose=80)
+    mock_server.options.rest_hang = True
+    dest = tmp_path / "hung.ndjson"
+    streamer = backfilling(spawn, rest_url, dest)
+    wait_for(lambda: mock_server.stats.rest_headers, timeout=30, what="a backfill request")
+    stopped_at = time.monotonic()
+    assert streamer.stop() == 0
+    took = time.monotonic() - stopped_at
+    assert took < 5, f"{took:.1f}s to stop"
+    done = summaries(records_of(dest))
+    assert done and done[-1]["payload"]["reason"] == "shutdown" and done[-1]["payload"]["complete"] is False
+    report("backfill: SIGTERM during a hung request", seconds_to_exit=round(took, 2))
+
+
+def test_a_wildcard_topic_is_named_unrecoverable_and_the_explicit_ones_are_filled(mock_server, spawn, tmp_path):
+    rest_url = lossy(mock_server, lose=80)
+    dest = tmp_path / "wildcard.ndjson"
+    streamer = backfilling(spawn, rest_url, dest, subscription="T.*,Q.AAPL")
+    wait_for(lambda: summaries(records_of(dest)), timeout=40, what="the summary")
+    assert streamer.stop() == 0
+    payload = summaries(records_of(dest))[0]["payload"]
+    assert payload["complete"] is False and payload["reason"] == "wildcard"
+    assert "flat files" in payload["detail"]
+    by_topic = {t["topic"]: t for t in payload["topics"]}
+    assert by_topic["T.*"]["reason"] == "wildcard" and by_topic["Q.AAPL"]["complete"] is True
+    assert by_topic["Q.AAPL"]["recovered"] > 0
+
+
+def test_reprocess_of_a_capture_delivers_the_backfilled_records_again(mock_server, spawn, tmp_path):
+    rest_url = lossy(mock_server, lose=80, cut=600)
+    live, capture = tmp_path / "live.ndjson", tmp_path / "live.capture"
+    streamer = backfilling(spawn, rest_url, live, SINK="ndjson,capture", CAPTURE_DEST=str(capture))
+    wait_for(lambda: len(summaries(records_of(live))) >= 2, timeout=40, what="two summaries")
+    assert streamer.stop() == 0
+    out = tmp_path / "reprocessed.ndjson"
+    result = reprocess(capture, "--sink", "ndjson", "--ndjson-dest", out)
+    assert result.returncode == 0, result.stderr
+    live_lines = live.read_text().splitlines()
+    assert out.read_text().splitlines() == live_lines
+    assert any('"backfill":true' in line for line in live_lines)
+    assert "backfill_summary" in capture.read_text()
+
+
+def test_backfill_settings_are_checked_in_one_line():
+    def error(**raw):
+        with pytest.raises(ConfigError) as caught:
+            build_config(dict(raw), require_key=False)
+        return str(caught.value)
+
+    assert "BACKFILL (--backfill) 'ticks'" in error(backfill="ticks")
+    assert "POLYGON_REST_URL" in error(rest_url="ftp://x")
+    assert "BACKFILL_MAX_RPS" in error(backfill_max_rps="0")
+    assert build_config({"backfill": "trades, aggs"}, require_key=False).backfill == ("trades", "aggs")
+    assert build_config({"backfill": "on"}, require_key=False).backfill == ("trades", "quotes", "aggs")
+    assert build_config({}, require_key=False).backfill == ()
+    result = subprocess.run([sys.executable, "-m", "polygon_streamer", "config", "--check"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30,
+                            env={"PATH": "/usr/bin:/bin", "POLYGON_API_KEY": "k", "BACKFILL": "everything"})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# -- pure parts ---------------------------------------------------------------------------------------------------
+
+def test_rest_results_become_the_websocket_events_letters():
+    trade = {"conditions": [12, 37], "exchange": 11, "id": "52983525034825", "price": 171.55, "sequence_number": 1063,
+             "sip_timestamp": 1690000000123456789, "size": 100, "tape": 3, "trf_id": 202,
+             "trf_timestamp": 1690000000122000000, "participant_timestamp": 1690000000120000000}
+    assert backfill.to_event("stocks", "T", "trades", "AAPL", trade) == {
+        "ev": "T", "sym": "AAPL", "x": 11, "i": "52983525034825", "z": 3, "p": 171.55, "s": 100, "c": [12, 37],
+        "q": 1063, "trfi": 202, "trft": 1690000000122, "t": 1690000000123}
+    quote = {"ask_exchange": 12, "ask_price": 171.6, "ask_size": 2, "bid_exchange": 11, "bid_price": 171.5,
+             "bid_size": 3, "conditions": [1], "indicators": [604], "sequence_number": 7, "sip_timestamp":
+             1690000000001000000, "tape": 3}
+    assert backfill.to_event("stocks", "Q", "quotes", "MSFT", quote) == {
+        "ev": "Q", "sym": "MSFT", "bx": 11, "bp": 171.5, "bs": 3, "ax": 12, "ap": 171.6, "as": 2, "c": 1,
+        "i": [604], "q": 7, "z": 3, "t": 1690000000001}
+    bar = {"v": 500, "vw": 10.5, "o": 10, "c": 11, "h": 12, "l": 9, "t": 1690000020000, "n": 7}
+    assert backfill.to_event("stocks", "AM", "aggs", "SPY", bar) == {
+        "ev": "AM", "sym": "SPY", "o": 10, "h": 12, "l": 9, "c": 11, "v": 500, "vw": 10.5, "n": 7,
+        "s": 1690000020000, "e": 1690000080000}
+    crypto = {"exchange": 1, "id": "991", "price": 30000.5, "size": 0.01, "conditions": [2],
+              "sip_timestamp": 1690000000000000000}
+    assert backfill.to_event("crypto", "XT", "trades", "BTC-USD", crypto)["pair"] == "BTC-USD"
+    for bad in (None, 42, [], {}, {"sip_timestamp": "x", "price": 1}, {"sip_timestamp": 1, "price": "1"},
+                {"sip_timestamp": -5, "price": 1.0}):
+        assert backfill.to_event("stocks", "T", "trades", "AAPL", bad) is None
+    assert backfill.to_event("stocks", "AM", "aggs", "SPY", {"t": "soon", "c": 1}) is None
+
+
+def test_the_identity_of_an_event_is_the_same_live_and_over_rest():
+    live = {"ev": "XT", "pair": "BTC-USD", "p": 30000.5, "t": 1690000000000, "s": 0.01, "c": [2], "i": 991, "x": 1}
+    rest = backfill.to_event("crypto", "XT", "trades", "BTC-USD", {"exchange": 1, "id": "991", "price": 30000.5,
+                                                                   "size": 0.01, "sip_timestamp": 1690000000000999999})
+    assert backfill.identity("trades", False, live) == backfill.identity("trades", False, rest)
+    assert backfill.identity("trades", True, {"q": 5, "p": 1}) == backfill.identity("trades", True, {"q": 5, "p": 2})
+    path, params = backfill.request("stocks", "T", "trades", "AAPL", 1000, 2000)
+    assert path == "/v3/trades/AAPL" and params["timestamp.gte"] == 1000 * 10**6
+    assert params["timestamp.lte"] == 2000 * 10**6 + 999_999 and params["order"] == "asc"
+    assert params["limit"] == 50_000
+    assert backfill.request("crypto", "XA", "aggs", "BTC-USD", 60_000, 120_000)[0] == \
+        "/v2/aggs/ticker/X:BTC-USD/range/1/minute/60000/120000"
+
+
+def test_a_next_url_on_another_host_is_refused_and_retry_after_is_bounded():
+    import threading
+
+    client = RestClient("https://api.massive.com", "KEY", 10, threading.Event())
+    assert client._same_host("https://api.massive.com/v3/trades/AAPL?cursor=abc", "/v3") == \
+        "/v3/trades/AAPL?cursor=abc"
+    with pytest.raises(RestError) as caught:
+        client._same_host("https://evil.example/v3/trades/AAPL?cursor=abc", "/v3/trades/AAPL")
+    assert "another host" in caught.value.detail and "KEY" not in caught.value.detail
+    assert RestClient._retry_after("3") == 3.0 and RestClient._retry_after("99999") == 60.0
+    assert RestClient._retry_after(None) == 0.0 and RestClient._retry_after("garbage") == 0.0
+    assert json.dumps(backfill.REASONS)
