@@ -398,7 +398,7 @@ class Desk:
             emit(Backfilled(ujson.dumps(kept, ensure_ascii=False, escape_forward_slashes=False)),
                  time.time_ns() // 1_000_000)
 
-    def _finish(self, job: Job, emit: Callable, why: str | None = None) -> None:
+    def _finish(self, job: Job, emit: Callable, why: str | None = None, at_ms: int | None = None) -> None:
         for window in job.windows:
             if why and window.reason is None and (not window.done or window.recovered + window.duplicates
                                                   < window.fetched):
@@ -414,19 +414,20 @@ class Desk:
         if job.started is not None and self.stats.seconds is not None:
             self.stats.seconds.observe(time.monotonic() - job.started)
         emit(BackfillSummary(ujson.dumps(summary, ensure_ascii=False, escape_forward_slashes=False)),
-             time.time_ns() // 1_000_000)
+             time.time_ns() // 1_000_000 if at_ms is None else at_ms)
 
-    def shutdown(self, emit: Callable) -> None:
-        """The service stops: what was fetched and not delivered is let go; every open job's summary says shutdown."""
+    def shutdown(self, emit: Callable, now_ms: int) -> None:
+        """The service stops (at now_ms): what was fetched and not delivered is let go; every open job's summary says
+        shutdown."""
         while True:
             try:
                 item = self.deliveries.get_nowait()
             except queue.Empty:
                 break
             if item.__class__ is Done and item.job in self.open_jobs:
-                self._finish(item.job, emit)
+                self._finish(item.job, emit, at_ms=now_ms)
         for job in list(self.open_jobs):
-            self._finish(job, emit, "shutdown")
+            self._finish(job, emit, "shutdown", now_ms)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,4 +544,5 @@ class BackfillThread(ServiceThread):
                 pass
 
 
-WAKE = ("backfill",)
+WAKE = ("backfill",)  # an inbound item: chunks are waiting (put only into an empty inbound queue)
+FINISH = ("backfill-finish",)  # an inbound item at shutdown: end the open backfills (Desk.shutdown)

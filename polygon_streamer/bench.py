@@ -41,6 +41,20 @@ SETTING_VARIABLES = {setting.env for setting in SETTINGS} | {"RUST_LOG"}
 # The quiet feed of the visible-latency run: events per second, one a frame, for QUIET_SECS.
 QUIET_RATE = 100
 QUIET_SECS = 5
+# bench --backfill: a paced live feed (events/s, events a frame) whose one cut loses BACKFILL_LOAD_EVENTS events that
+# BACKFILL then fetches from the local server's REST side at the default BACKFILL_MAX_RPS.
+BACKFILL_LOAD_RATE = 20_000
+BACKFILL_LOAD_BATCH = 10
+BACKFILL_LOAD_EVENTS = 50_000
+
+
+def explicit_subscription(cluster: str) -> str:
+    """SUBSCRIPTIONS[cluster] with every wildcard spelled out over the local server's symbols: the same events, but
+    topics that backfill can fill (and tracks on the hot path)."""
+    from .mockserver import SYMBOLS
+
+    return ",".join(f"{code}.{symbol}" for symbol in SYMBOLS[cluster]
+                    for code in (topic.split(".")[0] for topic in SUBSCRIPTIONS[cluster].split(",")))
 
 
 class _Tailer:
@@ -124,6 +138,8 @@ class BenchResult:
     dropped: dict = field(default_factory=dict)
     lost: int = 0
     service_cpus: list = field(default_factory=list)  # where CPU_AFFINITY confined the service (empty: not confined)
+    backfill: bool = False  # BACKFILL on, explicit topics (no gap happens in the throughput runs)
+    backfill_load: dict = field(default_factory=dict)  # the live feed while a backfill of BACKFILL_LOAD_EVENTS runs
     notes: list = field(default_factory=list)
     ok: bool = False
     problems: list = field(default_factory=list)
@@ -465,7 +481,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
     # Every setting at its default (as in the unit) but the destination, the local server and the queue sizes.
     env = {key: value for key, value in os.environ.items() if key not in SETTING_VARIABLES}
     env.update(POLYGON_API_KEY=BENCH_KEY, POLYGON_WS_URL=f"{server.base_url}/{cluster}", POLYGON_CLUSTER=cluster,
-               SUBSCRIPTION=SUBSCRIPTIONS[cluster], SINK=",".join(sinks), NDJSON_DEST=dest,
+               SUBSCRIPTION=explicit_subscription(cluster) if result.backfill else SUBSCRIPTIONS[cluster],
+               SINK=",".join(sinks), NDJSON_DEST=dest,
                ZMQ_ENDPOINT=zmq_endpoint, METRICS_ADDR=f"127.0.0.1:{metrics_port}",
                # The bench learns from this debug line that the ZeroMQ subscriber has joined.
                LOG_LEVEL="info,polygon_zmq=debug" if "zmq" in sinks else "info",
@@ -633,11 +650,12 @@ def _zmq_received(subscriber: subprocess.Popen, sent: int) -> int:
     return int(last[-1].split()[0]) if last else 0
 
 
-def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool, pinned: bool = True) -> BenchResult:
+def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool, pinned: bool = True,
+        backfill: bool = False) -> BenchResult:
     import prometheus_client
     import zmq
 
-    result = BenchResult(events=events, cluster=cluster, batch=batch, sinks=",".join(sinks))
+    result = BenchResult(events=events, cluster=cluster, batch=batch, sinks=",".join(sinks), backfill=backfill)
     result.versions = {"polygon_streamer": __version__, "python": sys.version.split()[0],
                        "websocket_client": websocket.__version__, "ujson": ujson.__version__,
                        "pyzmq": zmq.__version__, "prometheus_client": _version_of(prometheus_client)}
@@ -652,7 +670,7 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
         official = _official(events, batch, cluster)
         result.official_events_per_sec = round(official) if official else None
         if pinned:
-            beside = BenchResult(events=events, cluster=cluster, batch=batch, sinks=result.sinks)
+            beside = BenchResult(events=events, cluster=cluster, batch=batch, sinks=result.sinks, backfill=backfill)
             _service(beside, sinks, workdir, progress=False, pinned=True)
             result.service_pinned_events_per_sec = beside.service_events_per_sec
             result.cpu_seconds_per_million_pinned = beside.cpu_seconds_per_million
@@ -661,7 +679,7 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
         _service(result, sinks, workdir, progress)
         # Latency means something only below saturation: a short run at half the measured rate.
         paced = BenchResult(events=max(batch, min(result.events, result.service_events_per_sec * 2) // batch * batch),
-                            cluster=cluster, batch=batch, sinks=result.sinks)
+                            cluster=cluster, batch=batch, sinks=result.sinks, backfill=backfill)
         _service(paced, sinks, workdir, progress=False, rate=max(1.0, result.service_events_per_sec / 2))
         result.write_latency_p50_ms = paced.write_latency_p50_ms
         result.write_latency_p99_ms = paced.write_latency_p99_ms
@@ -672,10 +690,13 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
         result.notes += [f"paced run: {note}" for note in paced.notes]
         if "ndjson" in sinks:
             # A quiet feed: what a consumer waits for each event when nothing fills the buffers.
-            quiet = BenchResult(events=QUIET_RATE * QUIET_SECS, cluster=cluster, batch=1, sinks=result.sinks)
+            quiet = BenchResult(events=QUIET_RATE * QUIET_SECS, cluster=cluster, batch=1, sinks=result.sinks,
+                                backfill=backfill)
             _service(quiet, sinks, workdir, progress=False, rate=QUIET_RATE)
             result.quiet_visible_latency_p50_ms = quiet.visible_latency_p50_ms
             result.quiet_visible_latency_p99_ms = quiet.visible_latency_p99_ms
+        if backfill:
+            _backfill_load(result, workdir)
     if result.official_events_per_sec:
         result.service_to_official_ratio = round(result.service_events_per_sec / result.official_events_per_sec, 3)
     result.service_to_parse_ratio = round(result.service_events_per_sec / result.parse_events_per_sec, 3)
@@ -683,6 +704,75 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
     dropped = sum(result.dropped.values())
     result.ok = not result.problems and result.lost == 0 and dropped == 0
     return result
+
+
+def _backfill_load(result: BenchResult, workdir: str) -> None:
+    """The live feed at BACKFILL_LOAD_RATE while the service backfills BACKFILL_LOAD_EVENTS lost at one cut: its live
+    rate during the backfill (gap record to summary) next to the rate after it, drops, and the backfill's duration."""
+    from .backfill import FILLED
+    from .mockserver import MockOptions, MockServer
+
+    if result.cluster not in FILLED:
+        result.notes.append(f"backfill load: not run ({result.cluster} is not backfilled)")
+        return
+    options = MockOptions(api_key=BENCH_KEY, rate=BACKFILL_LOAD_RATE, batch=BACKFILL_LOAD_BATCH,
+                          drop_after=BACKFILL_LOAD_RATE * 3, lose_on_reconnect=BACKFILL_LOAD_EVENTS)
+    server = MockServer(options=options)
+    rest_url = server.start_rest()
+    server.start()
+    metrics_port = _free_port()
+    env = {key: value for key, value in os.environ.items() if key not in SETTING_VARIABLES}
+    env.update(POLYGON_API_KEY=BENCH_KEY, POLYGON_WS_URL=server.url(result.cluster), POLYGON_CLUSTER=result.cluster,
+               SUBSCRIPTION=explicit_subscription(result.cluster), SINK="ndjson",
+               NDJSON_DEST=os.path.join(workdir, "backfill-load.ndjson"), METRICS_ADDR=f"127.0.0.1:{metrics_port}",
+               BACKFILL="on", POLYGON_REST_URL=rest_url)
+    service = subprocess.Popen(_python_command("run"), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    samples: list[tuple[float, float, float, float, float]] = []  # (time, live, gaps, summaries, drops)
+    try:
+        deadline = time.monotonic() + 120
+        summary_at = None
+        while time.monotonic() < deadline and service.poll() is None:
+            time.sleep(0.1)
+            if server.stats.connections >= 1:
+                server.options.drop_after = 0  # the next connection does not cut again
+            try:
+                scraped = _scrape(url)
+            except OSError:
+                continue
+            live = sum(value for (name, _), value in scraped.items() if name == "polygon_events_total")
+            gaps = sum(value for (name, _), value in scraped.items() if name == "polygon_gaps_total")
+            done = sum(value for (name, _), value in scraped.items() if name == "polygon_backfill_gaps_total")
+            drops = scraped.get(("polygon_channel_drops_total", ()), 0) + sum(
+                value for (name, _), value in scraped.items() if name == "polygon_sink_drops_total")
+            samples.append((time.monotonic(), live, gaps, done, drops))
+            if done and summary_at is None:
+                summary_at = time.monotonic()
+                recovered = sum(value for (name, _), value in scraped.items()
+                                if name == "polygon_backfill_events_total")
+            if summary_at is not None and time.monotonic() - summary_at >= 2.0:
+                break
+        service.send_signal(signal.SIGTERM)
+        code = service.wait(60)
+    finally:
+        if service.poll() is None:
+            service.kill()
+        server.stop()
+    gap = next((sample for sample in samples if sample[2] >= 1), None)
+    summary = next((sample for sample in samples if sample[3] >= 1), None)
+    if gap is None or summary is None or summary[0] <= gap[0]:
+        result.problems.append("backfill load: no gap or no summary within 120 s")
+        return
+    last = samples[-1]
+    result.backfill_load = {
+        "live_rate": BACKFILL_LOAD_RATE, "lost_events": BACKFILL_LOAD_EVENTS, "recovered_events": int(recovered),
+        "backfill_seconds": round(summary[0] - gap[0], 2),
+        "live_events_per_sec_during": round((summary[1] - gap[1]) / (summary[0] - gap[0])),
+        "live_events_per_sec_after": round((last[1] - summary[1]) / max(1e-9, last[0] - summary[0])),
+        "drops": int(last[4]), "exit_status": code}
+    if code != 0 or last[4] or int(recovered) < BACKFILL_LOAD_EVENTS:
+        result.problems.append(f"backfill load: {result.backfill_load}")
 
 
 def _version_of(module) -> str:
@@ -736,10 +826,17 @@ def format_table(result: BenchResult) -> str:
         verdict = "LOSS OR ERROR: " + "; ".join(result.problems + ([f"{result.lost:,} missing by seq"]
                                                                    if result.lost else []) +
                                                 (["drops counted"] if sum(result.dropped.values()) else []))
+    if result.backfill_load:
+        load = result.backfill_load
+        rows.append((f"live feed at {load['live_rate']:,}/s while backfilling {load['lost_events']:,} events",
+                     f"{load['live_events_per_sec_during']:,} events/s during ({load['backfill_seconds']} s), "
+                     f"{load['live_events_per_sec_after']:,} after; {load['recovered_events']:,} recovered, "
+                     f"{load['drops']} dropped"))
     rows.append(("loss check", verdict))
     rows += [("note", note) for note in result.notes]
     versions = " ".join(f"{name}={version}" for name, version in result.versions.items())
-    header = (f"polygon-streamer bench: {result.events:,} {result.cluster} events ({SUBSCRIPTIONS[result.cluster]}),"
+    subscription = "explicit topics, BACKFILL=on" if result.backfill else SUBSCRIPTIONS[result.cluster]
+    header = (f"polygon-streamer bench: {result.events:,} {result.cluster} events ({subscription}),"
               f" batch {result.batch}, sinks {result.sinks}\n  {versions}")
     width = max(len(name) for name, _ in rows)
     return header + "\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)

@@ -501,7 +501,11 @@ def redis_sub(group: str, consumer: str, url: str, password_file: str | None, st
 @click.option("--progress/--no-progress", default=True, show_default=True, help="a progress bar on stderr")
 @click.option("--pinned/--no-pinned", default=True, show_default=True,
               help="also run the service pinned to one CPU, shown beside the unpinned (deployed) row")
-def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, progress: bool, pinned: bool) -> int:
+@click.option("--backfill", is_flag=True,
+              help="BACKFILL on with the same events as explicit topics (no gap: its cost on the hot path), then a "
+                   "paced live feed while a backfill of 50,000 events runs")
+def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, progress: bool, pinned: bool,
+          backfill: bool) -> int:
     """Measure ceilings and the service end to end on the local server; exit 1 if anything was lost."""
     from . import bench as benchmark
 
@@ -510,7 +514,7 @@ def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, prog
             or chosen == ["capture"]:
         raise ConfigError(f"invalid --sink {sinks!r}: expected ndjson, zmq, redis or a comma list, optionally with "
                           "capture (e.g. ndjson,capture)")
-    result = benchmark.run(events, cluster, batch, chosen, progress, pinned)
+    result = benchmark.run(events, cluster, batch, chosen, progress, pinned, backfill)
     click.echo(benchmark.to_json(result) if as_json else benchmark.format_table(result))
     return 0 if result.ok else 1
 

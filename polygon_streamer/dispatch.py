@@ -10,7 +10,7 @@ import queue
 import time
 
 from . import logs
-from .backfill import WAKE, Desk
+from .backfill import FINISH, WAKE, Desk
 from .capture_format import Backfilled, BackfillSummary, CaptureBatch
 from .metrics import LatencyHistogram
 from .handover import gap_item_ms
@@ -65,7 +65,7 @@ class Dispatcher(ServiceThread):
                 continue
             if item is STOP:
                 if self.desk is not None:
-                    self.desk.shutdown(self.emit)
+                    self.desk.shutdown(self.emit, time.time_ns() // 1_000_000)
                 for sink_queue in sink_queues + ([self.capture_queue] if self.capture_queue else []):
                     while not sink_queue.close(time.monotonic() + TICK_SECS) and not self.stopping.is_set():
                         if sink_queue.consumer is not None and not sink_queue.consumer.is_alive():
@@ -76,6 +76,9 @@ class Dispatcher(ServiceThread):
                 continue
             ingest_ms = item[0]
             frames = item[1]
+            if frames is FINISH:  # the service stops at ingest_ms: the open backfills end
+                self.desk.shutdown(self.emit, ingest_ms)
+                continue
             if frames.__class__ is Gap:
                 self.gap(frames, ingest_ms)
                 continue

@@ -11,7 +11,6 @@ again: two records for one hole). A (ingest_ms, Gap) item is a hole told at shut
 from __future__ import annotations
 
 import queue
-import time
 
 from . import logs
 from .capture_format import CaptureBatch, SessionEnd
@@ -196,11 +195,10 @@ class Handover:
                               capacity_handovers=self._config.channel_cap,
                               dropped_events_total=self.stats.channel_drops)
 
-    def shutdown_items(self) -> list[tuple]:
+    def shutdown_items(self, now_ms: int) -> list[tuple]:
         """After the reader has stopped, what it still holds, as inbound items: capture batches the full queue
         refused, and the holes never told because data did not resume. A session gap becomes `shutdown` (the service
-        stopped inside it); drops keep their reason."""
-        now_ms = time.time_ns() // 1_000_000
+        stopped inside it, at now_ms); drops keep their reason."""
         items = []
         for gap in self.pending_gaps:
             if gap.reason != "inbound_drop":

@@ -556,9 +556,9 @@ class Reader(ServiceThread):
                 stale_deadline = clock() + stale_after
             offer(ingest_ms, data, statuses)
 
-    def shutdown_items(self) -> list[tuple]:
+    def shutdown_items(self, now_ms: int) -> list[tuple]:
         """After the reader has stopped, what it still holds, as inbound items (Handover.shutdown_items)."""
-        return self.handover.shutdown_items()
+        return self.handover.shutdown_items(now_ms)
 
 
 class Heartbeat(ServiceThread):

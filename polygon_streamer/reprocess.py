@@ -94,6 +94,7 @@ class Feeder:
             # Delivered live where it stands in the capture: the same records again, in the same place.
             text = frame.data.decode("utf-8", "replace")
             self.put((ingest_ms, Backfilled(text) if frame.form == "backfill" else BackfillSummary(text)))
+            self.last_recv_ms = ingest_ms  # at a stop: when the service stopped (a hole then ends there)
             return
         if frame.form == "end":
             self.session_ended.add(frame.session)

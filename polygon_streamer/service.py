@@ -14,7 +14,7 @@ import time
 from typing import Callable
 
 from . import __version__, affinity, logs, protocol
-from .backfill import BackfillStats, BackfillThread, Desk
+from .backfill import FINISH, BackfillStats, BackfillThread, Desk
 from .config import Config, ConfigError, format_addr
 from .dispatch import Dispatcher, stop_inbound
 from .metrics import LatencyHistogram, MetricsServer, make_registry
@@ -339,7 +339,11 @@ class Service:
     def _stop_inbound(self, deadline: float) -> bool:
         """Queue STOP behind the accepted frames (and the gap records of holes data never came back from),
         answering a second SIGTERM/SIGINT while the queue is full."""
-        for item in self.reader.shutdown_items():
+        # Open backfills end first (their summaries say shutdown), then the holes data never came back from: the
+        # order reprocess reproduces from a capture.
+        now_ms = time.time_ns() // 1_000_000
+        finish = [(now_ms, FINISH)] if self.backfill else []
+        for item in finish + self.reader.shutdown_items(now_ms):
             while True:
                 try:
                     self.inbound.put(item, timeout=MAIN_TICK_SECS)
