@@ -151,10 +151,24 @@ def test_the_demo_help_shows_the_defaults_it_uses_and_each_cluster_streams_its_o
         assert len(lines) == 4 and {line["fields"]["type"] for line in lines} == codes, (cluster, lines)
 
 
-def test_the_shipped_env_file_documents_every_variable():
-    text = (ROOT / "etc" / "polygon-streamer" / "example.env").read_text()
+def test_the_reference_the_env_file_and_help_are_rendered_from_the_declarations():
+    """docs/configuration.md and example.env are what configdoc renders from config.py (regenerate with
+    `python -m polygon_streamer.configdoc`), and `run --help` shows every setting's help, default and variable."""
+    from click.testing import CliRunner
+
+    from polygon_streamer import configdoc
+    from polygon_streamer.cli import cli
+
+    assert configdoc.ungrouped() == [], "every setting in exactly one section of the reference"
+    for relative, render in configdoc.TARGETS.items():
+        assert (ROOT / relative).read_text() == render(), f"{relative} is stale: python -m polygon_streamer.configdoc"
+    env_text = (ROOT / "etc" / "polygon-streamer" / "example.env").read_text()
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    help_text = " ".join(CliRunner().invoke(cli, ["run", "--help"], terminal_width=10_000).output.split())
     for setting in SETTINGS:
-        assert f"{setting.env}=" in text, setting.env
+        assert f"{setting.env}=" in env_text and f"| `{setting.env}` | `{setting.flag}` |" in reference, setting.env
+        assert f"{setting.flag} " in help_text and f"[env var: {setting.env}]" in help_text, setting.env
+        assert " ".join(setting.help.split()) in help_text, setting.env
 
 
 def test_cpu_affinity_accepts_auto_off_and_cpu_lists_and_rejects_the_rest():
