@@ -29,7 +29,7 @@ demo: $(VENV)/.demo-installed
 
 # The Debian package test needs root and apt and changes the system (a package, a user): it runs in CI
 # (CI=true) or when asked (PACKAGE_TEST=1). There, the system tools some tests use are installed first (promtool,
-# from Debian's prometheus package, checks the README's alert rules; redis-server and redis-cli run the Redis sink's
+# from Debian's prometheus package, checks the ops kit's alert rules; redis-server and redis-cli run the Redis sink's
 # tests, which CI never skips); elsewhere those tests skip and say why.
 SYSTEM_TEST_PACKAGES := prometheus redis-server redis-tools
 test: install

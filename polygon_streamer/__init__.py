@@ -1,3 +1,3 @@
 """polygon-streamer: Polygon.io / Massive WebSocket market data to stdout, NDJSON files and ZeroMQ."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

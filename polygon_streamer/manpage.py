@@ -90,7 +90,9 @@ def render(group: click.Group | None = None) -> str:
               _escape("hourly rotation, run by polygon-streamer-logrotate.timer (or /etc/cron.d/polygon-streamer)"),
               ".TP", ".I /var/log/polygon-streamer/", "NDJSON and capture output",
               ".SH SEE ALSO",
-              "/usr/share/doc/polygon-streamer/README.md, /usr/share/doc/polygon-streamer/schema.md,",
+              "/usr/share/doc/polygon-streamer/README.md,",
+              "/usr/share/doc/polygon-streamer/docs/ (configuration.md has every setting; operations.md,",
+              "troubleshooting.md, debian.md), /usr/share/doc/polygon-streamer/schema.md,",
               "\\fBpolygon-streamer schema\\fR"]
     return "\n".join(lines) + "\n"
 

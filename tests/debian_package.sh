@@ -31,7 +31,8 @@ dpkg -s polygon-streamer > /dev/null 2>&1 && apt-get purge -y -qq polygon-stream
 step "building in a clean Debian 12 chroot"
 bash "$ROOT/tests/clean_chroot_build.sh" "$WORK/out" || fail "the clean chroot build"
 cp "$WORK/out/build.log" "$WORK/build.log"
-DEB="$WORK/out/polygon-streamer_0.1.0_all.deb"
+VERSION=$(sed -n '1s/^polygon-streamer (\([^)]*\)).*/\1/p' "$ROOT/debian/changelog")
+DEB="$WORK/out/polygon-streamer_${VERSION}_all.deb"
 [ -f "$DEB" ] || fail "no .deb produced"
 
 step "checking contents and metadata"
@@ -41,6 +42,8 @@ for path in ./usr/bin/polygon-streamer ./etc/polygon-streamer/example.env ./etc/
             ./usr/lib/tmpfiles.d/polygon-streamer.conf ./usr/lib/python3/dist-packages/polygon_streamer/reader.py \
             ./usr/share/man/man1/polygon-streamer.1.gz ./usr/share/doc/polygon-streamer/README.md \
             ./usr/share/doc/polygon-streamer/schema.md ./usr/share/doc/polygon-streamer/schema.json \
+            ./usr/share/doc/polygon-streamer/docs/configuration.md ./usr/share/doc/polygon-streamer/docs/operations.md \
+            ./usr/share/doc/polygon-streamer/docs/troubleshooting.md ./usr/share/doc/polygon-streamer/docs/debian.md \
             ./usr/lib/python3/dist-packages/polygon_streamer/schema.json \
             ./usr/share/polygon-streamer/alerts.yml ./usr/share/polygon-streamer/dashboard.json; do
     grep -qx "$path" "$WORK/contents" || fail "missing $path"

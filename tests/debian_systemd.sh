@@ -60,7 +60,7 @@ chroot "$ROOTFS" /bin/sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractiv
     --no-install-recommends /root/$(basename "$DEB") python3-wsproto python3-redis" > "$ROOTFS.apt.log" 2>&1 \
     || { tail -20 "$ROOTFS.apt.log"; fail "installing the .deb in the container"; }
 rm -f "$ROOTFS.apt.log"
-# Redis on a unix socket only (the README's recipe), no TCP port to collide with the host's.
+# Redis on a unix socket only (the documented recipe), no TCP port to collide with the host's.
 sed -i -e 's/^port .*/port 0/' -e 's|^# *unixsocket .*|unixsocket /run/redis/redis-server.sock|' \
     -e 's/^# *unixsocketperm .*/unixsocketperm 770/' "$ROOTFS/etc/redis/redis.conf"
 

@@ -59,7 +59,7 @@ def free_port() -> int:
 
 
 def report(case: str, **numbers) -> None:
-    """One line per fault case, shown by `pytest -rP`: the numbers README's reliability table quotes."""
+    """One line per fault case, shown by `pytest -rP`: the numbers docs/dev/testing.md's fault table quotes."""
     print(f"{case}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
 
 

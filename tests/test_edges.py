@@ -34,15 +34,49 @@ def test_the_shipped_man_page_is_the_one_the_commands_render():
         assert f".B {setting.env}".replace("-", "\\-") in shipped, setting.env
 
 
-def test_the_readme_names_every_command_and_every_setting():
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_the_readme_names_every_command_and_the_reference_every_setting():
     readme = (ROOT / "README.md").read_text()
     for command in COMMANDS:
         assert f"`{command}`" in readme or f"polygon-streamer {command}" in readme, command
+    reference = (ROOT / "docs" / "configuration.md").read_text()
     for setting in SETTINGS:
-        assert setting.env in readme, setting.env
-    # ...and every command it shows exists (`polygon-streamer adm` is the user and its group, not a command).
-    shown = set(re.findall(r"polygon-streamer ([a-z][a-z-]*)", readme)) - {"adm"}
-    assert shown <= set(COMMANDS), shown - set(COMMANDS)
+        assert f"`{setting.env}`" in reference, setting.env
+    assert 8_000 <= len(readme.encode()) <= 12_500, "README is the short page; the reference is in docs/"
+
+
+def test_every_command_the_docs_show_exists():
+    # `polygon-streamer adm` is the user and its group in a chown, not a command; @ and . follow unit and file names.
+    for path in DOCS + [ROOT / "polygon_streamer" / "schema.md"]:
+        shown = set(re.findall(r"(?<![@/.\w-])polygon-streamer ([a-z][a-z-]*)", path.read_text())) - {"adm"}
+        assert shown <= set(COMMANDS), (path.name, shown - set(COMMANDS))
+
+
+def _anchors(path):
+    """The anchors GitHub makes of a Markdown file's headings."""
+    anchors = set()
+    for heading in re.findall(r"(?m)^#+ (.+)$", path.read_text()):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    checked = 0
+    for path in DOCS:
+        text = re.sub(r"(?s)```.*?```", "", path.read_text())
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto: not checked offline
+            file_part, _, anchor = target.partition("#")
+            resolved = (path.parent / file_part).resolve() if file_part else path
+            assert resolved.exists(), f"{path.relative_to(ROOT)}: {target} does not exist"
+            if anchor:
+                assert anchor in _anchors(resolved), f"{path.relative_to(ROOT)}: {target}: no such heading"
+            checked += 1
+    assert checked >= 40
 
 
 def test_top_level_help_and_package_description_name_every_sink():

@@ -8,6 +8,8 @@ import sys
 import pytest
 import ujson
 
+import polygon_streamer
+
 from helpers import ROOT, Streamer, base_env, free_port, report, wait_for
 from polygon_streamer.mockserver import ODD_EVENTS_KEPT
 from polygon_streamer.affinity import parse as parse_cpus
@@ -52,7 +54,7 @@ def test_happy_path_streams_records_with_gapless_seq_and_exits_0(mock_server, sp
     assert metrics[("polygon_sink_written_total", (("sink", "stdout"),))] == 500
     assert metrics[("polygon_event_latency_seconds_count", ())] > 0
     build = [dict(labels) for name, labels in metrics if name == "polygon_build_info"]
-    assert build and build[0]["version"] == "0.1.0" and build[0]["cluster"] == "stocks"
+    assert build and build[0]["version"] == polygon_streamer.__version__ and build[0]["cluster"] == "stocks"
     assert mock_server.stats.pings >= 1
     tasks = f"/proc/{streamer.proc.pid}/task"
     os_names = {open(f"{tasks}/{tid}/comm").read().strip() for tid in os.listdir(tasks)}

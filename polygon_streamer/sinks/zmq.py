@@ -3,7 +3,7 @@
 A plain PUB drops silently at the high-water mark (ops.md C.3). This sink uses XPUB with XPUB_NODROP and
 non-blocking sends instead: a full pipe answers EAGAIN, and the message is dropped and counted here. The price is
 libzmq's rule that one full subscriber refuses the message for every subscriber that matches it; size SNDHWM so a
-healthy subscriber never reaches it (README, "ZeroMQ").
+healthy subscriber never reaches it (docs/sinks.md, "ZeroMQ").
 """
 
 from __future__ import annotations
