@@ -121,7 +121,8 @@ class RestServer:
         """(status, headers, body) for one GET."""
         options = self.mock.options
         key = (authorization or "").removeprefix("Bearer ").strip() or query.get("apiKey", [""])[0]
-        if options.api_key is not None and key != options.api_key:
+        wanted = options.rest_api_key if options.rest_api_key is not None else options.api_key
+        if wanted is not None and key != wanted:
             return 401, {}, {"status": "ERROR", "request_id": "mock", "error": "Unknown API Key"}
         number = self.next_request()
         if number <= options.rest_throttle:

@@ -179,6 +179,7 @@ class MockOptions:
     rest_retry_after: str = "1"
     rest_errors: int = 0               # the next N REST requests (after the throttled ones) are answered 500
     rest_hang: bool = False            # REST requests are read and never answered
+    rest_api_key: str | None = None    # the REST side accepts this key instead of api_key (401 for the WebSocket's)
 
 
 @dataclass

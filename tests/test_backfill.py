@@ -145,6 +145,20 @@ def test_403_turns_that_kind_off_until_restart_and_says_not_entitled(mock_server
     assert sum(1 for m in streamer.log_messages() if m.startswith("backfill of quotes is off until restart")) == 1
 
 
+def test_a_key_the_rest_api_refuses_is_an_error_summary_and_never_leaks(mock_server, spawn, tmp_path):
+    rest_url = lossy(mock_server, lose=80)
+    mock_server.options.rest_api_key = "another-key"
+    dest = tmp_path / "refused.ndjson"
+    streamer = backfilling(spawn, rest_url, dest)
+    wait_for(lambda: summaries(records_of(dest)), timeout=40, what="the summary")
+    assert streamer.stop() == 0
+    payload = summaries(records_of(dest))[0]["payload"]
+    assert payload["complete"] is False and payload["reason"] == "error"
+    assert "401" in payload["detail"] and "check the API key" in payload["detail"]
+    assert streamer_requests(mock_server, 401) >= 1 and streamer_requests(mock_server, 200) == 0
+    assert TEST_KEY not in dest.read_text() and TEST_KEY not in streamer.all_output()
+
+
 def test_sigterm_while_the_rest_server_hangs_stops_at_once_and_the_summary_says_shutdown(mock_server, spawn,
                                                                                         tmp_path):
     rest_url = lossy(mock_server, lose=80)
