@@ -231,8 +231,7 @@ class Track:
 class Job:
     """The backfill of one gap record."""
 
-    __slots__ = ("gap_seq", "gap_reason", "hole_from", "hole_to", "windows", "skipped", "created", "started",
-                 "finished")
+    __slots__ = ("gap_seq", "gap_reason", "hole_from", "hole_to", "windows", "skipped", "created", "started")
 
     def __init__(self, gap_seq: int, gap_reason: str, hole_from: int, hole_to: int):
         self.gap_seq, self.gap_reason, self.hole_from, self.hole_to = gap_seq, gap_reason, hole_from, hole_to
@@ -240,7 +239,6 @@ class Job:
         self.skipped: list[dict] = []  # topics that cannot be filled: wildcards, unsupported codes
         self.created = time.monotonic()
         self.started: float | None = None
-        self.finished = False
 
     def summary(self, why: str | None = None) -> dict:
         topics = [window.summary() for window in self.windows] + self.skipped
@@ -300,7 +298,6 @@ class Desk:
         self.jobs: queue.Queue = queue.Queue(JOB_QUEUE)
         self.deliveries: queue.Queue = queue.Queue(DELIVERY_QUEUE)
         self.open_jobs: list[Job] = []
-        self._topics: dict[tuple[str, str], str] = {}  # (code, event symbol) -> the topic
         self._version = -1
         self._items = 0
         self.sync()
@@ -310,17 +307,16 @@ class Desk:
         if self.subscriptions.version == self._version:
             return
         self._version = self.subscriptions.version
-        topics: dict[tuple[str, str], str] = {}
+        watched = set()
         for topic in self.subscriptions.desired:
             code, _, ticker = topic.partition(".")
             if "*" not in ticker and filled_kind(self.cluster, code) in self.kinds:
-                topics[(code, event_symbol(self.cluster, ticker))] = topic
+                watched.add((code, event_symbol(self.cluster, ticker)))
         tracks = self.normalizer.tracks
-        for key in [key for key in tracks if key not in topics]:
+        for key in [key for key in tracks if key not in watched]:
             del tracks[key]
-        for key in topics:
+        for key in watched:
             tracks.setdefault(key, Track())
-        self._topics = topics
         self.normalizer.refresh_tracks()
 
     def gap(self, reason: str, gap_seq: int, hole_from: int, hole_to: int | None, emit: Callable) -> None:
@@ -382,6 +378,11 @@ class Desk:
             self._finish(item.job, emit)
             return
         window = item.window
+        if window.overflow:
+            # More live events in the window than it can remember: what it forgot could be delivered twice.
+            window.reason = "error"
+            window.detail = f"more than {SEEN_LIMIT:,} live events in {window.topic}'s window: not delivered"
+            return
         kept = []
         seen = window.seen
         for event in item.events:

@@ -118,9 +118,9 @@ class RestClient:
                 failure = f"GET {path}: {label}: {exc.__class__.__name__}"
                 self._wait(self._backoff(attempt))
                 continue
-            self._count(str(status) if str(status) in STATUS_LABELS else "other")
             if status == 200:
-                return self._decode(body, path)
+                return self._decode(body, path)  # counted there: 200, or bad_response
+            self._count(str(status) if str(status) in STATUS_LABELS else "other")
             if status == 403:
                 raise RestError("not_entitled", f"GET {path}: 403 not entitled ({self._message(body)})")
             if status == 401:
@@ -176,6 +176,7 @@ class RestClient:
         if not isinstance(value, dict) or not isinstance(value.get("results", []), list):
             self._count("bad_response")
             raise RestError("error", f"GET {path}: the answer is not a JSON object with a results list")
+        self._count("200")
         return value
 
     @staticmethod

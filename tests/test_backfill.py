@@ -276,3 +276,24 @@ def test_a_next_url_on_another_host_is_refused_and_retry_after_is_bounded():
     assert RestClient._retry_after("3") == 3.0 and RestClient._retry_after("99999") == 60.0
     assert RestClient._retry_after(None) == 0.0 and RestClient._retry_after("garbage") == 0.0
     assert json.dumps(backfill.REASONS)
+
+
+def test_a_window_that_could_not_remember_every_live_event_delivers_nothing_and_says_so(monkeypatch):
+    import queue
+
+    from polygon_streamer.normalize import FrameNormalizer
+    from polygon_streamer.subscriptions import Subscriptions
+
+    monkeypatch.setattr(backfill, "SEEN_LIMIT", 2)
+    normalizer = FrameNormalizer("stocks", "ingest-1", "0.2.0")
+    desk = backfill.Desk("stocks", ("trades",), normalizer, Subscriptions(["T.AAPL"], "SUBSCRIPTION"),
+                         backfill.BackfillStats(), queue.Queue(4))
+    emitted = []
+    desk.gap("disconnect", 1, 1000, 2000, lambda note, ms: emitted.append(note))
+    window = desk.open_jobs[0].windows[0]
+    for q in range(1, 5):  # live events after the hole, all inside the window
+        normalizer.normalize(f'[{{"ev":"T","sym":"AAPL","p":1.0,"s":1,"t":{1000 + q},"q":{q}}}]', 3000)
+    assert window.overflow
+    desk.deliveries.put(backfill.Chunk(desk.open_jobs[0], window, [{"ev": "T", "sym": "AAPL", "t": 1001, "q": 9}]))
+    desk.deliver(lambda note, ms: emitted.append(note))
+    assert emitted == [] and window.reason == "error" and "not delivered" in window.detail
