@@ -42,8 +42,7 @@ def setting_options(skip: tuple[str, ...] = (), shown_defaults: dict[str, str] |
             if setting.field in skip:
                 continue
             envvar = [setting.env, "RUST_LOG"] if setting.field == "log_level" else setting.env
-            default_text = f"default: {setting.default_text or setting.default}" \
-                if (setting.default_text or setting.default) not in (None, "") else "default: unset"
+            default_text = f"default: {setting.shown_default}"
             if shown_defaults and setting.field in shown_defaults:
                 default_text = f"default: {shown_defaults[setting.field]}"
             # (RUST_LOG is read too, but only LOG_LEVEL is the variable to set: the help names it alone)

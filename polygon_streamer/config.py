@@ -256,6 +256,11 @@ class Setting:
     doc: str = ""  # the reference's meaning (docs/configuration.md, example.env), where `help` is too short
 
     @property
+    def shown_default(self) -> str:
+        """The default as --help, the reference and the man page say it ("unset" where there is none)."""
+        return self.default_text or (self.default if self.default not in (None, "") else "unset")
+
+    @property
     def flag(self) -> str:
         return "--" + self.field.replace("_", "-")
 

@@ -66,10 +66,6 @@ ENV_HEADER = """\
 WIDTH = 118
 
 
-def default_text(setting: Setting) -> str:
-    return setting.default_text or (setting.default if setting.default not in (None, "") else "unset")
-
-
 def meaning(setting: Setting) -> str:
     return setting.doc or setting.help
 
@@ -91,7 +87,7 @@ def _comment(text: str) -> list[str]:
 def render_env() -> str:
     blocks = [ENV_HEADER.rstrip("\n")]
     for setting in SETTINGS:
-        lines = _comment(f"{_plain(meaning(setting))} (default: {_plain(default_text(setting))})")
+        lines = _comment(f"{_plain(meaning(setting))} (default: {_plain(setting.shown_default)})")
         if setting.field in UNIT_NOTES:
             lines += _comment(UNIT_NOTES[setting.field])
         if setting.field == "api_key":
@@ -122,7 +118,7 @@ def render_reference() -> str:
         out += [f"## {title}", "", "| variable | option | default | meaning |", "| --- | --- | --- | --- |"]
         for field in fields:
             setting = SETTINGS_BY_FIELD[field]
-            out.append(f"| `{setting.env}` | `{setting.flag}` | {_cell(_code(default_text(setting)))} | "
+            out.append(f"| `{setting.env}` | `{setting.flag}` | {_cell(_code(setting.shown_default))} | "
                        f"{_cell(meaning(setting))} |")
         out.append("")
     return "\n".join(out)

@@ -73,9 +73,8 @@ def render(group: click.Group | None = None) -> str:
               _escape("Each variable has an option of the same name in lower case (POLYGON_CLUSTER is --cluster, "
                       "CHANNEL_CAP is --channel-cap); the option wins.")]
     for setting in SETTINGS:
-        default = setting.default_text or setting.default
         lines += [".TP", f".B {_escape(setting.env)}",
-                  _escape(f"{setting.flag}: {setting.help}" + (f" (default: {default})" if default else ""))]
+                  _escape(f"{setting.flag}: {setting.help} (default: {setting.shown_default})")]
     lines += [".SH SIGNALS",
               _escape("SIGTERM and SIGINT stop reading, drain every queue, flush and exit within "
                       "SHUTDOWN_TIMEOUT_SECS; a second one exits at once (status 1, saying what was not written). "
