@@ -152,8 +152,8 @@ def run(config: Config, paths: list[str], progress: bool = True) -> int:
     service = Service(config)
     for sink_queue in service.sink_queues:
         sink_queue.drop_when_full = False  # offline: wait for the sink, never drop
+    service.install_signal_handlers()  # first: a SIGTERM during start() is queued, not fatal
     service.start(network=False)
-    service.install_signal_handlers()
     feeder = Feeder(config, service)
     started = time.monotonic()
     next_report = started + PROGRESS_SECS

@@ -553,8 +553,10 @@ class _Pulse:
 def run_service(config: Config, stop_after_events: int | None = None,
                 on_started: Callable[[Service], None] | None = None, notifier: Notifier | None = None) -> int:
     service = Service(config, stop_after_events=stop_after_events, notifier=notifier)
-    service.start()
+    # Before start(): a SIGTERM while the sinks open is queued and run() stops at once, instead of the default
+    # action killing the process (status -15) with nothing to say.
     service.install_signal_handlers()
+    service.start()
     if on_started:
         on_started(service)
     # The sinks are open and the metrics port is bound: ready (not "data flows": markets close).
