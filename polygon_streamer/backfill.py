@@ -279,7 +279,8 @@ class BackfillStats:
         self.events: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.duplicates = 0
         self.bad_results = 0
-        self.summaries: dict[str, int] = {}  # "complete" or the reason
+        # "complete" or the reason; every result exported from the start (0), so rate() and alerts see the first one
+        self.summaries: dict[str, int] = dict.fromkeys(("complete", *REASONS), 0)
         self.seconds = None  # a metrics.LatencyHistogram, set by the service
 
 

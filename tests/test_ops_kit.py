@@ -49,6 +49,12 @@ tests:
         values: '2048x20'
       - series: 'polygon_zmq_peers{instance="a"}'
         values: '1 0x20'
+      - series: 'polygon_backfill_gaps_total{instance="a",result="complete"}'
+        values: '0 1 2 3x20'
+      - series: 'polygon_backfill_gaps_total{instance="a",result="shutdown"}'
+        values: '0 0 0 1x20'
+      - series: 'polygon_backfill_gaps_total{instance="a",result="rate_limited"}'
+        values: '0 0 0 0 0 0 1x60'
     alert_rule_test:
       - {eval_time: 1m, alertname: PolygonFeedDown, exp_alerts: []}
       - eval_time: 5m
@@ -86,6 +92,14 @@ tests:
           - exp_labels: {severity: warning, instance: a}
             exp_annotations: {summary: "a: no ZeroMQ peer: what is published reaches nobody"}
       - {eval_time: 10m, alertname: PolygonSequenceAnomalies, exp_alerts: []}
+      # complete and shutdown are not failures; rate_limited at 6m is, for 30 minutes
+      - {eval_time: 5m, alertname: PolygonBackfillIncomplete, exp_alerts: []}
+      - eval_time: 10m
+        alertname: PolygonBackfillIncomplete
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: a, result: rate_limited}
+            exp_annotations: {summary: "a: a gap's backfill ended rate_limited: part of the gap stays unfilled"}
+      - {eval_time: 40m, alertname: PolygonBackfillIncomplete, exp_alerts: []}
 """
 
 
@@ -105,8 +119,10 @@ def test_the_rules_pass_promtool_check_and_test(tmp_path):
 
 @needs_prometheus
 def test_a_real_prometheus_finds_series_for_every_panel_and_rule(mock_server, spawn, tmp_path):
+    # BACKFILL on (against the local server's REST side) so that its metrics, which the alerts use, exist.
     streamer = spawn(SINK="ndjson,zmq", NDJSON_DEST=str(tmp_path / "out.ndjson"), SUBSCRIPTION="T.*,Q.*",
-                     ZMQ_ENDPOINT=f"tcp://127.0.0.1:{free_port()}", ZMQ_BIND="true")
+                     ZMQ_ENDPOINT=f"tcp://127.0.0.1:{free_port()}", ZMQ_BIND="true",
+                     BACKFILL="on", POLYGON_REST_URL=mock_server.start_rest())
     streamer.wait_ready()
     target = streamer.metrics_url[len("http://"):]
     shutil.copy(OPS / "alerts.yml", tmp_path / "alerts.yml")
