@@ -69,8 +69,12 @@ def event_symbol(cluster: str, ticker: str) -> str:
     return ticker[2:] if cluster == "crypto" and ticker.startswith("X:") else ticker
 
 
-def rest_ticker(cluster: str, symbol: str) -> str:
-    return "X:" + symbol if cluster == "crypto" else symbol
+def rest_ticker(cluster: str, symbol: str, kind: str) -> str:
+    """The REST API's name of a WebSocket symbol: crypto trades say X:BTC-USD (rest.md), crypto bars X:BTCUSD (the
+    aggregates endpoint's form, as its documented examples and every public client spell it)."""
+    if cluster != "crypto":
+        return symbol
+    return "X:" + (symbol.replace("-", "") if kind == "aggs" else symbol)
 
 
 # Where both the WebSocket event and the REST result carry the sequence number q (rest.md: options trades and
@@ -149,7 +153,7 @@ def to_event(cluster: str, code: str, kind: str, symbol: str, result) -> dict | 
 
 def request(cluster: str, code: str, kind: str, symbol: str, from_ms: int, to_ms: int) -> tuple[str, dict]:
     """The REST path and query of one window (rest.md): ascending, the largest page."""
-    ticker = quote(rest_ticker(cluster, symbol), safe=":")
+    ticker = quote(rest_ticker(cluster, symbol, kind), safe=":")
     if kind == "aggs":
         span = "second" if BAR_MS.get(code) == 1000 else "minute"
         return (f"/v2/aggs/ticker/{ticker}/range/1/{span}/{from_ms}/{to_ms}",

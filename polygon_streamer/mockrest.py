@@ -44,6 +44,12 @@ class History:
         with self._lock:
             return list(self._streams.get((code, symbol), ()))
 
+    def pair_of(self, code: str, compact: str) -> str:
+        """The crypto pair (BTC-USD) the aggregates endpoint names without its dash (X:BTCUSD)."""
+        with self._lock:
+            return next((symbol for stream_code, symbol in self._streams
+                         if stream_code == code and symbol.replace("-", "") == compact), compact)
+
 
 class Market:
     """What goes on across connections: each stream's sequence and price, the history, who connected before."""
@@ -149,6 +155,8 @@ class RestServer:
             return 403, {}, {"status": "NOT_AUTHORIZED", "request_id": "mock",
                              "message": "You are not entitled to this data. Please upgrade your plan."}
         symbol = ticker[2:] if ticker.startswith("X:") else ticker
+        if aggs and ticker.startswith("X:"):  # the real API: X:BTC-USD for trades, X:BTCUSD for bars
+            symbol = self.mock.market.history.pair_of("XA", symbol)
         if match:
             results = self._ticks(kind, symbol, query)
         else:

@@ -111,6 +111,36 @@ def test_two_lossy_cuts_are_healed_every_event_exactly_once_backfilled_ones_mark
            duplicates=int(metric("polygon_backfill_duplicates_total")), events=len(data))
 
 
+def test_crypto_trades_are_healed_by_id_and_bars_are_asked_as_the_aggregates_endpoint_names_them(mock_server, spawn,
+                                                                                                    tmp_path):
+    """Crypto trades have no sequence number over REST: their identity is (t, p, s, x, i). The REST API names a pair
+    X:BTC-USD for trades and X:BTCUSD for bars."""
+    rest_url = lossy(mock_server, lose=300, cut=1500)
+    dest = tmp_path / "crypto.ndjson"
+    subscription = "XT.BTC-USD,XT.ETH-USD,XA.BTC-USD"
+    streamer = backfilling(spawn, rest_url, dest, subscription, cluster="crypto")
+    wait_for(lambda: mock_server.stats.connections >= 2, timeout=30, what="the cut")
+    mock_server.options.drop_after = 0
+    mock_server.options.count = 1000
+    wait_for(lambda: summaries(records_of(dest)) and sum(
+        len(mock_server.market.history.events("XT", pair)) for pair in ("BTC-USD", "ETH-USD")) == sum(
+        1 for r in records_of(dest) if r["type"] == "XT"), timeout=60, what="the summary and every trade")
+    assert streamer.stop() == 0
+    records = records_of(dest)
+    for pair in ("BTC-USD", "ETH-USD"):
+        ids = sorted(int(r["payload"]["i"]) for r in records if r["type"] == "XT" and r["symbol"] == pair)
+        assert ids == sorted(e["i"] for e in mock_server.market.history.events("XT", pair)), f"{pair}: exactly once"
+    done = [summary["payload"] for summary in summaries(records)]
+    assert all(summary["complete"] is True and [t["topic"] for t in summary["topics"]] == subscription.split(",")
+               for summary in done)
+    backfilled = sum(1 for r in records if r["type"] == "XT" and r.get("backfill") is True)
+    assert backfilled > 0 and backfilled == sum(t["recovered"] for summary in done for t in summary["topics"]
+                                                if t["kind"] == "trades")
+    paths = {path for path, status in mock_server.stats.rest_requests if status == 200}
+    assert {"/v3/trades/X:BTC-USD", "/v3/trades/X:ETH-USD"} <= paths
+    assert any(path.startswith("/v2/aggs/ticker/X:BTCUSD/range/1/minute/") for path in paths), paths
+
+
 def test_429_is_retried_after_retry_after_and_the_backfill_completes(mock_server, spawn, tmp_path):
     rest_url = lossy(mock_server, lose=80)
     mock_server.options.rest_throttle = 2
@@ -261,7 +291,7 @@ def test_the_identity_of_an_event_is_the_same_live_and_over_rest():
     assert params["timestamp.lte"] == 2000 * 10**6 + 999_999 and params["order"] == "asc"
     assert params["limit"] == 50_000
     assert backfill.request("crypto", "XA", "aggs", "BTC-USD", 60_000, 120_000)[0] == \
-        "/v2/aggs/ticker/X:BTC-USD/range/1/minute/60000/120000"
+        "/v2/aggs/ticker/X:BTCUSD/range/1/minute/60000/120000"
 
 
 def test_a_next_url_on_another_host_is_refused_and_retry_after_is_bounded():
