@@ -233,7 +233,8 @@ def test_stopping_inside_a_hole_writes_a_shutdown_gap(mock_server, spawn, tmp_pa
 
 
 def test_every_metric_the_alert_rules_use_is_exported(mock_server, spawn):
-    streamer = spawn(SUBSCRIPTION="T.*")
+    # BACKFILL on (the local server's REST side): polygon_backfill_* exist only then.
+    streamer = spawn(SUBSCRIPTION="T.*", BACKFILL="on", POLYGON_REST_URL=mock_server.start_rest())
     streamer.wait_ready()
     exported = {name for name, _ in streamer.metrics()}
     used = set(re.findall(r"\b(polygon_[a-z_]+)", (ROOT / "polygon_streamer" / "ops" / "alerts.yml").read_text()))
