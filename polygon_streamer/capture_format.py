@@ -85,30 +85,33 @@ class CaptureNote:
         raise NotImplementedError
 
 
-class Backfilled(CaptureNote):
-    """Events the REST API returned for a gap, as WebSocket events (backfill.py), after deduplication: the dispatcher
-    normalizes them as records marked "backfill": true, and the capture keeps them as a `backfill` line (strict
-    JSON: the service wrote it) so that reprocess delivers the same records."""
+class _JsonNote(CaptureNote):
+    """A note that is JSON text the service wrote (strict), kept under its line's key."""
 
     __slots__ = ("text",)
+    KEY = ""
 
     def __init__(self, text: str):
         self.text = text
 
     def field(self) -> str:
-        return '"backfill":' + self.text
+        return f'"{self.KEY}":' + self.text
 
 
-class BackfillSummary(CaptureNote):
+class Backfilled(_JsonNote):
+    """Events the REST API returned for a gap, as WebSocket events (backfill.py), after deduplication: the dispatcher
+    normalizes them as records marked "backfill": true, and the capture keeps them as a `backfill` line so that
+    reprocess delivers the same records."""
+
+    __slots__ = ()
+    KEY = "backfill"
+
+
+class BackfillSummary(_JsonNote):
     """The summary of one gap's backfill (the payload of the record of kind "backfill"), as its capture line."""
 
-    __slots__ = ("text",)
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def field(self) -> str:
-        return '"backfill_summary":' + self.text
+    __slots__ = ()
+    KEY = "backfill_summary"
 
 
 class SessionEnd(CaptureNote):
