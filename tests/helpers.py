@@ -52,6 +52,20 @@ def valid_record(line: str) -> dict:
     return record
 
 
+def records_in(path, writing: bool = False) -> list[dict]:
+    """The records of an NDJSON file, each checked by valid_record. writing: the service is still writing it, so a
+    last line without its newline is not a record yet (the sink writes whole lines, but a reader can see a large
+    write(2) half done, even inside a UTF-8 character); otherwise the file must end with a newline."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if writing:
+        data = data[:data.rfind(b"\n") + 1]
+    else:
+        assert not data or data.endswith(b"\n"), f"{path} ends with a torn line"
+    return [valid_record(line) for line in data.decode("utf-8").splitlines()]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

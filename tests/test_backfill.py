@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, TEST_KEY, report, valid_record, wait_for
+from helpers import ROOT, TEST_KEY, records_in, report, wait_for
 from polygon_streamer import backfill
 from polygon_streamer.config import ConfigError, build_config
 from polygon_streamer.rest import RestClient, RestError
@@ -19,7 +19,12 @@ EXPLICIT = "T.AAPL,Q.AAPL,T.MSFT,Q.MSFT"
 
 
 def records_of(path):
-    return [valid_record(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return records_in(path)
+
+
+def so_far(path):
+    """The records of a file the service is still writing (its last line counts once whole)."""
+    return records_in(path, writing=True)
 
 
 def summaries(records):
@@ -61,9 +66,9 @@ def test_two_lossy_cuts_are_healed_every_event_exactly_once_backfilled_ones_mark
     total = 2000 + (400 + 2000) + (400 + 1500)
 
     def data_records():
-        return sum(1 for r in records_of(dest) if r["kind"] not in ("gap", "backfill"))
+        return sum(1 for r in so_far(dest) if r["kind"] not in ("gap", "backfill"))
     wait_for(lambda: sum(map(len, history_of(mock_server).values())) == total and data_records() >= total
-             and len(summaries(records_of(dest))) >= 2, timeout=60, what="every event and both summaries")
+             and len(summaries(so_far(dest))) >= 2, timeout=60, what="every event and both summaries")
     metrics = streamer.metrics()
 
     def metric(name, **labels):
@@ -122,9 +127,9 @@ def test_crypto_trades_are_healed_by_id_and_bars_are_asked_as_the_aggregates_end
     wait_for(lambda: mock_server.stats.connections >= 2, timeout=30, what="the cut")
     mock_server.options.drop_after = 0
     mock_server.options.count = 1000
-    wait_for(lambda: summaries(records_of(dest)) and sum(
+    wait_for(lambda: summaries(so_far(dest)) and sum(
         len(mock_server.market.history.events("XT", pair)) for pair in ("BTC-USD", "ETH-USD")) == sum(
-        1 for r in records_of(dest) if r["type"] == "XT"), timeout=60, what="the summary and every trade")
+        1 for r in so_far(dest) if r["type"] == "XT"), timeout=60, what="the summary and every trade")
     assert streamer.stop() == 0
     records = records_of(dest)
     for pair in ("BTC-USD", "ETH-USD"):
@@ -147,7 +152,7 @@ def test_429_is_retried_after_retry_after_and_the_backfill_completes(mock_server
     mock_server.options.rest_errors = 1
     dest = tmp_path / "throttled.ndjson"
     streamer = backfilling(spawn, rest_url, dest)
-    wait_for(lambda: summaries(records_of(dest)), timeout=40, what="the summary")
+    wait_for(lambda: summaries(so_far(dest)), timeout=40, what="the summary")
     assert streamer.stop() == 0
     summary = summaries(records_of(dest))[0]["payload"]
     assert summary["complete"] is True and summary["recovered"] > 0
@@ -163,7 +168,7 @@ def test_403_turns_that_kind_off_until_restart_and_says_not_entitled(mock_server
     mock_server.options.rest_not_entitled = ("quotes",)
     dest = tmp_path / "entitled.ndjson"
     streamer = backfilling(spawn, rest_url, dest)
-    wait_for(lambda: len(summaries(records_of(dest))) >= 2, timeout=40, what="two summaries")
+    wait_for(lambda: len(summaries(so_far(dest))) >= 2, timeout=40, what="two summaries")
     assert streamer.stop() == 0
     for summary in summaries(records_of(dest))[:2]:
         payload = summary["payload"]
@@ -180,7 +185,7 @@ def test_a_key_the_rest_api_refuses_is_an_error_summary_and_never_leaks(mock_ser
     mock_server.options.rest_api_key = "another-key"
     dest = tmp_path / "refused.ndjson"
     streamer = backfilling(spawn, rest_url, dest)
-    wait_for(lambda: summaries(records_of(dest)), timeout=40, what="the summary")
+    wait_for(lambda: summaries(so_far(dest)), timeout=40, what="the summary")
     assert streamer.stop() == 0
     payload = summaries(records_of(dest))[0]["payload"]
     assert payload["complete"] is False and payload["reason"] == "error"
@@ -209,7 +214,7 @@ def test_a_wildcard_topic_is_named_unrecoverable_and_the_explicit_ones_are_fille
     rest_url = lossy(mock_server, lose=80)
     dest = tmp_path / "wildcard.ndjson"
     streamer = backfilling(spawn, rest_url, dest, subscription="T.*,Q.AAPL")
-    wait_for(lambda: summaries(records_of(dest)), timeout=40, what="the summary")
+    wait_for(lambda: summaries(so_far(dest)), timeout=40, what="the summary")
     assert streamer.stop() == 0
     payload = summaries(records_of(dest))[0]["payload"]
     assert payload["complete"] is False and payload["reason"] == "wildcard"
@@ -223,7 +228,7 @@ def test_reprocess_of_a_capture_delivers_the_backfilled_records_again(mock_serve
     rest_url = lossy(mock_server, lose=80, cut=600)
     live, capture = tmp_path / "live.ndjson", tmp_path / "live.capture"
     streamer = backfilling(spawn, rest_url, live, SINK="ndjson,capture", CAPTURE_DEST=str(capture))
-    wait_for(lambda: len(summaries(records_of(live))) >= 2, timeout=40, what="two summaries")
+    wait_for(lambda: len(summaries(so_far(live))) >= 2, timeout=40, what="two summaries")
     assert streamer.stop() == 0
     out = tmp_path / "reprocessed.ndjson"
     result = reprocess(capture, "--sink", "ndjson", "--ndjson-dest", out)

@@ -7,12 +7,17 @@ import time
 import ujson
 import zmq
 
-from helpers import ROOT, free_port, report, valid_record, wait_for
+from helpers import ROOT, free_port, records_in, report, valid_record, wait_for
 from polygon_streamer.mockserver import ws_frame
 
 
 def records_of(path):
-    return [valid_record(line) for line in path.read_text().splitlines()]
+    return records_in(path)
+
+
+def so_far(path):
+    """The records of a file the service is still writing (its last line counts once whole)."""
+    return records_in(path, writing=True)
 
 
 def gaps_in(records):
@@ -35,8 +40,8 @@ def test_a_close_frame_is_one_server_close_gap_with_its_code_and_reason(mock_ser
     wait_for(lambda: streamer.metric("polygon_events_total", type="T") >= 100, what="the first session")
     mock_server.inject(ws_frame(8, (1011).to_bytes(2, "big") + b"internal server error"))
     wait_for(lambda: streamer.metric("polygon_gaps_total", reason="server_close") == 1, what="the gap record")
-    wait_for(lambda: sum(1 for r in records_of(dest) if r["kind"] == "gap") == 1
-             and len(records_of(dest)) >= gaps_in(records_of(dest))[0][0] + 50, what="data after the gap")
+    wait_for(lambda: sum(1 for r in so_far(dest) if r["kind"] == "gap") == 1
+             and len(so_far(dest)) >= gaps_in(so_far(dest))[0][0] + 50, what="data after the gap")
     assert streamer.stop() == 0
     records = records_of(dest)
     gaps = gaps_in(records)
@@ -195,7 +200,7 @@ def test_status_and_data_written_with_spaces_keep_the_data(mock_server, spawn, t
     streamer.wait_ready()
     mock_server.inject(ws_frame(1, b'[{"ev" : "status", "status" : "success", "message" : "spaced"}, '
                                    b'{"ev" : "T", "sym" : "SPACED", "p" : 1.5, "t" : 1700000000000, "q" : 9}]'))
-    wait_for(lambda: any(r["symbol"] == "SPACED" for r in records_of(dest)), what="the spaced data event")
+    wait_for(lambda: any(r["symbol"] == "SPACED" for r in so_far(dest)), what="the spaced data event")
     assert streamer.stop() == 0
     spaced = [r for r in records_of(dest) if r["symbol"] == "SPACED"]
     assert len(spaced) == 1 and spaced[0]["payload"] == {"ev": "T", "sym": "SPACED", "p": 1.5, "t": 1700000000000,
@@ -209,7 +214,7 @@ def test_a_status_spelled_with_escapes_is_still_a_status(mock_server, spawn, tmp
     before = streamer.metric("polygon_status_total", status="success")
     mock_server.inject(ws_frame(1, b'[{"ev":"st\\u0061tus","st\\u0061tus":"succ\\u0065ss","message":"escaped"},'
                                    b'{"ev":"T","sym":"ESCAPED","p":1.5,"t":1700000000000,"q":9}]'))
-    wait_for(lambda: any(r["symbol"] == "ESCAPED" for r in records_of(dest)), what="the data event")
+    wait_for(lambda: any(r["symbol"] == "ESCAPED" for r in so_far(dest)), what="the data event")
     assert streamer.metric("polygon_status_total", status="success") == before + 1
     assert any(r["fields"].get("server_message") == "escaped" for r in streamer.logs())
     assert streamer.stop() == 0

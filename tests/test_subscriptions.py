@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, wait_for
+from helpers import ROOT, records_in, wait_for
 from polygon_streamer.subscriptions import CHUNK_TOPICS, SubscriptionFileError, chunks, parse_file
 
 
@@ -22,8 +22,8 @@ def topics_of(streamer):
     return json.loads(text)
 
 
-def records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def records(path, writing=False):
+    return records_in(path, writing)
 
 
 def per_symbol_q(lines, wanted):
@@ -45,7 +45,7 @@ def test_sighup_sends_the_difference_on_the_live_connection(mock_server, spawn, 
     streamer.wait_ready()
     state = topics_of(streamer)
     assert state["source"] == str(topics) and state["counts"] == {"pending": 0, "active": 3, "refused": 0}
-    wait_for(lambda: len(records(dest)) >= 60, what="the first set streaming")
+    wait_for(lambda: len(records(dest, writing=True)) >= 60, what="the first set streaming")
     # Remove Q.AAPL, add T.NVDA and a topic the server refuses; T.AAPL and T.MSFT untouched.
     topics.write_text("T.AAPL\nT.MSFT\nT.NVDA\nQ.TSLA\n")
     streamer.proc.send_signal(signal.SIGHUP)
@@ -56,8 +56,8 @@ def test_sighup_sends_the_difference_on_the_live_connection(mock_server, spawn, 
     assert mock_server.stats.unsubscribes == ["Q.AAPL"] and mock_server.stats.subscribes[-1] == "T.NVDA,Q.TSLA"
     assert mock_server.stats.connections == 1, "no reconnect"
     assert streamer.metric("polygon_subscriptions", state="refused") == 1
-    count = len(records(dest))
-    wait_for(lambda: len(records(dest)) >= count + 120, what="streaming on with the new set")
+    count = len(records(dest, writing=True))
+    wait_for(lambda: len(records(dest, writing=True)) >= count + 120, what="streaming on with the new set")
     # A bad file keeps the running set.
     topics.write_text("T.AAPL\nnot a topic\n")
     streamer.proc.send_signal(signal.SIGHUP)

@@ -56,7 +56,7 @@ def live_run(tmp_path, sessions):
                                  READ_TIMEOUT_SECS="30"))
     try:
         for number, frames in enumerate(sessions, 1):
-            wait_for(lambda: ndjson.exists() and ndjson.read_text().count('"kind":"gap"') == number - 1
+            wait_for(lambda: ndjson.exists() and ndjson.read_bytes().count(b'"kind":"gap"') == number - 1
                      and server.stats.connections == number, timeout=20, what=f"session {number} streaming")
             for frame, opcode in frames:
                 server.inject(ws_frame(opcode, frame))
