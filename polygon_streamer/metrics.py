@@ -213,6 +213,10 @@ class ServiceCollector:
                        "Connections to the metrics port closed at the request deadline",
                        server.expired_connections if server else 0)
 
+        yield _counter("polygon_notify_errors_total",
+                       "systemd notify messages (READY, STATUS, WATCHDOG) the notify socket refused (not retried)",
+                       service.notifier.errors)
+
         if service.backfill is not None:
             yield from backfill_metrics(service.backfill_stats)
 
@@ -260,6 +264,7 @@ class _Handler(MetricsHandler):
     health: Callable[[], tuple[bool, str]]
     ready: Callable[[], tuple[bool, str]]
     subscriptions: Callable[[], dict] | None = None
+    redact: Callable[[str], str] = staticmethod(lambda text: text)
     timeout = HTTP_IDLE_SECS
 
     def do_GET(self) -> None:
@@ -279,7 +284,7 @@ class _Handler(MetricsHandler):
         self._send(200 if ok else 503, text + "\n")
 
     def _send(self, status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
-        body = text.encode("utf-8")
+        body = self.redact(text).encode("utf-8")  # a server's message quoted in a text may echo the key
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -347,10 +352,11 @@ class MetricsServer:
 
     def __init__(self, addr: tuple[str, int], registry: CollectorRegistry,
                  health: Callable[[], tuple[bool, str]], ready: Callable[[], tuple[bool, str]],
-                 subscriptions: Callable[[], dict] | None = None):
+                 subscriptions: Callable[[], dict] | None = None, redact: Callable[[str], str] | None = None):
         handler = type("PolygonHandler", (_Handler,), {
             "registry": registry, "health": staticmethod(health), "ready": staticmethod(ready),
-            "subscriptions": staticmethod(subscriptions) if subscriptions else None})
+            "subscriptions": staticmethod(subscriptions) if subscriptions else None,
+            **({"redact": staticmethod(redact)} if redact else {})})
         # Binding here, before any connection, turns a port in use into a config error (exit 2).
         self._server = _Server(addr, handler)
         self.address = self._server.server_address[:2]

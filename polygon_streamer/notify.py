@@ -3,7 +3,9 @@ name written `@name`), as sd_notify(3) sends it. READY=1 once the sinks are open
 STATUS= for `systemctl status`, RELOADING=1 / READY=1 around SIGHUP, STOPPING=1 when draining, and WATCHDOG=1 from
 the main thread while every thread is alive and no sink is stuck (the service decides; this only sends).
 
-Read once at start-up (cli hands the environment over), never raises: a notify socket that refuses is counted."""
+Read once at start-up (cli hands the environment over), never raises and never blocks: the socket is non-blocking, so a
+receiver whose queue is full (a stalled systemd, a test's socket nobody reads) costs a lost datagram, counted and logged
+once, never the main thread (which applies SIGHUP and SIGTERM)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ import os
 import socket
 import time
 from typing import Mapping
+
+from . import logs
+
+_log = logs.get("polygon_streamer")
 
 
 class Notifier:
@@ -20,6 +26,7 @@ class Notifier:
         self.watchdog_interval = watchdog_usec / 2e6 if watchdog_usec else None
         self.sent = 0
         self.errors = 0
+        self._logged = False
         self._socket: socket.socket | None = None
 
     @classmethod
@@ -41,10 +48,16 @@ class Notifier:
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
             if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._socket = socket.socket(socket.AF_UNIX,
+                                             socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
             self._socket.sendto("\n".join(fields).encode("utf-8", "replace"), target)
-        except OSError:
+        except OSError as exc:
             self.errors += 1
+            if not self._logged:
+                self._logged = True
+                _log.warning("NOTIFY_SOCKET %s refused a message (%s); later failures are counted "
+                             "(polygon_notify_errors_total), not logged", self.address, exc.strerror or exc,
+                             extra={"fields": {"notify_socket": self.address}})
             return False
         self.sent += 1
         return True

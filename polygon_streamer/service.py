@@ -125,7 +125,7 @@ class Service:
             try:
                 if network:
                     self.metrics_server = MetricsServer(self.config.metrics_addr, self.registry, self.health,
-                                                        self.ready, self.subscriptions.snapshot)
+                                                        self.ready, self.subscriptions.snapshot, self.config.redact)
             except OSError as exc:
                 raise ConfigError(f"invalid METRICS_ADDR (--metrics-addr) {format_addr(self.config.metrics_addr)!r}: "
                                   f"cannot listen there ({exc.strerror or exc}); pick a free host:port") from None
@@ -427,6 +427,11 @@ class Service:
                 if (since := thread.busy_since) is not None and now - since > self.config.sink_stuck_secs]
 
     def health(self) -> tuple[bool, str]:
+        """(healthy, the text of /health); the text may quote a server's message, so every secret is redacted."""
+        healthy, text = self._health()
+        return healthy, self.config.redact(text)
+
+    def _health(self) -> tuple[bool, str]:
         if self._stopping:
             return False, "STOPPING"
         dead = self.dead_threads()
@@ -457,6 +462,11 @@ class Service:
         return f"{what} ({end.reason}){wait}"
 
     def ready(self) -> tuple[bool, str]:
+        """(ready, the text of /ready), every secret redacted."""
+        ready, text = self._ready()
+        return ready, self.config.redact(text)
+
+    def _ready(self) -> tuple[bool, str]:
         reader = self.reader
         subscribed_at = reader.subscribed_at
         if self._stopping:
@@ -488,7 +498,7 @@ class Service:
                      f"{reader.last_end.reason}")
         else:
             state = "connecting"
-        return "; ".join([state] + self._health_notes())
+        return self.config.redact("; ".join([state] + self._health_notes()))
 
     # -- stats --------------------------------------------------------------------------------------------------
 

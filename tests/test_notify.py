@@ -105,3 +105,62 @@ def test_a_wedged_sink_stops_the_watchdog_and_health_says_why(mock_server, spawn
     finally:
         os.close(holder)
         notify.close()
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_signals_or_the_stop(mock_server, spawn, tmp_path):
+    """A receiver whose queue is full (a stalled systemd): the datagrams are refused and counted, logged once; SIGHUP
+    is applied and SIGTERM stops the service cleanly, as without a notify socket."""
+    path = str(tmp_path / "stalled.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)  # never read
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    try:
+        for _ in range(100_000):  # until the receiver's queue is full (net.unix.max_dgram_qlen)
+            try:
+                filler.sendto(b"STATUS=filler", path)
+            except BlockingIOError:
+                break
+        else:
+            raise AssertionError("the receiver's queue never filled")
+        streamer = spawn(NOTIFY_SOCKET=path, WATCHDOG_USEC="200000", SINK="ndjson",
+                         NDJSON_DEST=str(tmp_path / "out.ndjson"))
+        wait_for(lambda: streamer.metric("polygon_notify_errors_total") >= 5, what="refused notify messages counted")
+        streamer.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: reopening files" in streamer.log_messages(), what="SIGHUP applied")
+        started = time.monotonic()
+        assert streamer.stop(timeout=10) == 0
+        assert time.monotonic() - started < 5
+        refused = [m for m in streamer.log_messages() if m.startswith("NOTIFY_SOCKET")]
+        assert len(refused) == 1 and "refused" in refused[0], refused
+    finally:
+        filler.close()
+        receiver.close()
+
+
+def test_a_key_echoed_by_the_server_is_redacted_in_health_ready_and_status(mock_server, spawn, tmp_path):
+    from helpers import TEST_KEY
+
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        mock_server.options.auth_failed_message = f"key {TEST_KEY} is not authorized"
+        mock_server.options.reject_auth = True
+        streamer = spawn(NOTIFY_SOCKET=notify.address, SINK="ndjson", NDJSON_DEST=str(tmp_path / "out.ndjson"))
+
+        def refused(path):
+            try:
+                status, text = streamer.get(path)
+            except OSError:
+                return ""
+            return text if "is not authorized" in text else ""
+        health = wait_for(lambda: refused("/health"), what="/health quoting the server")
+        ready = wait_for(lambda: refused("/ready"), what="/ready quoting the server")
+        wait_for(lambda: any("is not authorized" in fields["STATUS"] for _, fields in notify.having("STATUS")),
+                 what="STATUS= quoting the server")
+        statuses = [fields["STATUS"] for _, fields in notify.having("STATUS")]
+        for text in [health, ready, *statuses]:
+            assert TEST_KEY not in text, text
+        assert "key <redacted> is not authorized" in health and "key <redacted> is not authorized" in ready
+        assert streamer.stop() == 0
+    finally:
+        notify.close()
