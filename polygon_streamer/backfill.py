@@ -16,6 +16,7 @@ queues (JOB_QUEUE jobs, DELIVERY_QUEUE chunks of CHUNK_EVENTS) and the windows (
 
 from __future__ import annotations
 
+import math
 import queue
 import time
 from typing import Callable
@@ -40,7 +41,10 @@ FILLED: dict[str, dict[str, str]] = {
 _KIND_OF_SHAPE = {"trade": "trades", "quote": "quotes", "agg_second": "aggs", "agg_minute": "aggs"}
 BAR_MS = {"A": 1000, "AM": 60_000, "XA": 60_000}
 LOST_DATA = ("disconnect", "read_timeout", "server_close", "status", "stale", "max_connections", "inbound_drop")
-REASONS = ("wildcard", "not_entitled", "too_old", "rate_limited", "error", "shutdown", "unsupported")
+REASONS = ("wildcard", "not_entitled", "too_old", "rate_limited", "error", "limit", "shutdown", "unsupported")
+# Why a REST result was not delivered (besides being a duplicate): outside the window asked for, not what the API
+# documents, not strict JSON (NaN, 1e999, a lone surrogate), or left out by NDJSON_INCLUDE / sampling like live events.
+SKIPPED = ("outside_window", "invalid", "unencodable", "filtered")
 
 PAGE_LIMIT = 50_000
 CHUNK_EVENTS = 2000
@@ -50,6 +54,14 @@ LIVE_ITEMS_PER_CHUNK = 32
 SETTLE_SECS = 1.0  # after the gap, before the first request: the first live event after the hole comes meanwhile
 AT_LAST_LIMIT = 1000
 SEEN_LIMIT = 100_000
+# What one window can hold, so that no REST answer can grow the output or the dedup memory without bound: one full
+# page, plus EVENTS_PER_MS for every millisecond of the window (100,000 events a second for one symbol, beyond any
+# real ticker's rate); pages at least MIN_PAGE_EVENTS on average. A gap's backfill gets WINDOW_BUDGET_SECS per topic
+# and JOB_BUDGET_SECS in all, so one bad gap cannot hold the gaps behind it.
+EVENTS_PER_MS = 100
+MIN_PAGE_EVENTS = 100
+WINDOW_BUDGET_SECS = 60.0
+JOB_BUDGET_SECS = 300.0
 
 _log = logs.get("polygon_backfill")
 
@@ -95,6 +107,28 @@ def identity(kind: str, by_q: bool, event: dict) -> tuple:
         return (event.get("t"), event.get("bp"), event.get("bs"), event.get("ap"), event.get("as"),
                 event.get("bx"), event.get("ax"))
     return ("bar", event.get("s"))
+
+
+def _hashable_identity(window: "Window", event: dict) -> tuple | None:
+    """The event's identity, or None when a field of it cannot be one (a list or an object where the API documents a
+    number): such a result is invalid, and must not fail the dispatcher's dedup."""
+    key = identity(window.kind, window.by_q, event)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def strict_json(event: dict) -> str | None:
+    """The event as the JSON text a sink may write (no NaN or Infinity, UTF-8 encodable), or None."""
+    try:
+        text = ujson.dumps(event, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
+        if not text.isascii():
+            text.encode("utf-8")
+    except (OverflowError, ValueError, TypeError, UnicodeError, RecursionError):
+        return None
+    return text
 
 
 def _copy(result: dict, event: dict, names: tuple[tuple[str, str], ...]) -> None:
@@ -172,7 +206,7 @@ class Window:
     which backfill must not deliver again."""
 
     __slots__ = ("topic", "code", "symbol", "kind", "by_q", "lower", "hole_end", "first_after", "seen", "overflow",
-                 "recovered", "duplicates", "fetched", "from_ms", "to_ms", "reason", "detail", "done")
+                 "recovered", "duplicates", "fetched", "handled", "skipped", "from_ms", "to_ms", "reason", "detail", "done")
 
     def __init__(self, topic: str, code: str, symbol: str, kind: str, by_q: bool, lower: int, before: list,
                  hole_end: int):
@@ -183,6 +217,8 @@ class Window:
         self.seen = {identity(kind, by_q, event) for event in before}
         self.overflow = False
         self.recovered = self.duplicates = self.fetched = 0
+        self.handled = 0  # of the fetched, those the desk has taken (delivered, duplicate or left out)
+        self.skipped = dict.fromkeys(SKIPPED, 0)
         self.from_ms: int | None = None
         self.to_ms: int | None = None
         self.reason: str | None = None
@@ -204,10 +240,17 @@ class Window:
         first = self.first_after
         return first if first is not None and first >= self.lower else self.hole_end
 
+    def limits(self) -> tuple[int, int]:
+        """(events, pages) the window's REST answer may hold at most (see EVENTS_PER_MS)."""
+        span = max(0, (self.to_ms or 0) - (self.from_ms or 0)) + 1
+        events = PAGE_LIMIT + span * EVENTS_PER_MS
+        return events, 2 + events // MIN_PAGE_EVENTS
+
     def summary(self) -> dict:
         return {"topic": self.topic, "kind": self.kind, "ticker": self.symbol, "from_ts": self.from_ms,
                 "to_ts": self.to_ms, "fetched": self.fetched, "recovered": self.recovered,
-                "duplicates": self.duplicates, "complete": self.reason is None, "reason": self.reason}
+                "duplicates": self.duplicates, "skipped": dict(self.skipped), "complete": self.reason is None,
+                "reason": self.reason}
 
 
 class Track:
@@ -255,17 +298,21 @@ class Job:
             detail = (detail + " " if detail else "") + (
                 "wildcard topics cannot be filled ticker by ticker: reconcile them from the flat files "
                 "(the next day, about 11:00 ET)")
+        skipped = {why: sum(window.skipped[why] for window in self.windows) for why in SKIPPED}
         return {"gap_seq": self.gap_seq, "gap_reason": self.gap_reason, "from_ts": min(bounds, default=None),
                 "to_ts": max(ends, default=None), "complete": reason is None, "reason": reason,
                 "detail": detail or None, "recovered": sum(window.recovered for window in self.windows),
-                "duplicates": sum(window.duplicates for window in self.windows), "topics": topics}
+                "duplicates": sum(window.duplicates for window in self.windows), "skipped": skipped,
+                "topics": topics}
 
 
 class Chunk:
-    __slots__ = ("job", "window", "events")
+    """Events of one window for the desk: each with its identity and its strict JSON text (made by the thread)."""
 
-    def __init__(self, job: Job, window: Window, events: list[dict]):
-        self.job, self.window, self.events = job, window, events
+    __slots__ = ("job", "window", "keys", "texts")
+
+    def __init__(self, job: Job, window: Window, keys: list[tuple], texts: list[str]):
+        self.job, self.window, self.keys, self.texts = job, window, keys, texts
 
 
 class Done:
@@ -390,24 +437,25 @@ class Desk:
             return
         kept = []
         seen = window.seen
-        for event in item.events:
-            key = identity(window.kind, window.by_q, event)
+        window.handled += len(item.keys)
+        for key, text in zip(item.keys, item.texts):
             if key in seen:
                 window.duplicates += 1
                 continue
             seen.add(key)  # a later page (or a later gap's window) repeating it is a duplicate too
-            kept.append(event)
-        self.stats.duplicates += len(item.events) - len(kept)
+            kept.append(text)
+        self.stats.duplicates += len(item.keys) - len(kept)
         if kept:
-            window.recovered += len(kept)
-            self.stats.events[window.kind] += len(kept)
-            emit(Backfilled(ujson.dumps(kept, ensure_ascii=False, escape_forward_slashes=False)),
-                 time.time_ns() // 1_000_000)
+            # Counted as recovered only once written: what the normalizer leaves out is counted by reason.
+            written, filtered = emit(Backfilled("[" + ",".join(kept) + "]"), time.time_ns() // 1_000_000)
+            window.recovered += written
+            window.skipped["filtered"] += filtered
+            window.skipped["unencodable"] += len(kept) - written - filtered
+            self.stats.events[window.kind] += written
 
     def _finish(self, job: Job, emit: Callable, why: str | None = None, at_ms: int | None = None) -> None:
         for window in job.windows:
-            if why and window.reason is None and (not window.done or window.recovered + window.duplicates
-                                                  < window.fetched):
+            if why and window.reason is None and (not window.done or window.handled < window.fetched):
                 window.reason = why
             track = self.normalizer.tracks.get((window.code, window.symbol))
             if track is not None and window in track.windows:
@@ -486,10 +534,15 @@ class BackfillThread(ServiceThread):
         if self.stopping.wait(max(0.0, job.created + SETTLE_SECS - time.monotonic())):
             raise Stopped()
         job.started = time.monotonic()
+        job_deadline = job.started + JOB_BUDGET_SECS
         oldest = time.time_ns() // 1_000_000 - int(self.config.backfill_max_secs * 1000)
         for window in job.windows:
             if window.kind in self.disabled:
                 window.reason, window.detail, window.done = "not_entitled", self.disabled[window.kind], True
+                continue
+            if time.monotonic() >= job_deadline:
+                window.reason, window.done = "limit", True
+                window.detail = f"the gap's backfill budget ({JOB_BUDGET_SECS:g} s) ran out before this topic"
                 continue
             lower, upper = window.lower, window.upper()
             if window.kind == "aggs":
@@ -500,25 +553,48 @@ class BackfillThread(ServiceThread):
             if lower < oldest:
                 window.reason, lower = "too_old", oldest
             window.from_ms, window.to_ms = lower, upper
-            self._fetch(job, window, lower, upper)
+            self._fetch(job, window, lower, upper, min(job_deadline, time.monotonic() + WINDOW_BUDGET_SECS))
             window.done = True
 
-    def _fetch(self, job: Job, window: Window, lower: int, upper: int) -> None:
+    def _fetch(self, job: Job, window: Window, lower: int, upper: int, deadline: float) -> None:
+        """The window's pages, each result kept only inside [lower, upper] (by its time; a bar by its start), as
+        strict JSON, at most the window's limits; the rest counted by reason (Window.skipped)."""
         cluster = self.config.cluster
         path, params = request(cluster, window.code, window.kind, window.symbol, lower, upper)
         self._kind = window.kind
+        max_events, max_pages = window.limits()
+        time_key = "s" if window.kind == "aggs" else "t"
+        budget = (f"the topic's backfill budget ({WINDOW_BUDGET_SECS:g} s)" if deadline < math.inf else "")
         try:
-            for page in self.client.pages(path, params):
-                events = []
+            for page in self.client.pages(path, params, max_pages, deadline, budget):
+                keys, texts = [], []
+                past = False
                 for result in page.get("results") or ():
                     event = to_event(cluster, window.code, window.kind, window.symbol, result)
-                    if event is None:
+                    key = _hashable_identity(window, event) if event is not None else None
+                    if key is None:
+                        window.skipped["invalid"] += 1
                         self.stats.bad_results += 1
                         continue
-                    events.append(event)
-                window.fetched += len(events)
-                for start in range(0, len(events), CHUNK_EVENTS):
-                    self._put(Chunk(job, window, events[start:start + CHUNK_EVENTS]))
+                    at = event[time_key]
+                    if not lower <= at <= upper:
+                        window.skipped["outside_window"] += 1
+                        past = past or at > upper
+                        continue
+                    text = strict_json(event)
+                    if text is None:
+                        window.skipped["unencodable"] += 1
+                        continue
+                    keys.append(key)
+                    texts.append(text)
+                if window.fetched + len(keys) > max_events:
+                    keys, texts = keys[:max_events - window.fetched], texts[:max_events - window.fetched]
+                    self._deliver(job, window, keys, texts)
+                    raise RestError("limit", f"GET {path}: more than {max_events:,} events for a window of "
+                                             f"{upper - lower + 1:,} ms: the rest is not delivered")
+                self._deliver(job, window, keys, texts)
+                if past:
+                    break  # ascending: the answer went past the window, and no later page comes back into it
         except RestError as exc:
             window.reason, window.detail = exc.reason, exc.detail
             if exc.reason == "not_entitled":
@@ -528,6 +604,11 @@ class BackfillThread(ServiceThread):
             else:
                 _log.warning("backfill of %s (gap seq %d) incomplete: %s", window.topic, job.gap_seq, exc.detail,
                              extra={"fields": {"topic": window.topic, "reason": exc.reason}})
+
+    def _deliver(self, job: Job, window: Window, keys: list[tuple], texts: list[str]) -> None:
+        window.fetched += len(keys)
+        for start in range(0, len(keys), CHUNK_EVENTS):
+            self._put(Chunk(job, window, keys[start:start + CHUNK_EVENTS], texts[start:start + CHUNK_EVENTS]))
 
     def _put(self, item) -> None:
         while True:

@@ -170,21 +170,25 @@ class Dispatcher(ServiceThread):
                 return
             self.desk.deliver(self.emit)
 
-    def emit(self, note: Backfilled | BackfillSummary, ingest_ms: int) -> None:
-        """Backfilled events (records marked "backfill": true) or a backfill summary, to every sink and the capture."""
+    def emit(self, note: Backfilled | BackfillSummary, ingest_ms: int) -> tuple[int, int]:
+        """Backfilled events (records marked "backfill": true) or a backfill summary, to every sink and the capture.
+        Returns (records offered, events left out by NDJSON_INCLUDE or sampling)."""
+        normalizer = self.normalizer
+        left_out = normalizer.filtered + normalizer.sampled_out
         if note.__class__ is Backfilled:
             try:
-                records, _ = self.normalizer.normalize(note.text, ingest_ms, backfill=True)
+                records, _ = normalizer.normalize(note.text, ingest_ms, backfill=True)
             except FrameError as exc:
                 self._parse_warning.warn(f"skipped backfilled events: {exc}", frame_bytes=len(note.text))
-                return
+                return 0, 0
         else:
-            records = [self.normalizer.summary_record(note.text, ingest_ms)]
+            records = [normalizer.summary_record(note.text, ingest_ms)]
         if records:
             for sink_queue in self.sink_queues:
                 sink_queue.offer(ingest_ms, records)
         if self.capture_queue is not None:
             self.capture_queue.offer(ingest_ms, CaptureBatch(ingest_ms * 1_000_000, self._capture_session, [note]))
+        return len(records), normalizer.filtered + normalizer.sampled_out - left_out
 
     def _warn_sequence(self) -> None:
         code, symbol, q, previous, reason = self.normalizer.last_sequence_anomaly

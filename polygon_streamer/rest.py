@@ -4,12 +4,18 @@ kept-alive connection, TLS verified, requests paced, retries with backoff and ji
 The API key travels only in the `Authorization` header; a `next_url` must stay on the configured host (the key is
 never sent anywhere else), and what is logged or raised names the path only, never a query. A response body is read
 up to MAX_RESPONSE_BYTES (a 50,000-result page is about 10 MB), so no answer can grow memory without bound.
+
+Nothing the server does can hold the caller past a deadline: each attempt has an overall one (REQUEST_DEADLINE_SECS,
+or the caller's budget if that ends first), enforced on every read of the socket, so a server trickling a byte at a
+time is cut like a silent one; a chain of pages ends at the caller's page bound or at a `next_url` already asked.
 """
 
 from __future__ import annotations
 
 import email.utils
 import http.client
+import io
+import math
 import random
 import socket
 import ssl
@@ -22,7 +28,8 @@ from urllib.parse import urlencode, urlsplit
 import ujson
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-TIMEOUT_SECS = 30.0
+TIMEOUT_SECS = 30.0  # one read of the socket
+REQUEST_DEADLINE_SECS = 60.0  # one attempt, connect to the last byte of the body
 ATTEMPTS = 5  # per request: the first and four retries
 BACKOFF_SECS = (0.5, 1.0, 2.0, 4.0, 8.0)
 RETRY_AFTER_MAX_SECS = 60.0
@@ -45,6 +52,46 @@ class Stopped(Exception):
     """The service is stopping: the request was abandoned."""
 
 
+class _DeadlineSocket:
+    """A connected socket whose every read ends by the attempt's deadline: the time left is the read's timeout, so a
+    trickle of bytes cannot stretch an answer past it (http.client reads through makefile(); writes go straight)."""
+
+    def __init__(self, sock: socket.socket, connection: "_Deadlined"):
+        self._sock = sock
+        self._connection = connection
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        left = self._connection.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline passed")
+        self._sock.settimeout(min(left, self._connection.read_timeout))
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def makefile(self, mode: str = "r", buffering=None, **_) -> io.BufferedReader:
+        self._sock._io_refs += 1  # type: ignore[attr-defined]  # socket.makefile's bookkeeping, for close()
+        return io.BufferedReader(socket.SocketIO(self, "rb"), io.DEFAULT_BUFFER_SIZE)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class _Deadlined:
+    deadline = math.inf
+    read_timeout = TIMEOUT_SECS
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self.sock = _DeadlineSocket(self.sock, self)  # type: ignore[has-type]
+
+
+class _HTTP(_Deadlined, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPS(_Deadlined, http.client.HTTPSConnection):
+    pass
+
+
 class RestClient:
     """One connection to POLYGON_REST_URL, used by one thread (the backfill thread)."""
 
@@ -62,14 +109,18 @@ class RestClient:
         self._stopping = stopping
         self._count = count  # called with the status label of every answer (or failure)
         self._timeout = timeout_secs
-        self._connection: http.client.HTTPConnection | None = None
+        self._connection: _HTTP | _HTTPS | None = None
         self._random = random.Random()
 
-    def pages(self, path: str, params: dict) -> Iterator[dict]:
-        """Every page of one query, in order: the first from path and params, the next ones from `next_url`."""
+    def pages(self, path: str, params: dict, max_pages: int = 1_000_000, deadline: float = math.inf,
+              budget: str = "") -> Iterator[dict]:
+        """Every page of one query, in order: the first from path and params, the next ones from `next_url`; at most
+        max_pages of them, each asked before `deadline` (monotonic; `budget` names it in the error), never the same
+        page twice (a `next_url` that repeats a cursor would be asked forever)."""
         target = f"{path}?{urlencode(params)}"
-        while target:
-            body = self._get(target)
+        asked = {target}
+        for _ in range(max_pages):
+            body = self._get(target, deadline, budget)
             yield body
             next_url = body.get("next_url")
             if not next_url:
@@ -77,6 +128,11 @@ class RestClient:
             if type(next_url) is not str:
                 raise RestError("error", f"GET {path}: next_url is not a string")
             target = self._same_host(next_url, path)
+            if target in asked:
+                raise RestError("error", f"GET {path}: next_url repeats a page already asked (page {len(asked)}): "
+                                         "the rest of the window is not asked")
+            asked.add(target)
+        raise RestError("limit", f"GET {path}: more than {max_pages:,} pages for the window")
 
     def abort(self) -> None:
         """From another thread: end a request blocked on the network now (the stop of the service)."""
@@ -102,22 +158,30 @@ class RestClient:
             raise RestError("error", f"GET {path}: next_url is not a URL")
         return parts.path + (f"?{parts.query}" if parts.query else "")
 
-    def _get(self, target: str) -> dict:
+    def _get(self, target: str, deadline: float = math.inf, budget: str = "") -> dict:
         path = target.split("?", 1)[0]
         failure = ""
         for attempt in range(ATTEMPTS):
             if self._stopping.is_set():
                 raise Stopped()
             self._pace()
+            if time.monotonic() >= deadline:
+                raise RestError("limit", f"GET {path}: {budget or 'the deadline'} ran out" +
+                                (f" ({failure})" if failure else ""))
             try:
-                status, headers, body = self._exchange(target)
+                status, headers, body = self._exchange(target, min(deadline, time.monotonic()
+                                                                   + REQUEST_DEADLINE_SECS))
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
+                if self._stopping.is_set():
+                    raise Stopped() from None  # abort() cut it: the service stops, not the server failed
                 label = "timeout" if isinstance(exc, (socket.timeout, TimeoutError)) else "error"
                 self._count(label)
                 failure = f"GET {path}: {label}: {exc.__class__.__name__}"
-                self._wait(self._backoff(attempt))
+                self._wait(min(self._backoff(attempt), max(0.0, deadline - time.monotonic())))
                 continue
+            if self._stopping.is_set():
+                raise Stopped()  # an answer cut short by abort() may look whole
             if status == 200:
                 return self._decode(body, path)  # counted there: 200, or bad_response
             self._count(str(status) if str(status) in STATUS_LABELS else "other")
@@ -131,18 +195,22 @@ class RestClient:
             delay = self._backoff(attempt)
             if status == 429:
                 delay = max(delay, self._retry_after(headers.get("Retry-After")))
-            self._wait(delay)
+            self._wait(min(delay, max(0.0, deadline - time.monotonic())))
         raise RestError("rate_limited" if failure.startswith(f"GET {path}: HTTP 429") else "error", failure)
 
-    def _exchange(self, target: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+    def _exchange(self, target: str, deadline: float) -> tuple[int, http.client.HTTPMessage, bytes]:
         if self._connection is None:
             if self._scheme == "https":
-                self._connection = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
-                                                               context=ssl.create_default_context())
+                self._connection = _HTTPS(self._host, self._port, timeout=self._timeout,
+                                          context=ssl.create_default_context())
             else:
-                self._connection = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
-        self._connection.request("GET", target, headers=self._headers)
-        response = self._connection.getresponse()
+                self._connection = _HTTP(self._host, self._port, timeout=self._timeout)
+        connection = self._connection
+        connection.deadline, connection.read_timeout = deadline, self._timeout
+        if connection.sock is None:
+            connection.timeout = max(0.001, min(self._timeout, deadline - time.monotonic()))  # connect and TLS
+        connection.request("GET", target, headers=self._headers)
+        response = connection.getresponse()
         length = response.getheader("Content-Length")
         if length is not None and length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
             self.close()

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import ujson
 
 from helpers import ROOT, TEST_KEY, records_in, report, wait_for
 from polygon_streamer import backfill
@@ -329,6 +330,146 @@ def test_a_window_that_could_not_remember_every_live_event_delivers_nothing_and_
     for q in range(1, 5):  # live events after the hole, all inside the window
         normalizer.normalize(f'[{{"ev":"T","sym":"AAPL","p":1.0,"s":1,"t":{1000 + q},"q":{q}}}]', 3000)
     assert window.overflow
-    desk.deliveries.put(backfill.Chunk(desk.open_jobs[0], window, [{"ev": "T", "sym": "AAPL", "t": 1001, "q": 9}]))
+    desk.deliveries.put(backfill.Chunk(desk.open_jobs[0], window, [("q", 9)],
+                                       ['{"ev":"T","sym":"AAPL","t":1001,"q":9}']))
     desk.deliver(lambda note, ms: emitted.append(note))
     assert emitted == [] and window.reason == "error" and "not delivered" in window.detail
+
+
+# -- a hostile REST server (issue 34): nothing it answers can write wrong data or grow without bound ----------------
+
+def one_cut(mock_server):
+    """The local server cuts the first connection after 300 events (a gap that lost data), then streams on."""
+    mock_server.options.rate = 2000
+    mock_server.options.batch = 2
+    mock_server.options.drop_after = 300
+
+
+def hostile_backfill(spawn, mock_server, rest, dest, **settings):
+    one_cut(mock_server)
+    streamer = backfilling(spawn, rest.url, dest, subscription="T.AAPL", **settings)
+    wait_for(lambda: mock_server.stats.connections >= 2, timeout=30, what="the cut")
+    mock_server.options.drop_after = 0
+    return streamer
+
+
+def test_rest_results_outside_the_window_or_not_strict_json_are_counted_never_written(mock_server, spawn, tmp_path):
+    from hostile_rest import HostileRest, page, trade, window_ms
+
+    day = 86_400_000
+
+    def answer(path, query):
+        low, high = window_ms(query)
+        results = [trade(low - day, 10**9 + 1), trade(high + day, 10**9 + 2)]  # a day either side
+        results += [trade(low + n % max(1, high - low), 10**9 + 10 + n) for n in range(7)]
+        text = page(results).decode()
+        # NaN, 1e999 and a lone surrogate, as a server could spell them (the API never should)
+        nasty = [ujson.dumps(trade(low, 10**9 + 3)).replace('"price":10.0', '"price":NaN'),
+                 ujson.dumps(trade(low, 10**9 + 4)).replace('"size":100', '"size":1e999'),
+                 ujson.dumps(trade(low, 10**9 + 5)).replace('"conditions":[12]', '"conditions":["\\ud800"]')]
+        return 200, text.replace('"results":[', '"results":[' + ",".join(nasty) + ",", 1).encode()
+    rest = HostileRest(answer)
+    try:
+        dest = tmp_path / "window.ndjson"
+        streamer = hostile_backfill(spawn, mock_server, rest, dest)
+        wait_for(lambda: every_gap_summarized(dest), timeout=30, what="a summary for every cut")
+        recovered_metric = streamer.metric("polygon_backfill_events_total", kind="trades")
+        assert streamer.stop() == 0
+    finally:
+        rest.stop()
+    records = records_of(dest)  # every line strict JSON, valid against the schema
+    done = [summary["payload"] for summary in summaries(records)]  # one per cut (the local server may cut twice)
+    backfilled = [r for r in records if r.get("backfill")]
+    assert len(backfilled) == 7 * len(done) == sum(s["recovered"] for s in done) == recovered_metric
+    for summary in done:
+        topic = summary["topics"][0]
+        assert topic["recovered"] == 7 and summary["complete"] is True
+        assert topic["skipped"] == {"outside_window": 2, "invalid": 0, "unencodable": 3, "filtered": 0}
+        assert summary["skipped"] == topic["skipped"]
+    windows = [(s["topics"][0]["from_ts"], s["topics"][0]["to_ts"]) for s in done]
+    assert all(any(low <= r["ts"] <= high for low, high in windows) for r in backfilled)
+
+
+def test_a_rest_chain_that_never_ends_or_repeats_its_cursor_is_bounded_and_said(mock_server, spawn, tmp_path):
+    from hostile_rest import HostileRest, page, trade, window_ms
+
+    served = {"pages": 0}
+
+    def answer(path, query):
+        if "cursor" in query:
+            low, high = int(query["low"]), int(query["high"])
+            n = int(query["cursor"])
+        else:
+            (low, high), n = window_ms(query), 0
+        if path.endswith("/MSFT"):  # the same cursor again and again
+            return 200, page([trade(low, 10**9 + n)], f"{path}?cursor=1&low={low}&high={high}")
+        served["pages"] += 1
+        results = [trade(low + (i % max(1, high - low + 1)), 10**9 + n * 5000 + i) for i in range(5000)]
+        return 200, page(results, f"{path}?cursor={n + 1}&low={low}&high={high}")
+    rest = HostileRest(answer)
+    try:
+        dest = tmp_path / "chain.ndjson"
+        one_cut(mock_server)
+        streamer = backfilling(spawn, rest.url, dest, subscription="T.AAPL,T.MSFT", BACKFILL_MAX_RPS="1000")
+        wait_for(lambda: mock_server.stats.connections >= 2, timeout=30, what="the cut")
+        mock_server.options.drop_after = 0
+        wait_for(lambda: every_gap_summarized(dest), timeout=60, what="a summary for every cut")
+        assert streamer.stop() == 0
+    finally:
+        rest.stop()
+    # Only the summaries are read back (100,000 records through the schema would take longer than the test).
+    done = [json.loads(line)["payload"] for line in dest.read_bytes().splitlines()
+            if b'"type":"backfill","kind":"backfill"' in line]
+    for summary in done:
+        by_topic = {t["topic"]: t for t in summary["topics"]}
+        endless, repeating = by_topic["T.AAPL"], by_topic["T.MSFT"]
+        span = endless["to_ts"] - endless["from_ts"] + 1
+        limit = backfill.PAGE_LIMIT + span * backfill.EVENTS_PER_MS
+        assert endless["reason"] == "limit" and endless["recovered"] <= limit
+        assert repeating["reason"] == "error" and repeating["recovered"] == 2 and "repeats" in summary["detail"]
+        assert summary["complete"] is False and summary["reason"] == "error"
+    assert sum(1 for path, _ in rest.requests if path.endswith("/MSFT")) == 2 * len(done), \
+        "the repeated page is not asked"
+    report("backfill: endless chain", pages=served["pages"], recovered=endless["recovered"], limit=limit)
+
+
+def every_gap_summarized(dest) -> bool:
+    """Every gap record of a cut has its summary (counted in the bytes: the file may hold many records)."""
+    data = dest.read_bytes() if dest.exists() else b""
+    cuts = data.count(b'"reason":"disconnect"')
+    return bool(cuts) and data.count(b'"type":"backfill","kind":"backfill"') == cuts
+
+
+def test_a_trickling_rest_answer_is_cut_at_the_request_deadline():
+    import threading
+
+    from hostile_rest import HostileRest, elapsed_since, page
+
+    rest = HostileRest(lambda path, query: (200, page([])), trickle_secs=0.3)
+    try:
+        client = RestClient(rest.url, "KEY", 100, threading.Event(), timeout_secs=1.0)
+        started = time.monotonic()
+        with pytest.raises(RestError) as caught:
+            list(client.pages("/v3/trades/AAPL", {}, deadline=time.monotonic() + 2.0, budget="the test's budget"))
+        took = elapsed_since(started)
+    finally:
+        rest.stop()
+    assert caught.value.reason == "limit" and "the test's budget ran out" in caught.value.detail
+    assert took < 3.5, f"{took:.1f}s: each read waited less than 1 s, the answer must still end by the deadline"
+
+
+def test_sigterm_during_a_trickling_answer_says_shutdown_not_error(mock_server, spawn, tmp_path):
+    from hostile_rest import HostileRest, page
+
+    rest = HostileRest(lambda path, query: (200, page([])), trickle_secs=0.5)
+    try:
+        dest = tmp_path / "trickle.ndjson"
+        streamer = hostile_backfill(spawn, mock_server, rest, dest)
+        wait_for(lambda: rest.requests, timeout=30, what="a backfill request")
+        stopped_at = time.monotonic()
+        assert streamer.stop() == 0
+        assert time.monotonic() - stopped_at < 5
+    finally:
+        rest.stop()
+    summary = summaries(records_of(dest))[-1]["payload"]
+    assert summary["reason"] == "shutdown", summary
