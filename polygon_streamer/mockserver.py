@@ -168,6 +168,7 @@ class MockOptions:
     close_reason: str = "internal server error"
     frame_pool: int = 0                # benchmarks: cycle this many pre-rendered frames, sent in large chunks
     max_clients: int = 0               # connections served at once (0: no cap); more are closed at accept
+    deaf_after_auth: bool = False      # after auth_success, read nothing more (the client's sends back up)
     handshake_secs: float = 10.0       # upgrade, auth and the first subscribe within this long, or the connection
                                        # is cut (0: no deadline)
     # The REST side (mockrest.py), once MockServer.start_rest() runs: every generated event is kept for it, and the
@@ -287,6 +288,7 @@ def streams_for(cluster: str, params: str) -> tuple[list[tuple[str, str]], list[
     templates = TEMPLATES[cluster]
     symbols = SYMBOLS[cluster]
     streams: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
     acked, unknown = [], []
     for topic in (part.strip() for part in params.split(",") if part.strip()):
         code, _, ticker = topic.partition(".")
@@ -301,10 +303,16 @@ def streams_for(cluster: str, params: str) -> tuple[list[tuple[str, str]], list[
         else:
             chosen = [ticker]
         for symbol in chosen:
-            if (code, symbol) not in streams:
+            if (code, symbol) not in seen:
+                seen.add((code, symbol))
                 streams.append((code, symbol))
-    interleave(cluster, streams)
+    if len(streams) <= INTERLEAVE_STREAMS:
+        interleave(cluster, streams)
     return streams, acked, unknown
+
+
+INTERLEAVE_STREAMS = 10_000  # more streams keep the order they were subscribed in (sorting them at every subscribe
+                             # message of a huge subscription would cost more than serving it)
 
 
 def interleave(cluster: str, streams: list[tuple[str, str]]) -> None:
@@ -327,6 +335,7 @@ class _Connection:
         self.sent_events = 0
         self.data_frames = 0
         self.subscribed: list[str] = []  # every subscribe's params, in order
+        self._known_streams: set[tuple[str, str]] = set()  # the streams list's members (_subscribe)
 
     # -- socket plumbing --------------------------------------------------------------------------------------
 
@@ -466,6 +475,10 @@ class _Connection:
                     self.abort()
                 authed = True
                 self.send([_status("auth_success", "authenticated")])
+                if options.deaf_after_auth:
+                    while not self.server.stopping.wait(0.2):
+                        pass
+                    raise _Closed()
             elif action == "subscribe":
                 if not authed:
                     self.send([_status("auth_required", "authentication required")])
@@ -509,10 +522,17 @@ class _Connection:
             acks.append(_status("error", "not authorized"))
         if acks:
             self.send(acks)
-        for topic in acked:
-            if topic not in refused:
-                streams += [s for s in streams_for(self.cluster, topic)[0] if s not in streams]
-        interleave(self.cluster, streams)
+        known = self._known_streams  # a subscription may hold a million topics: no list scans
+        if len(known) != len(streams):
+            known.clear()
+            known.update(streams)
+        refused_set = set(refused)
+        for stream in streams_for(self.cluster, ",".join(t for t in acked if t not in refused_set))[0]:
+            if stream not in known:
+                known.add(stream)
+                streams.append(stream)
+        if len(streams) <= INTERLEAVE_STREAMS:
+            interleave(self.cluster, streams)
 
     def _unsubscribe(self, params: str, streams: list[tuple[str, str]]) -> None:
         """Stop the topics' streams (at once: the next frame has none of them) and ack each."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import queue
 import random
 import re
+import select
 import socket
 import threading
 import time
@@ -36,6 +38,7 @@ TICK_SECS = 0.25
 CONNECT_TIMEOUT_SECS = 10.0
 # A status message is logged with at most this much of the server's text.
 SERVER_MESSAGE_CHARS = 300
+_ACK_PREFIXES = ("subscribed to: ", "unsubscribed to: ", "unsubscribed from: ")
 CLOSE_MESSAGE_TOO_BIG = 1009
 # One socket read takes up to this much: every frame that has arrived, at batch 1 hundreds of them. Below glibc's
 # mmap threshold (128 KiB): Python allocates the whole size for each recv before trimming it to what came, and a
@@ -243,6 +246,11 @@ class Reader(ServiceThread):
         # Why the last session ended and when the next attempt is due (for /ready and /health).
         self.last_end: SessionEnd | None = None
         self.retry_at: float | None = None
+        # Subscribe / unsubscribe messages not sent yet (sent between reads: _send_outbox), and why the last
+        # subscription could not be sent, while that lasts (for /health).
+        self._outbox: collections.deque[str] = collections.deque()
+        self._acks: list = [0, []]  # subscribe acks of the message being read: how many, the first topics
+        self.subscribe_error: str | None = None
 
     # -- the reconnect loop -------------------------------------------------------------------------------------
 
@@ -255,6 +263,11 @@ class Reader(ServiceThread):
             started = time.monotonic()
             sessions = self.stats.sessions
             end = self._session(attempt)
+            if self._outbox:
+                if self.subscribe_error is None:
+                    self.subscribe_error = (f"{len(self._outbox):,} subscribe message(s) not taken by the server "
+                                            f"before the session ended ({end.reason})")
+                self._outbox.clear()
             # The stream was interrupted: the first data of a later session is preceded by a gap record; with capture,
             # how the session ended follows its frames (a stop included: replay keeps the connection open there).
             stopped = self.stopping.is_set()
@@ -364,6 +377,8 @@ class Reader(ServiceThread):
         while True:
             if live and subscriptions.changed:
                 self._apply_changes(ws)
+            if self._outbox:
+                self._send_outbox(ws)
             if time.monotonic() >= stale_deadline:  # checked before each frame: statuses keep arriving
                 self.stats.stale_timeouts += 1
                 raise SessionEnd(f"stale: no data event for {self._config.stale_after_secs:g}s while subscribed "
@@ -432,6 +447,7 @@ class Reader(ServiceThread):
                 status = self._handle_status(event) if isinstance(event, dict) and event.get("ev") == "status" \
                     else None
                 if status in wanted:
+                    self._log_acks()
                     return
                 if status in protocol.TERMINAL_STATUSES:
                     message = str(event.get("message", ""))[:SERVER_MESSAGE_CHARS]
@@ -443,6 +459,7 @@ class Reader(ServiceThread):
                     message = str(event.get("message", ""))[:SERVER_MESSAGE_CHARS]
                     raise SessionEnd(f"auth_failed (an error status) while waiting for {step}: {message}".strip(),
                                      protocol.AUTH_FAILED, gap="status")
+            self._log_acks()
 
     def _handshake(self, ws: websocket.WebSocket) -> None:
         # The spec's own example shows "success" for the connect event; the server sends "connected".
@@ -451,8 +468,9 @@ class Reader(ServiceThread):
         self._await_status(ws, (protocol.AUTH_SUCCESS,), "auth_success")
         self.stats.connected = True
         messages = self.subscriptions.session_started()  # the whole desired set, in chunks
-        for params in messages:
-            ws.send(protocol.subscribe_message(params))
+        self._outbox.clear()
+        self._outbox.extend(protocol.subscribe_message(params) for params in messages)
+        self._send_outbox(ws)
         self.events_since_subscribe = 0
         self.subscribed_at = time.monotonic()
         topics = self.subscriptions.desired
@@ -467,12 +485,40 @@ class Reader(ServiceThread):
         if change is None:
             return
         subscribe, unsubscribe = change
-        for params in unsubscribe:
-            ws.send(protocol.unsubscribe_message(params))
-        for params in subscribe:
-            ws.send(protocol.subscribe_message(params))
+        self._outbox.extend(protocol.unsubscribe_message(params) for params in unsubscribe)
+        self._outbox.extend(protocol.subscribe_message(params) for params in subscribe)
+        self._send_outbox(ws)
         _log.info("subscriptions changed: %d message(s) to subscribe, %d to unsubscribe", len(subscribe),
                   len(unsubscribe), extra={"fields": {"subscribe": subscribe[:3], "unsubscribe": unsubscribe[:3]}})
+
+    def _send_outbox(self, ws: websocket.WebSocket) -> None:
+        """Send the queued subscribe / unsubscribe messages while the socket takes them without waiting, one at a time
+        between reads: the server answers every topic with an ack, and a client that sent a large subscription
+        without reading would fill both directions and stall (the server waiting for us to read its acks, we for it
+        to read our messages). A message the server does not take within READ_TIMEOUT_SECS (a server that reads
+        nothing is as dead as one that sends nothing) ends the session, said in /health (subscribe_error) until a
+        subscription goes out whole."""
+        outbox = self._outbox
+        sock = ws.sock
+        send_timeout = self._config.read_timeout_secs
+        while outbox and sock is not None:
+            if not select.select([], [sock], [], 0)[1]:
+                return
+            message = outbox[0]
+            sock.settimeout(send_timeout)
+            try:
+                ws.send(message)
+            except websocket.WebSocketTimeoutException:
+                self.subscribe_error = (f"a subscribe message of {len(message):,} bytes was not taken by the server "
+                                        f"within {send_timeout:g}s (READ_TIMEOUT_SECS); {len(outbox):,} message(s) "
+                                        "unsent")
+                raise SessionEnd(f"subscription not sent: {self.subscribe_error}") from None
+            finally:
+                if ws.sock is not None:
+                    ws.sock.settimeout(min(TICK_SECS, self._config.read_timeout_secs))
+            outbox.popleft()
+        if not outbox:
+            self.subscribe_error = None
 
     def _handle_status(self, event: dict) -> str:
         """Log and count one status object; returns its status."""
@@ -495,6 +541,11 @@ class Reader(ServiceThread):
             if hint:
                 fields["hint"] = hint
             _log.error("status %s: %s", status, message, extra={"fields": fields})
+        elif status == protocol.SUCCESS and message.startswith(_ACK_PREFIXES):
+            acks = self._acks  # one line per message of acks, not one per topic (_log_acks)
+            acks[0] += 1
+            if len(acks[1]) < 5:
+                acks[1].append(message.partition(": ")[2])
         elif status == protocol.SUCCESS:
             _log.info("status %s: %s", status, message, extra={"fields": fields})
         elif status in (protocol.CONNECTED, protocol.AUTH_SUCCESS):
@@ -502,6 +553,17 @@ class Reader(ServiceThread):
         else:
             _log.warning("status %s: %s", status, message, extra={"fields": fields})
         return status
+
+    def _log_acks(self) -> None:
+        """The acks of one message, in one line: how many, and the first topics."""
+        count, topics = self._acks
+        if not count:
+            return
+        shown = ", ".join(topics) + (f" and {count - len(topics):,} more" if count > len(topics) else "")
+        _log.info("status success: %d topic(s) acknowledged: %s", count, shown,
+                  extra={"fields": {"status": protocol.SUCCESS, "acknowledged": count, "topics": topics,
+                                    "cluster": self._config.cluster}})
+        self._acks = [0, []]
 
     def _statuses_in(self, data: bytes) -> tuple[int, str | None, bool]:
         """Handle the status objects of a mid-stream frame; (status objects seen, terminal status or None, whether
@@ -518,6 +580,7 @@ class Reader(ServiceThread):
                 status = self._handle_status(event)
                 if status in protocol.TERMINAL_STATUSES:
                     terminal = status
+        self._log_acks()
         return seen, terminal, len(events) > seen
 
     def _stream(self, ws: websocket.WebSocket) -> None:

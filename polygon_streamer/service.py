@@ -446,6 +446,8 @@ class Service:
     def _health_notes(self) -> list[str]:
         """What a healthy service says about itself: the server refusing it, sinks that cannot deliver for now."""
         notes = [f"not ready: {refused}"] if (refused := self._refused()) else []
+        if (unsent := self.reader.subscribe_error) is not None:
+            notes.append(f"not subscribed: {unsent}")
         return notes + [f"degraded: {why}" for why in (sink.degraded() for sink in self.sinks) if why]
 
     def _refused(self) -> str | None:

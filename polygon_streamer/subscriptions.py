@@ -97,7 +97,9 @@ class Subscriptions:
         self._desired: list[str] = list(topics)
         self.changed = False  # read without the lock by the reader between frames (a plain bool)
         self.states: dict[str, tuple[str, str]] = {}  # topic -> (state, the server's message)
-        self._in_flight: list[str] = []  # the last subscribe's topics still unanswered (for an `error` status)
+        # The last subscribe's topics still unanswered (for an `error` status): a dict, as an ordered set (a large
+        # subscription's acks each remove one).
+        self._in_flight: dict[str, None] = {}
         self.version = 0  # +1 at every change of the desired set (backfill follows it: a plain int, read unlocked)
 
     @property
@@ -125,7 +127,7 @@ class Subscriptions:
             topics = list(self._desired)
             self.changed = False
         self.states = {topic: (PENDING, "") for topic in topics}
-        self._in_flight = list(topics)
+        self._in_flight = dict.fromkeys(topics)
         return chunks(topics)
 
     def take_change(self) -> tuple[list[str], list[str]] | None:
@@ -142,7 +144,7 @@ class Subscriptions:
             del self.states[topic]
         for topic in added:
             self.states[topic] = (PENDING, "")
-        self._in_flight = added
+        self._in_flight = dict.fromkeys(added)
         return chunks(added), chunks(removed)
 
     def on_statuses(self, statuses: list[tuple[str, str]]) -> None:
@@ -154,15 +156,14 @@ class Subscriptions:
                 topic = message[len("subscribed to: "):].strip()
                 if topic in self.states:
                     self.states[topic] = (ACTIVE, "")
-                    if topic in self._in_flight:
-                        self._in_flight.remove(topic)
+                    self._in_flight.pop(topic, None)
             elif status == protocol.ERROR:
                 errors.append(message)
         if errors:
             for topic in self._in_flight:
                 if self.states.get(topic, (None,))[0] == PENDING:
                     self.states[topic] = (REFUSED, errors[0])
-            self._in_flight = []
+            self._in_flight = {}
 
     def disconnected(self) -> None:
         for topic, (state, message) in list(self.states.items()):

@@ -123,3 +123,47 @@ def test_a_bad_subscription_file_at_start_is_exit_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "polygon_streamer", "config", "--subscription-file", str(path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and f"{path}:2: 'XT BTC'" in result.stderr
+
+
+def test_a_ten_megabyte_subscription_file_subscribes_whole_and_the_data_flows(mock_server, spawn, tmp_path):
+    """953,252 topics (10 MB, under the 64 MB limit): the messages go out between reads of the server's acks, so
+    neither side waits for the other; every topic becomes active on one connection and data flows."""
+    count = 953_252
+    topics = tmp_path / "huge.topics"
+    topics.write_text("".join(f"T.S{n:07d}\n" for n in range(count)))
+    assert topics.stat().st_size >= 10_000_000
+    mock_server.options.rate = 500
+    dest = tmp_path / "huge.ndjson"
+    streamer = spawn(SUBSCRIPTION_FILE=str(topics), SINK="ndjson", NDJSON_DEST=str(dest), READ_TIMEOUT_SECS="30")
+
+    def active():
+        try:
+            return streamer.metric("polygon_subscriptions", state="active")
+        except AssertionError:
+            return 0
+    wait_for(lambda: active() == count, timeout=120, interval=0.5, what="every topic acknowledged")
+    wait_for(lambda: dest.exists() and dest.stat().st_size > 10_000, timeout=30, what="data")
+    status, text = streamer.get("/health")
+    assert status == 200 and "not subscribed" not in text, text
+    assert mock_server.stats.connections == 1, "one session: nothing timed out"
+    assert len(mock_server.stats.subscribes) == -(-count // CHUNK_TOPICS)
+    acks = [m for m in streamer.log_messages() if "topic(s) acknowledged" in m]
+    assert len(acks) <= len(mock_server.stats.subscribes), "one line per message of acks, not one per topic"
+    assert streamer.stop() == 0
+
+
+def test_a_subscription_the_server_does_not_take_is_said_in_health(mock_server, spawn, tmp_path):
+    topics = tmp_path / "big.topics"
+    topics.write_text("".join(f"T.S{n:07d}\n" for n in range(300_000)))  # more than the socket buffers hold
+    mock_server.options.deaf_after_auth = True
+    streamer = spawn(SUBSCRIPTION_FILE=str(topics), READ_TIMEOUT_SECS="1")
+
+    def health():
+        try:
+            return streamer.get("/health")
+        except OSError:
+            return 0, ""
+    status, text = wait_for(lambda: (lambda answer: answer if "not subscribed" in answer[1] else None)(health()),
+                            timeout=30, what="/health naming the unsent subscription")
+    assert status == 200 and "not taken by the server" in text, text
+    assert streamer.stop() == 0
