@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import platform
+import selectors
 import socket
 import threading
 import time
@@ -22,10 +23,17 @@ from . import __version__, logs, protocol
 from .normalize import GAP_REASONS, SEQUENCED
 from .threads import set_os_thread_name
 
-# The HTTP port must not let its clients starve the service of threads and descriptors: at most this many
-# connections at once (more are answered 503 and closed), each idle at most HTTP_IDLE_SECS per read and closed at
-# HTTP_REQUEST_SECS whatever it is doing. Prometheus, a health checker and a person with curl need a handful.
+# The HTTP port must not let its clients starve the service, or each other. A connection gets a thread only once its
+# request head has arrived whole: until then it waits in one selector loop (HTTP_PENDING_MAX of them at most, the
+# oldest closed to make room, each closed HTTP_HEAD_SECS after it connected), so clients that dawdle (a byte a
+# second) cannot hold the slots a scrape needs. At most HTTP_MAX_CONNECTIONS requests are answered at once (more are
+# answered 503 and closed), each idle at most HTTP_IDLE_SECS per write and closed at HTTP_REQUEST_SECS whatever it is
+# doing. Prometheus, a health checker and a person with curl need a handful.
 HTTP_MAX_CONNECTIONS = 32
+HTTP_PENDING_MAX = 64
+HTTP_HEAD_SECS = 5.0
+HTTP_HEAD_BYTES = 16 * 1024
+HTTP_ACCEPTS_PER_TURN = 16
 HTTP_IDLE_SECS = 5.0
 HTTP_REQUEST_SECS = 15.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -362,6 +370,10 @@ class MetricsServer:
         self.address = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._serve, name="polygon-metrics-http", daemon=True)
         self.crashed: BaseException | None = None
+        self._stop = threading.Event()
+        self._selector = selectors.DefaultSelector()
+        # Connections waiting for their request head: socket -> (when it is closed, the peer's address); oldest first.
+        self._pending: dict[socket.socket, tuple[float, tuple]] = {}
 
     @property
     def rejected_connections(self) -> int:
@@ -374,10 +386,85 @@ class MetricsServer:
     def _serve(self) -> None:
         set_os_thread_name(self._thread.name)
         try:
-            self._server.serve_forever(poll_interval=0.25)
+            self._loop()
         except BaseException as exc:
             self.crashed = exc
             logs.get("polygon_streamer").error("metrics server crashed: %s", exc, exc_info=True)
+        finally:
+            for request in list(self._pending):
+                self._drop(request)
+            self._selector.close()
+
+    def _loop(self) -> None:
+        """Accept, wait for each request head in the selector, hand a whole one to a thread (see HTTP_PENDING_MAX)."""
+        server = self._server
+        listener = server.socket
+        listener.setblocking(False)
+        selector = self._selector
+        selector.register(listener, selectors.EVENT_READ)
+        pending = self._pending
+        while not self._stop.is_set():
+            for key, _ in selector.select(0.25):
+                if key.fileobj is listener:
+                    self._accept(listener)
+                else:
+                    self._peek(key.fileobj)
+            now = time.monotonic()
+            for request in [request for request, (deadline, _) in pending.items() if deadline <= now]:
+                server.expired += 1
+                self._drop(request)
+            server.service_actions()
+
+    def _accept(self, listener: socket.socket) -> None:
+        pending = self._pending
+        for _ in range(HTTP_ACCEPTS_PER_TURN):
+            try:
+                request, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EMFILE and the like: the oldest waiting connection makes room, else try later
+                if pending:
+                    self._server.expired += 1
+                    self._drop(next(iter(pending)))
+                else:
+                    self._stop.wait(0.05)
+                return
+            if len(pending) >= HTTP_PENDING_MAX:
+                self._server.expired += 1
+                self._drop(next(iter(pending)))  # the oldest: a client that sends its request at once never is
+            request.setblocking(False)
+            pending[request] = (time.monotonic() + HTTP_HEAD_SECS, address)
+            self._selector.register(request, selectors.EVENT_READ)
+            self._peek(request)
+
+    def _peek(self, request: socket.socket) -> None:
+        """Whether the request head has arrived whole (read with MSG_PEEK: the handler reads it again)."""
+        if request not in self._pending:
+            return
+        try:
+            head = request.recv(HTTP_HEAD_BYTES, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            head = b""
+        if b"\r\n\r\n" in head or b"\n\n" in head:
+            _, address = self._pending.pop(request)
+            self._selector.unregister(request)
+            request.setblocking(True)
+            self._server.process_request(request, address)
+        elif not head or len(head) >= HTTP_HEAD_BYTES:
+            self._drop(request)  # gone, or a head no client of this port sends
+
+    def _drop(self, request: socket.socket) -> None:
+        self._pending.pop(request, None)
+        try:
+            self._selector.unregister(request)
+        except (KeyError, ValueError):
+            pass
+        try:
+            request.close()
+        except OSError:
+            pass
 
     @property
     def thread(self) -> threading.Thread:
@@ -387,12 +474,15 @@ class MetricsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(2.0)
         self._server.server_close()
 
     def close(self) -> None:
         """Release the port of a server never started (config --check)."""
         self._server.server_close()
+        self._selector.close()
 
 
 def make_registry(service) -> CollectorRegistry:
