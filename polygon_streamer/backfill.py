@@ -40,7 +40,8 @@ FILLED: dict[str, dict[str, str]] = {
 }
 _KIND_OF_SHAPE = {"trade": "trades", "quote": "quotes", "agg_second": "aggs", "agg_minute": "aggs"}
 BAR_MS = {"A": 1000, "AM": 60_000, "XA": 60_000}
-LOST_DATA = ("disconnect", "read_timeout", "server_close", "status", "stale", "max_connections", "inbound_drop")
+LOST_DATA = ("disconnect", "read_timeout", "server_close", "status", "stale", "max_connections", "inbound_drop",
+             "restart")
 REASONS = ("wildcard", "not_entitled", "too_old", "rate_limited", "error", "limit", "shutdown", "unsupported")
 # Why a REST result was not delivered (besides being a duplicate): outside the window asked for, not what the API
 # documents, not strict JSON (NaN, 1e999, a lone surrogate), or left out by NDJSON_INCLUDE / sampling like live events.
@@ -54,6 +55,8 @@ LIVE_ITEMS_PER_CHUNK = 32
 SETTLE_SECS = 1.0  # after the gap, before the first request: the first live event after the hole comes meanwhile
 AT_LAST_LIMIT = 1000
 SEEN_LIMIT = 100_000
+SNAPSHOT_SECS = 0.5  # how often the dispatcher refreshes the track positions the stream position keeps
+SAVED_AT_LAST = 100  # identities kept per track for a restart's dedup
 # What one window can hold, so that no REST answer can grow the output or the dedup memory without bound: one full
 # page, plus EVENTS_PER_MS for every millisecond of the window (100,000 events a second for one symbol, beyond any
 # real ticker's rate); pages at least MIN_PAGE_EVENTS on average. A gap's backfill gets WINDOW_BUDGET_SECS per topic
@@ -109,10 +112,10 @@ def identity(kind: str, by_q: bool, event: dict) -> tuple:
     return ("bar", event.get("s"))
 
 
-def _hashable_identity(window: "Window", event: dict) -> tuple | None:
+def _hashable_identity(kind: str, by_q: bool, event: dict) -> tuple | None:
     """The event's identity, or None when a field of it cannot be one (a list or an object where the API documents a
-    number): such a result is invalid, and must not fail the dispatcher's dedup."""
-    key = identity(window.kind, window.by_q, event)
+    number): such an event is invalid over REST, and must not fail the dispatcher's dedup when it comes live."""
+    key = identity(kind, by_q, event)
     try:
         hash(key)
     except TypeError:
@@ -209,12 +212,13 @@ class Window:
                  "recovered", "duplicates", "fetched", "handled", "skipped", "from_ms", "to_ms", "reason", "detail", "done")
 
     def __init__(self, topic: str, code: str, symbol: str, kind: str, by_q: bool, lower: int, before: list,
-                 hole_end: int):
+                 hole_end: int, before_keys: tuple = ()):
         self.topic, self.code, self.symbol, self.kind, self.by_q = topic, code, symbol, kind, by_q
         self.lower = lower
         self.hole_end = hole_end
         self.first_after: int | None = None
-        self.seen = {identity(kind, by_q, event) for event in before}
+        self.seen = {key for event in before if (key := _hashable_identity(kind, by_q, event)) is not None}
+        self.seen.update(before_keys)  # a restart's: the previous run's events at `lower` (state.py)
         self.overflow = False
         self.recovered = self.duplicates = self.fetched = 0
         self.handled = 0  # of the fetched, those the desk has taken (delivered, duplicate or left out)
@@ -232,7 +236,9 @@ class Window:
             self.first_after = ts
         if ts <= max(self.first_after, self.hole_end):
             if len(self.seen) < SEEN_LIMIT:
-                self.seen.add(identity(self.kind, self.by_q, event))
+                key = _hashable_identity(self.kind, self.by_q, event)
+                if key is not None:  # (a field no REST result can match: nothing to deduplicate)
+                    self.seen.add(key)
             else:
                 self.overflow = True
 
@@ -256,12 +262,13 @@ class Window:
 class Track:
     """One explicit topic's live events, as far as a window needs them: the last one's time and the events at it."""
 
-    __slots__ = ("last_ts", "at_last", "windows")
+    __slots__ = ("last_ts", "at_last", "windows", "restored")
 
     def __init__(self):
         self.last_ts: int | None = None
         self.at_last: list = []
         self.windows: list[Window] = []
+        self.restored: tuple = ()  # the identities at last_ts of the previous run's last events (a restart's)
 
     def see(self, ts: int | None, event: dict) -> None:
         if ts is not None:
@@ -271,6 +278,7 @@ class Track:
             elif self.last_ts is None or ts > self.last_ts:
                 self.last_ts = ts
                 self.at_last = [event]
+                self.restored = ()
         for window in self.windows:
             window.see(ts, event)
 
@@ -350,6 +358,8 @@ class Desk:
         self.jobs: queue.Queue = queue.Queue(JOB_QUEUE)
         self.deliveries: queue.Queue = queue.Queue(DELIVERY_QUEUE)
         self.open_jobs: list[Job] = []
+        self.positions: dict[str, list] = {}  # snapshot(): "CODE SYMBOL" -> [last_ts, identities at it]
+        self._next_snapshot = 0.0
         self._version = -1
         self._items = 0
         self.sync()
@@ -396,7 +406,7 @@ class Desk:
                     continue
                 lower = track.last_ts if track.last_ts is not None else hole_from
                 window = Window(topic, code, symbol, kind, (self.cluster, kind) in BY_Q, lower, track.at_last,
-                                job.hole_to)
+                                job.hole_to, track.restored)
                 track.windows.append(window)
                 job.windows.append(window)
         if not job.windows and not job.skipped:
@@ -412,6 +422,44 @@ class Desk:
             self._finish(job, emit)
             return
         self.open_jobs.append(job)
+
+    def snapshot(self, force: bool = False) -> None:
+        """From the dispatcher thread, at most every SNAPSHOT_SECS: each track's last event time and the identities
+        of its events at that time, as `positions` (a new dict: the main thread saves it with the stream position,
+        so that a restart's windows start exactly where each topic stopped)."""
+        now = time.monotonic()
+        if now < self._next_snapshot and not force:
+            return
+        self._next_snapshot = now + SNAPSHOT_SECS
+        positions = {}
+        for (code, symbol), track in self.normalizer.tracks.items():
+            if track.last_ts is None:
+                continue
+            kind = filled_kind(self.cluster, code)
+            by_q = (self.cluster, kind) in BY_Q
+            keys = [list(key) for event in track.at_last[:SAVED_AT_LAST]
+                    if (key := _hashable_identity(kind, by_q, event)) is not None]
+            keys += [list(key) for key in track.restored[:SAVED_AT_LAST - len(keys)]]
+            positions[f"{code} {symbol}"] = [track.last_ts, keys]
+        self.positions = positions
+
+    def restore(self, positions: dict) -> None:
+        """Before the dispatcher starts: the previous run's track positions (state.py), for a restart's windows."""
+        tracks = self.normalizer.tracks
+        for name, value in positions.items():
+            code, _, symbol = name.partition(" ")
+            track = tracks.get((code, symbol))
+            if track is None or track.last_ts is not None:
+                continue
+            try:
+                last_ts, keys = value
+                restored = tuple(tuple(key) for key in keys)
+                {hash(key) for key in restored}
+            except (TypeError, ValueError):
+                continue  # (a damaged entry: that topic's window starts at the restart's hole)
+            if type(last_ts) is int:
+                track.last_ts, track.restored = last_ts, restored
+        self.positions = dict(positions)
 
     def due(self, idle: bool) -> bool:
         """Whether the dispatcher takes a chunk now: there is one, and live data is not waiting (or its turn came)."""
@@ -571,7 +619,7 @@ class BackfillThread(ServiceThread):
                 past = False
                 for result in page.get("results") or ():
                     event = to_event(cluster, window.code, window.kind, window.symbol, result)
-                    key = _hashable_identity(window, event) if event is not None else None
+                    key = _hashable_identity(window.kind, window.by_q, event) if event is not None else None
                     if key is None:
                         window.skipped["invalid"] += 1
                         self.stats.bad_results += 1

@@ -118,22 +118,26 @@ class SessionEnd(CaptureNote):
     """How a session ended, as the capture's `end` line records it (a message of a CaptureBatch, after the session's
     last frame)."""
 
-    __slots__ = ("reason", "detail", "close_code", "close_reason", "gap", "subscription")
+    __slots__ = ("reason", "detail", "close_code", "close_reason", "gap", "subscription", "position")
 
     def __init__(self, reason: str, detail: str, close_code: int | None = None, close_reason: str | None = None,
-                 gap: bool = False, subscription: str | None = None):
+                 gap: bool = False, subscription: str | None = None, position: dict | None = None):
         self.reason = reason
         self.detail = detail
         self.close_code = close_code
         self.close_reason = close_reason
         self.gap = gap
         self.subscription = subscription
+        # A `restart` (session 0, the capture's first line): the previous run's last_ingest_ts, last_ts and seq.
+        self.position = position
 
     def field(self) -> str:
         """The line's field after the prefix: `"end":{...}` (ASCII JSON: whatever the server's reason held)."""
-        return '"end":' + json.dumps({"reason": self.reason, "detail": self.detail, "close_code": self.close_code,
-                                      "close_reason": self.close_reason, "gap": self.gap,
-                                      "subscription": self.subscription}, separators=(",", ":"))
+        value = {"reason": self.reason, "detail": self.detail, "close_code": self.close_code,
+                 "close_reason": self.close_reason, "gap": self.gap, "subscription": self.subscription}
+        if self.position is not None:
+            value["position"] = self.position
+        return '"end":' + json.dumps(value, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, body: bytes) -> "SessionEnd | None":
@@ -148,8 +152,13 @@ class SessionEnd(CaptureNote):
             return value[key] if isinstance(value.get(key), str) else None
 
         code = value.get("close_code")
+        position = value.get("position")
+        if not (isinstance(position, dict) and type(position.get("seq")) is int and position["seq"] >= 0
+                and all(position.get(key) is None or type(position.get(key)) is int
+                        for key in ("last_ingest_ts", "last_ts"))):
+            position = None
         return cls(value["reason"], text("detail") or "", code if type(code) is int else None, text("close_reason"),
-                   value.get("gap") is True, text("subscription"))
+                   value.get("gap") is True, text("subscription"), position)
 
 
 class CaptureBatch(list):

@@ -41,11 +41,11 @@ def setting_options(skip: tuple[str, ...] = (), shown_defaults: dict[str, str] |
         for setting in reversed(SETTINGS):
             if setting.field in skip:
                 continue
-            envvar = [setting.env, "RUST_LOG"] if setting.field == "log_level" else setting.env
+            envvar = [setting.env, setting.fallback_env] if setting.fallback_env else setting.env
             default_text = f"default: {setting.shown_default}"
             if shown_defaults and setting.field in shown_defaults:
                 default_text = f"default: {shown_defaults[setting.field]}"
-            # (RUST_LOG is read too, but only LOG_LEVEL is the variable to set: the help names it alone)
+            # (a fallback such as RUST_LOG is read too, but the help names only the variable to set)
             command = click.option(setting.flag, setting.field, envvar=envvar, default=None, type=str,
                                    show_envvar=False, metavar="VALUE",
                                    help=f"{setting.help} [{default_text}] [env var: {setting.env}]")(command)

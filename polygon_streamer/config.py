@@ -254,6 +254,7 @@ class Setting:
     shown: Callable[[str], str] = str  # how a bad value appears in the error
     default_text: str | None = None  # the default as --help and the docs say it, where `default` is not it
     doc: str = ""  # the reference's meaning (docs/configuration.md, example.env), where `help` is too short
+    fallback_env: str | None = None  # also read from this variable when `env` is unset (RUST_LOG, STATE_DIRECTORY)
 
     @property
     def shown_default(self) -> str:
@@ -407,7 +408,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ready_min_messages", "READY_MIN_MESSAGES", "1", _int(0), "data events after subscribe before READY",
             doc="data events needed after subscribe before `/ready` is 200"),
     Setting("ready_delay_ms", "READY_DELAY_MS", "0", _int(0), "and at least this long after subscribe"),
-    Setting("log_level", "LOG_LEVEL", "info", _log_level,
+    Setting("log_level", "LOG_LEVEL", "info", _log_level, fallback_env="RUST_LOG", help=
             "level or directives, e.g. warn,polygon_events=info (read from RUST_LOG when LOG_LEVEL is unset); "
             "SINK=stdout prints events at info on the polygon_events target: a plain warn turns it off",
             doc="a level (`off error warn info debug trace`) or directives `warn,polygon_events=info`; `RUST_LOG` if "
@@ -431,6 +432,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backfill_max_secs", "BACKFILL_MAX_SECS", "900", _seconds(0, False),
             "how far back a gap is filled; older parts are reported too_old",
             doc="how far back a gap is filled; older parts are reported `too_old`"),
+    Setting("state_dir", "STATE_DIR", None, _nonempty,
+            "keep the stream position here between runs: a restart is then a gap record and seq goes on (default: "
+            "systemd's $STATE_DIRECTORY)", fallback_env="STATE_DIRECTORY", default_text="$STATE_DIRECTORY, else unset",
+            doc="where the stream position (last `ingest_ts`, last `seq`, whether the stop was clean) lives between "
+                "runs: the next run starts with one gap record of reason `restart` and `seq` goes on (docs/"
+                "gaps-and-backfill.md). Under systemd the unit's `$STATE_DIRECTORY`; unset: no restart records"),
     Setting("cpu_affinity", "CPU_AFFINITY", "auto", _cpu_affinity,
             "auto (one CPU: the idlest allowed), off, or CPUs such as 2 or 0,2-3 for the Python threads",
             doc="CPUs for the Python threads: `auto` confines them to one CPU of the allowed set (the idlest at "
@@ -448,7 +455,7 @@ NETWORK_ONLY = ("api_key", "api_key_file", "cluster", "feed", "ws_url", "subscri
                 "backoff_initial_secs", "backoff_max_secs", "read_timeout_secs", "stale_after_secs",
                 "heartbeat_interval_secs", "metrics_addr", "stats_interval_secs", "ready_min_messages",
                 "ready_delay_ms", "capture_dest", "capture_channel_cap", "capture_max_bytes", "capture_rotate_secs",
-                "capture_gzip", "backfill", "rest_url", "backfill_max_rps", "backfill_max_secs")
+                "capture_gzip", "backfill", "rest_url", "backfill_max_rps", "backfill_max_secs", "state_dir")
 
 
 @dataclass(frozen=True)
@@ -514,6 +521,7 @@ class Config:
     rest_url: str = "https://api.massive.com"
     backfill_max_rps: float = 10.0
     backfill_max_secs: float = 900.0
+    state_dir: str | None = None
 
     def redacted(self, offline: bool = False) -> dict[str, Any]:
         """The configuration as plain JSON-able values, the key replaced by a marker; offline: without the

@@ -27,7 +27,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                        "redis_channel_cap", "redis_cluster")),
     ("Backfill", ("backfill", "rest_url", "backfill_max_rps", "backfill_max_secs")),
     ("Service", ("metrics_addr", "stats_interval_secs", "ready_min_messages", "ready_delay_ms", "log_level",
-                 "shutdown_timeout_secs", "sink_stuck_secs", "cpu_affinity")),
+                 "shutdown_timeout_secs", "sink_stuck_secs", "state_dir", "cpu_affinity")),
 )
 
 # What the environment file adds for a systemd instance: what the unit sets, recipes, an example value.

@@ -66,6 +66,7 @@ class Dispatcher(ServiceThread):
             if item is STOP:
                 if self.desk is not None:
                     self.desk.shutdown(self.emit, time.time_ns() // 1_000_000)
+                    self.desk.snapshot(force=True)  # where every topic stopped, for the next run (state.py)
                 for sink_queue in sink_queues + ([self.capture_queue] if self.capture_queue else []):
                     while not sink_queue.close(time.monotonic() + TICK_SECS) and not self.stopping.is_set():
                         if sink_queue.consumer is not None and not sink_queue.consumer.is_alive():
@@ -125,8 +126,10 @@ class Dispatcher(ServiceThread):
                 self._capture(item[2], frames, proven)
             if normalizer.sequence_anomalies_total != anomalies:
                 self._warn_sequence()
-            if self.desk is not None and self.desk.due(False):
-                self.desk.deliver(self.emit)
+            if self.desk is not None:
+                self.desk.snapshot()
+                if self.desk.due(False):
+                    self.desk.deliver(self.emit)
 
     def _capture(self, batches: list, frames: list[bytes], proven: list[str | None]) -> None:
         """A hand-over's capture batch (sinks.capture.CaptureBatch: every message in order, data frames and statuses),
@@ -165,6 +168,7 @@ class Dispatcher(ServiceThread):
 
     def _backfill(self) -> None:
         """Chunks of backfill while no live data waits (a bounded number a turn)."""
+        self.desk.snapshot()
         for _ in range(64):
             if not self.desk.due(True) or self.inbound.queue:
                 return

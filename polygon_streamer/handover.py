@@ -141,6 +141,17 @@ class Handover:
             self._captured = CaptureBatch(ended_ns, session, [end])
             self.hand_over()
 
+    def restarted(self, gap: Gap, seq: int, now_ns: int) -> None:
+        """The previous run's position was found (state.py): its hole is told before this run's first data; with
+        capture, an `end` line of session 0 says so first (with the position, for reprocess to number the same)."""
+        self.pending_gaps.append(gap)
+        if self.capture is not None:
+            last_ingest_ms, last_ts = gap.before or (None, None)
+            end = SessionEnd(gap.reason, gap.detail, gap=True, subscription=gap.subscription,
+                             position={"last_ingest_ts": last_ingest_ms, "last_ts": last_ts, "seq": seq})
+            self._captured = CaptureBatch(now_ns, 0, [end])
+            self.hand_over()
+
     def _hold_for_capture(self, captured: CaptureBatch) -> None:
         """Keep a batch the full inbound queue refused for the next item. CAPTURE_CHANNEL_CAP bounds the capture's
         backlog: the batches held here, those released into the inbound queue and not yet passed on, and those in its
@@ -213,5 +224,7 @@ class Handover:
 
 def shutdown_gap(gap: Gap) -> Gap:
     """A session's hole that data never came back from before the stop."""
-    return Gap("shutdown", f"the service stopped before data resumed after: {gap.detail}", gap.interrupted_ms,
-               close_code=gap.close_code, close_reason=gap.close_reason, subscription=gap.subscription)
+    stopped = Gap("shutdown", f"the service stopped before data resumed after: {gap.detail}", gap.interrupted_ms,
+                  close_code=gap.close_code, close_reason=gap.close_reason, subscription=gap.subscription)
+    stopped.before = gap.before
+    return stopped

@@ -35,7 +35,7 @@ _NO_Q = -(1 << 64)
 GAP = "gap"
 BACKFILL = "backfill"  # the type, kind and topic of a backfill summary (backfill.py)
 GAP_REASONS = ("disconnect", "read_timeout", "server_close", "status", "stale", "max_connections", "inbound_drop",
-               "sink_drop", "shutdown")
+               "sink_drop", "shutdown", "restart")
 
 
 class Gap:
@@ -46,7 +46,7 @@ class Gap:
     the first dropped frame); resumed_ms: the first data after it (None: data never resumed, e.g. at shutdown)."""
 
     __slots__ = ("reason", "detail", "interrupted_ms", "resumed_ms", "close_code", "close_reason",
-                 "dropped_events", "subscription")
+                 "dropped_events", "subscription", "before")
 
     def __init__(self, reason: str, detail: str, interrupted_ms: int, resumed_ms: int | None = None,
                  close_code: int | None = None, close_reason: str | None = None,
@@ -59,6 +59,9 @@ class Gap:
         self.close_reason = close_reason
         self.dropped_events = dropped_events
         self.subscription = subscription
+        # (last_ingest_ms, last_ts) of the data before the hole where this run saw none: a restart's, the previous
+        # run's (state.py)
+        self.before: tuple[int | None, int | None] | None = None
 
     def __repr__(self) -> str:
         return f"Gap({self.reason!r}, {self.detail!r}, dropped_events={self.dropped_events})"
@@ -450,6 +453,8 @@ class FrameNormalizer:
             self.gap_records += 1
             seq = self.seq
             last_ingest_ms, last_ts = self.last_ingest_ms, self.last_ts
+            if last_ingest_ms is None and gap.before is not None:
+                last_ingest_ms, last_ts = gap.before
         began = last_ingest_ms if last_ingest_ms is not None else gap.interrupted_ms
         gap_ms = max(0, gap.resumed_ms - began) if gap.resumed_ms is not None else None
         payload = {"reason": gap.reason, "detail": _clean_text(gap.detail), "close_code": gap.close_code,

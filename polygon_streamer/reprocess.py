@@ -97,8 +97,11 @@ class Feeder:
             self.last_recv_ms = ingest_ms  # at a stop: when the service stopped (a hole then ends there)
             return
         if frame.form == "end":
-            self.session_ended.add(frame.session)
             end = frame.end
+            if end.reason == "restart" and end.position is not None:
+                self._restarted(end, ingest_ms)
+                return
+            self.session_ended.add(frame.session)
             if end.gap:
                 self.pending.append(Gap(end.reason, end.detail, ingest_ms, close_code=end.close_code,
                                         close_reason=end.close_reason, subscription=end.subscription))
@@ -118,6 +121,19 @@ class Feeder:
             for gap in gaps:
                 gap.resumed_ms = ingest_ms
             self.put((ingest_ms, gaps + [frame.data]))
+        self.last_recv_ms = ingest_ms
+
+    def _restarted(self, end, ingest_ms: int) -> None:
+        """The live run began after a previous one (state.py): the same restart record, numbered as live. Only at the
+        start of the reprocess (a capture's first line): the records' seq then continue from the previous run's."""
+        position = end.position
+        if self.frames or self.pending or self.service.normalizer.seq:
+            return
+        self.service.normalizer.seq = position["seq"]
+        gap = Gap(end.reason, end.detail, position["last_ingest_ts"] if position["last_ingest_ts"] is not None
+                  else ingest_ms, subscription=end.subscription)
+        gap.before = (position["last_ingest_ts"], position["last_ts"])
+        self.pending.append(gap)
         self.last_recv_ms = ingest_ms
 
     def _session_changed(self, session: int, ingest_ms: int) -> None:

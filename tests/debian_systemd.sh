@@ -2,7 +2,8 @@
 # The built .deb under a real systemd: a Debian 12 container booted with systemd-nspawn (systemd as PID 1), commands
 # run in it with nsenter. Checks, printing the evidence: the instance starts (Type=notify) and streams from the local
 # server to NDJSON, ZeroMQ, capture and Redis over a unix socket; no seccomp or permission failure in the journal;
-# reload reopens; the logrotate timer's service rotates with nothing lost; stop drains and exits 0; kill -9 restarts;
+# reload reopens; the logrotate timer's service rotates with nothing lost; stop drains and exits 0; a start, a
+# restart and an upgrade are each one `restart` gap record with seq going on (STATE_DIR); kill -9 restarts;
 # a removed log directory recovers; online `systemd-analyze security` <= 2.0 for the instance and the logrotate
 # service; a wedged sink (a FIFO nobody reads) gets the instance restarted by the watchdog; purge leaves nothing.
 # Needs root, debootstrap and systemd-container. Usage: tests/debian_systemd.sh PATH/TO/polygon-streamer_*.deb
@@ -156,6 +157,41 @@ for name in glob.glob(f"{sys.argv[1]}/stocks.ndjson*"):
     seqs += [json.loads(line)["seq"] for line in text.splitlines()]
 assert sorted(seqs) == list(range(1, len(seqs) + 1)), f"{len(seqs)} lines, {len(set(seqs))} distinct"
 print(f"debian_systemd: {len(seqs)} records across reload and rotation: seq 1..{len(seqs)}, none lost, none twice")
+EOF
+
+step "a restart and an upgrade are each one restart gap record, and seq goes on"
+written_since() { at_least polygon_ndjson_written_total "$1"; }  # the running process's NDJSON sink wrote N
+pid_changed() { pid=$(main_pid); [ "$pid" != 0 ] && [ "$pid" != "$1" ]; }
+inside systemctl start polygon-streamer@stocks
+wait_until 30 written_since 300 || fail "no data after start"
+before=$(main_pid)
+inside systemctl restart polygon-streamer@stocks
+wait_until 30 pid_changed "$before" || fail "systemctl restart did not restart"
+wait_until 30 written_since 300 || fail "no data after restart"
+# An upgrade: the package again; its maintainer scripts restart the umbrella unit, and with it (PartOf=) the instance.
+before=$(main_pid)
+inside env DEBIAN_FRONTEND=noninteractive dpkg -i "/root/$(basename "$DEB")" > /dev/null 2>&1 || fail "the upgrade"
+wait_until 30 pid_changed "$before" || fail "the upgrade did not restart the instance"
+wait_until 30 written_since 300 || fail "no data after the upgrade"
+inside systemctl stop polygon-streamer@stocks
+[ "$(inside systemctl show -p ExecMainStatus --value polygon-streamer@stocks)" = 0 ] || fail "exit status on stop"
+python3 - "$ROOTFS/var/log/polygon-streamer" <<'EOF' || fail "the restarts are not told as restart records, or seq did not go on"
+import glob, json, sys
+records = []
+for name in glob.glob(f"{sys.argv[1]}/stocks.ndjson*"):
+    with open(name, encoding="utf-8") as handle:
+        records += [json.loads(line) for line in handle.read().splitlines()]
+records.sort(key=lambda record: record["seq"])
+seqs = [record["seq"] for record in records]
+assert seqs == list(range(1, len(seqs) + 1)), f"{len(seqs)} lines, {len(set(seqs))} distinct: seq did not go on"
+restarts = [record for record in records if record["kind"] == "gap" and record["payload"]["reason"] == "restart"]
+assert len(restarts) == 3, f"{len(restarts)} restart records for a start, a restart and an upgrade"
+for gap in restarts:
+    assert "stopped cleanly" in gap["payload"]["detail"], gap
+    following = records[seqs.index(gap["seq"]) + 1]
+    assert following["kind"] != "gap" and following["ingest_ts"] == gap["payload"]["resumed_ingest_ts"], gap
+print(f"debian_systemd: {len(restarts)} restart records (start, restart, upgrade) at seq "
+      f"{', '.join(str(gap['seq']) for gap in restarts)}; seq 1..{len(seqs)}, none lost, none twice")
 EOF
 
 step "the journal: no seccomp or permission failure"

@@ -246,3 +246,54 @@ def test_every_metric_the_alert_rules_use_is_exported(mock_server, spawn):
     used -= {"polygon_zmq_peers"}  # (a ZeroMQ sink's: this service has none)
     assert used and used <= exported, used - exported
     assert streamer.stop() == 0
+
+
+# -- STATE_DIR: a restart is a gap record, and seq goes on (issue 34, item 4) ------------------------------------------
+
+def test_a_restart_is_one_gap_record_before_the_first_data_and_seq_goes_on(mock_server, spawn, tmp_path):
+    import signal
+
+    state = tmp_path / "state"
+    state.mkdir()
+    settings = dict(SINK="ndjson", NDJSON_FLUSH_INTERVAL_MS="20", STATE_DIR=str(state), SUBSCRIPTION="T.*")
+    first, second, third, fourth = (tmp_path / f"run{n}.ndjson" for n in range(1, 5))
+    run = spawn(NDJSON_DEST=str(first), **settings)
+    wait_for(lambda: len(so_far(first)) >= 200, what="the first run's data")
+    assert run.stop() == 0
+    one = records_of(first)
+    assert one[0]["seq"] == 1 and not gaps_in(one), "a fresh start: no restart record"
+    assert any("no stream position" in m for m in run.log_messages())
+
+    # A clean stop, then a start: one restart record before the first data, seq exactly one on.
+    run = spawn(NDJSON_DEST=str(second), **settings)
+    wait_for(lambda: len(so_far(second)) >= 200, what="the second run's data")
+    run.proc.send_signal(signal.SIGKILL)  # and then a crash
+    run.proc.wait(10)
+    two = so_far(second)
+    restart = two[0]
+    check_gap_shape(restart)
+    payload = restart["payload"]
+    assert payload["reason"] == "restart" and "stopped cleanly" in payload["detail"]
+    assert restart["seq"] == one[-1]["seq"] + 1 and two[1]["seq"] == restart["seq"] + 1
+    assert payload["last_ingest_ts"] == one[-1]["ingest_ts"] and restart["ts"] == one[-1]["ts"]
+    assert payload["resumed_ingest_ts"] == two[1]["ingest_ts"] == restart["ingest_ts"]
+    assert payload["gap_ms"] == two[1]["ingest_ts"] - one[-1]["ingest_ts"] and payload["subscription"] == "T.*"
+    assert sum(1 for r in two if r["kind"] == "gap") == 1
+
+    # After the crash: the restart record says so, and seq goes on past every number the crashed run could give.
+    run = spawn(NDJSON_DEST=str(third), **settings)
+    wait_for(lambda: len(so_far(third)) >= 50, what="the third run's data")
+    assert run.stop() == 0
+    three = records_of(third)
+    assert three[0]["payload"]["reason"] == "restart" and "did not stop cleanly" in three[0]["payload"]["detail"]
+    assert three[0]["seq"] > two[-1]["seq"], "no seq given twice"
+    assert three[0]["payload"]["last_ingest_ts"] <= two[-1]["ingest_ts"]
+
+    # A damaged position file: one line, a fresh start.
+    (state / "stocks.position.json").write_text("{not json")
+    run = spawn(NDJSON_DEST=str(fourth), **settings)
+    wait_for(lambda: len(so_far(fourth)) >= 20, what="the fourth run's data")
+    assert run.stop() == 0
+    assert records_of(fourth)[0]["seq"] == 1
+    assert sum(1 for m in run.log_messages() if "is damaged" in m) == 1
+    report("restart records", first_seq=one[-1]["seq"], restart_seq=restart["seq"], after_crash=three[0]["seq"])
