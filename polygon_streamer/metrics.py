@@ -210,6 +210,9 @@ class ServiceCollector:
                        "file; the capture counts frames)", labels=["sink"], samples=written)
         yield _counter("polygon_sink_drops_total", "Events dropped because a sink's queue was full",
                        labels=["sink"], samples=dropped)
+        yield _counter("polygon_sink_write_errors_total", "Writes each sink could not make and retries (a full or "
+                       "failing disk, Redis away): the alert PolygonSinkWriteFailing", labels=["sink"],
+                       samples={sink.name: sink.failed_writes() for sink in service.sinks})
         for sink, sink_queue in zip(service.sinks, service.sink_queues):
             yield from sink_metrics(sink, sink_queue.stats)
 

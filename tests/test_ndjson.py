@@ -180,12 +180,16 @@ def test_a_full_disk_is_survived_and_writing_resumes_when_space_returns(tiny_dis
     dest = tiny_disk / "full.ndjson"
     streamer = start(dest, NDJSON_FLUSH_EVERY=50)
     wait_for(lambda: streamer.metric("polygon_ndjson_write_errors_total") >= 1, timeout=20, what="ENOSPC")
-    assert streamer.get("/health")[0] == 200, "the service keeps running"
+    status, health = streamer.get("/health")
+    assert status == 200, "the service keeps running"
+    assert "degraded: ndjson sink: writes to" in health and "No space left on device" in health, health
+    assert streamer.metric("polygon_sink_write_errors_total", sink="ndjson") >= 1  # what the alert watches
     before = streamer.metric("polygon_events_total", type="T") + streamer.metric("polygon_events_total", type="Q")
     wait_for(lambda: streamer.metric("polygon_events_total", type="T") +
              streamer.metric("polygon_events_total", type="Q") > before, what="the stream to go on")
     filler.unlink()
     wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 1500, timeout=30, what="writes resuming")
+    assert streamer.get("/health") == (200, "OK\n"), "no longer degraded once writes resume"
     assert streamer.stop() == 0
     assert_exactly_once(read_lines(dest), 1500)
     assert any("NDJSON write failed" in m for m in streamer.log_messages())

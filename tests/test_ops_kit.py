@@ -55,6 +55,10 @@ tests:
         values: '0 0 0 1x20'
       - series: 'polygon_backfill_gaps_total{instance="a",result="rate_limited"}'
         values: '0 0 0 0 0 0 1x60'
+      - series: 'up{job="polygon-streamer",instance="a"}'
+        values: '1 1 1 0x10'
+      - series: 'polygon_sink_write_errors_total{instance="a",sink="ndjson"}'
+        values: '0 0 0 0 3 9 15 15x20'
     alert_rule_test:
       - {eval_time: 1m, alertname: PolygonFeedDown, exp_alerts: []}
       - eval_time: 5m
@@ -100,6 +104,37 @@ tests:
           - exp_labels: {severity: warning, instance: a, result: rate_limited}
             exp_annotations: {summary: "a: a gap's backfill ended rate_limited: part of the gap stays unfilled"}
       - {eval_time: 40m, alertname: PolygonBackfillIncomplete, exp_alerts: []}
+      # the target stops answering at 3m: down for a minute at 4m
+      - {eval_time: 3m, alertname: PolygonTargetDown, exp_alerts: []}
+      - eval_time: 5m
+        alertname: PolygonTargetDown
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: a, job: polygon-streamer}
+            exp_annotations:
+              summary: "a: the service does not answer /metrics (stopped, crashed or unreachable)"
+      - {eval_time: 5m, alertname: PolygonTargetAbsent, exp_alerts: []}
+      # writes fail from 4m to 6m: the alert within a minute, and gone a minute after they resume
+      - {eval_time: 3m, alertname: PolygonSinkWriteFailing, exp_alerts: []}
+      - eval_time: 4m
+        alertname: PolygonSinkWriteFailing
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: a, sink: ndjson}
+            exp_annotations:
+              summary: "a: the ndjson sink's writes fail (a full disk?): /health says why"
+      - {eval_time: 8m, alertname: PolygonSinkWriteFailing, exp_alerts: []}
+  - interval: 1m
+    input_series:
+      - series: 'polygon_connected{instance="a"}'
+        values: '1x10'
+    alert_rule_test:
+      # no polygon target scraped at all: absent for 5 minutes
+      - {eval_time: 4m, alertname: PolygonTargetAbsent, exp_alerts: []}
+      - eval_time: 6m
+        alertname: PolygonTargetAbsent
+        exp_alerts:
+          - exp_labels: {severity: critical}
+            exp_annotations:
+              summary: "no polygon-streamer target is scraped at all (the job or its discovery lost every instance)"
 """
 
 

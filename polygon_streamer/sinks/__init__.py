@@ -53,6 +53,10 @@ class Sink:
         """Why the sink cannot deliver right now while the process is fine (for /health), or None."""
         return None
 
+    def failed_writes(self) -> int:
+        """Writes (or reopens, reconnects) that failed and were retried: polygon_sink_write_errors_total."""
+        return 0
+
     def still_working(self) -> None:
         """Called each round of a long retry inside a write (a full disk, Redis away): the sink is waiting on
         purpose, not stuck, so the watchdog keeps being fed."""

@@ -175,6 +175,9 @@ class NdjsonSink(Sink):
         self.rotations = 0
         self.write_errors = 0
         self.lost = 0
+        # While writes fail: since when and why (/health and STATUS= say so: a full disk is not invisible).
+        self._failing_since: float | None = None
+        self._failing_why = ""
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -274,6 +277,22 @@ class NdjsonSink(Sink):
 
     def unwritten(self) -> int:
         return sum(output.events + output.carry_events for output in self._outputs.values())
+
+    def failed_writes(self) -> int:
+        return self.write_errors
+
+    def degraded(self) -> str | None:
+        since = self._failing_since
+        if since is None:
+            return None
+        return (f"{self.name} sink: writes to {self._files.dest} failing for {time.monotonic() - since:.0f}s "
+                f"({self._failing_why}); {self._buffered_bytes():,} bytes buffered, retried every {RETRY_SECS:g}s")
+
+    def _failing(self, exc: OSError) -> None:
+        self.write_errors += 1
+        self._failing_why = exc.strerror or str(exc)
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
 
     # -- writing ------------------------------------------------------------------------------------------------
 
@@ -388,7 +407,7 @@ class NdjsonSink(Sink):
         try:
             self._open_file(output)
         except OSError as exc:
-            self.write_errors += 1
+            self._failing(exc)
             self._retry_at = time.monotonic() + RETRY_SECS
             self._error_warning.warn(f"{self._files.setting} reopen failed, will retry: {exc.strerror or exc}",
                                      path=output.path, write_errors_total=self.write_errors)
@@ -419,7 +438,7 @@ class NdjsonSink(Sink):
             output.carry_events = output.carry.count(b"\n")
             self.written += before - output.carry_events
             output.written_since_check += before - output.carry_events
-            self.write_errors += 1
+            self._failing(exc)
             self._retry_at = now + RETRY_SECS
             self._error_warning.warn(f"{self._files.setting} write failed, will retry: {exc.strerror or exc}",
                                      path=output.path or "stdout", errno=errno.errorcode.get(exc.errno, exc.errno),
@@ -428,6 +447,7 @@ class NdjsonSink(Sink):
         if self._retry_at:
             self._log.info(f"{self._files.setting} writes resumed", extra={"fields": {"path": output.path or "stdout"}})
             self._retry_at = 0.0
+            self._failing_since = None
         self.written += output.carry_events
         output.written_since_check += output.carry_events
         output.carry_events = 0

@@ -395,6 +395,9 @@ class RedisSink(Sink):
             return
         self._recovered()
 
+    def failed_writes(self) -> int:
+        return self.errors
+
     def degraded(self) -> str | None:
         if self._down_since is None:
             return None
