@@ -168,6 +168,10 @@ def run(config: Config, paths: list[str], progress: bool = True) -> int:
     service = Service(config)
     for sink_queue in service.sink_queues:
         sink_queue.drop_when_full = False  # offline: wait for the sink, never drop
+    for sink in service.sinks:
+        # ...but not for a disk that never comes back: past SHUTDOWN_TIMEOUT_SECS of failed writes the sink gives
+        # up, and the end line counts what was not written (exit 1).
+        sink.stall_limit_secs = config.shutdown_timeout_secs
     service.install_signal_handlers()  # first: a SIGTERM during start() is queued, not fatal
     service.start(network=False)
     feeder = Feeder(config, service)

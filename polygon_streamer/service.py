@@ -106,6 +106,7 @@ class Service:
         self._signals: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
         self._stop_signalled = False
+        self._deadline = math.inf  # the drain's, once shutdown() began
         self._events_per_sec = 0.0  # over the last pulse (STATUS=)
         self.frames_fed = 0  # frames an offline caller put into the inbound queue itself (reprocess)
         # STATE_DIR: the stream position between runs (state.py); the main thread saves it.
@@ -265,6 +266,7 @@ class Service:
             except queue.Empty:
                 signum = None
             if signum in (signal.SIGTERM, signal.SIGINT):
+                self._stop_signalled = True
                 return self.shutdown(f"received {signal.Signals(signum).name}")
             if signum == signal.SIGHUP:
                 self.notifier.reloading()
@@ -335,7 +337,7 @@ class Service:
         self._stopping = True
         self.notifier.stopping(f"stopping ({why}): draining queues")
         timeout_secs = self.config.shutdown_timeout_secs if timeout_secs is None else timeout_secs
-        deadline = time.monotonic() + timeout_secs
+        deadline = self._deadline = time.monotonic() + timeout_secs
         _log.info("stopping (%s): draining queues", why,
                   extra={"fields": {"reason": why, "inbound_handovers": self.inbound.qsize(),
                                     "deadline_secs": timeout_secs if math.isfinite(timeout_secs) else None}})
@@ -348,7 +350,9 @@ class Service:
         self._join([self.reader], min(deadline, time.monotonic() + 2.0))
         for thread in self.sink_threads:
             thread.close_deadline = deadline  # a sink whose disk refuses keeps retrying until then
-        drained = self._stop_inbound(deadline) and self._join([self.dispatcher] + self.sink_threads, deadline)
+        drained = self._stop_inbound() and self._join([self.dispatcher] + self.sink_threads)
+        if self._deadline != deadline:  # a signal brought it forward
+            timeout_secs = self.config.shutdown_timeout_secs
         if self.metrics_server:
             self.metrics_server.stop()
         counts = self._counts()
@@ -373,7 +377,7 @@ class Service:
                    unwritten_words, extra={"fields": fields})
         return 1
 
-    def _stop_inbound(self, deadline: float) -> bool:
+    def _stop_inbound(self) -> bool:
         """Queue STOP behind the accepted frames (and the gap records of holes data never came back from),
         answering a second SIGTERM/SIGINT while the queue is full."""
         # Open backfills end first (their summaries say shutdown), then the holes data never came back from: the
@@ -386,20 +390,20 @@ class Service:
                     self.inbound.put(item, timeout=MAIN_TICK_SECS)
                     break
                 except queue.Full:
-                    if time.monotonic() >= deadline:
+                    if time.monotonic() >= self._deadline:
                         return False
                     self._check_second_signal()
-        while time.monotonic() < deadline:
-            if stop_inbound(self.inbound, min(deadline, time.monotonic() + MAIN_TICK_SECS)):
+        while time.monotonic() < self._deadline:
+            if stop_inbound(self.inbound, min(self._deadline, time.monotonic() + MAIN_TICK_SECS)):
                 return True
             self._check_second_signal()
         return False
 
-    def _join(self, threads: list[threading.Thread], deadline: float) -> bool:
-        """Join with a deadline; a second SIGTERM/SIGINT meanwhile exits at once."""
+    def _join(self, threads: list[threading.Thread], deadline: float | None = None) -> bool:
+        """Join with a deadline (the drain's unless given); a second SIGTERM/SIGINT meanwhile exits at once."""
         for thread in threads:
             while thread.is_alive():
-                remaining = deadline - time.monotonic()
+                remaining = (self._deadline if deadline is None else deadline) - time.monotonic()
                 if remaining <= 0:
                     return False
                 thread.join(min(MAIN_TICK_SECS, remaining))
@@ -410,6 +414,18 @@ class Service:
         try:
             signum = self._signals.get_nowait()
         except queue.Empty:
+            return
+        if signum in (signal.SIGTERM, signal.SIGINT) and not self._stop_signalled:
+            # The first stop signal, during a drain that had no deadline (an offline tool waits as long as its
+            # sinks move): the drain now ends within SHUTDOWN_TIMEOUT_SECS, then says what was not written.
+            self._stop_signalled = True
+            deadline = time.monotonic() + self.config.shutdown_timeout_secs
+            if deadline < self._deadline:
+                self._deadline = deadline
+                for thread in self.sink_threads:
+                    thread.close_deadline = deadline
+                _log.warning("received %s: the drain ends within %gs", signal.Signals(signum).name,
+                             self.config.shutdown_timeout_secs)
             return
         if signum in (signal.SIGTERM, signal.SIGINT):
             events, frames, unwritten_words = self._unwritten()
@@ -424,8 +440,8 @@ class Service:
             items = [item for item in self.inbound.queue if item is not None and item[1].__class__ is list]
         # Raw frames (events estimated by marker; the holes told with them are not events).
         pending = sum(frame.count(b'"ev":') for item in items for frame in item[1] if frame.__class__ is bytes)
-        return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads
-                             if thread.sink_queue is not self.capture_queue)
+        return pending + sum(thread.pending_events() + thread.buffered_events() + thread.unwritten_at_close
+                             for thread in self.sink_threads if thread.sink_queue is not self.capture_queue)
 
     def unwritten_capture_frames(self) -> int:
         """With capture, the messages accepted for it and not written."""
@@ -434,8 +450,8 @@ class Service:
         with self.inbound.mutex:
             items = [item for item in self.inbound.queue if item is not None and len(item) > 2]
         pending = sum(batch.frames() for item in items for batch in item[2])
-        return pending + sum(thread.pending_events() + thread.unwritten_at_close for thread in self.sink_threads
-                             if thread.sink_queue is self.capture_queue)
+        return pending + sum(thread.pending_events() + thread.buffered_events() + thread.unwritten_at_close
+                             for thread in self.sink_threads if thread.sink_queue is self.capture_queue)
 
     def _unwritten(self) -> tuple[int, int, str]:
         """(events, captured frames) not written and the words for them, for the shutdown lines."""

@@ -4,11 +4,12 @@ import gzip
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from helpers import report, valid_record, wait_for
+from helpers import ROOT, report, valid_record, wait_for
 from polygon_streamer.sinks.ndjson import rotated_name, split_path
 
 
@@ -285,3 +286,79 @@ def test_a_directory_or_an_unopenable_path_is_exit_2(tmp_path, start, dest, word
     streamer.stop()
     assert len(streamer.stderr_lines) == 1, streamer.stderr_lines
     assert "NDJSON_DEST" in streamer.stderr_lines[0] and words in streamer.stderr_lines[0]
+
+
+def _capture_of(mock_server, spawn, tmp_path, events):
+    mock_server.options.rate = 0
+    mock_server.options.batch = 10
+    mock_server.options.count = events
+    capture = tmp_path / "in.capture"
+    streamer = spawn(SINK="capture", CAPTURE_DEST=str(capture), SUBSCRIPTION="T.*,Q.*")
+    wait_for(lambda: streamer.metric("polygon_events_total", type="T") +
+             streamer.metric("polygon_events_total", type="Q") >= events, timeout=30, what="the capture")
+    assert streamer.stop() == 0
+    return capture
+
+
+def _stop_report(stderr: str) -> dict:
+    import ujson
+    lines = [ujson.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [line["fields"] for line in lines if line["fields"]["message"].startswith(("stopped", "second"))][-1]
+
+
+def test_reprocess_into_a_full_disk_gives_up_with_the_right_count(tiny_disk, mock_server, spawn, tmp_path):
+    """An offline tool does not wait forever for a disk that never comes back: past SHUTDOWN_TIMEOUT_SECS of failed
+    writes it stops, says how many events were not written (what the file lacks), and exits 1."""
+    events = 20_000
+    capture = _capture_of(mock_server, spawn, tmp_path, events)
+    fill(tiny_disk, 1000 * 1024)
+    dest = tiny_disk / "out.ndjson"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "polygon_streamer", "reprocess", "--no-progress", "--sink",
+                             "ndjson", "--ndjson-dest", str(dest), "--shutdown-timeout-secs", "1", str(capture)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert took < 20, f"{took:.1f}s"
+    report = _stop_report(result.stderr)
+    written = len(read_lines(dest)) if dest.exists() else 0
+    assert report["unwritten_events"] + report["sink_drops"] + written == report["events"] == events, \
+        (report, written)
+    assert "giving up" in result.stderr
+
+
+def test_sigterm_while_reprocess_waits_on_a_full_disk_counts_what_the_sink_holds(tiny_disk, mock_server, spawn,
+                                                                                tmp_path):
+    import signal
+
+    events = 20_000
+    capture = _capture_of(mock_server, spawn, tmp_path, events)
+    fill(tiny_disk, 1000 * 1024)
+    counts = []
+    for signals in (1, 2):  # SIGTERM: the drain's deadline, then the count; a second one: at once, with the count
+        dest = tiny_disk / f"out{signals}.ndjson"
+        proc = subprocess.Popen([sys.executable, "-m", "polygon_streamer", "reprocess", "--no-progress", "--sink",
+                                 "ndjson", "--ndjson-dest", str(dest), "--shutdown-timeout-secs", "2",
+                                 str(capture)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: dest.exists() and dest.stat().st_size > 0, timeout=20, what="the disk filling")
+            started = time.monotonic()
+            for _ in range(signals):
+                proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=20)
+            took = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        assert proc.returncode == 1, stderr
+        assert took < 6, f"{took:.1f}s"
+        fields = _stop_report(stderr)
+        whole_lines = dest.read_bytes().count(b"\n")
+        assert fields["unwritten_events"] > 0, fields
+        if signals == 1:
+            written = len(read_lines(dest))  # cut back to its last whole line
+            assert written + fields["unwritten_events"] + fields["sink_drops"] == fields["events"], (fields, written)
+        counts.append((whole_lines, fields["unwritten_events"]))
+        dest.unlink()  # the space it took, for the next pass
+    report("reprocess: SIGTERM on a full disk", counts=counts)

@@ -29,6 +29,9 @@ class Sink:
     # > 0: the thread hands every batch already queued, up to this many events, to one write_batches call (a sink
     # with a round trip per write, such as Redis, pays it once for all of them).
     coalesce_events = 0
+    # An offline tool's (reprocess): a sink whose writes have failed this long gives up (SinkClosed) instead of
+    # waiting for a disk that may never come back; the service rides such failures out (None).
+    stall_limit_secs: float | None = None
 
     def __init__(self) -> None:
         # Frame received -> its events handed to the OS; observed by the sink when that happens.
@@ -224,6 +227,7 @@ class SinkThread(ServiceThread):
         # When the sink's current write (or tick) began; None between them. A write that has not returned for
         # SINK_STUCK_SECS (a FIFO nobody reads, a hung mount) is stuck: /health says so and the watchdog is not fed.
         self.busy_since: float | None = None
+        self.closed = False  # the sink's close() has run: its unwritten events are in unwritten_at_close
         sink_queue.consumer = self
         sink.thread = self  # a sink that retries reads stopping and close_deadline
 
@@ -239,7 +243,14 @@ class SinkThread(ServiceThread):
                                          "queued_events": self.pending_events()}})
         finally:
             self.sink.close(self.close_deadline)
-            self.unwritten_at_close += self.sink.unwritten()
+            unwritten = self.sink.unwritten()
+            self.closed = True
+            self.unwritten_at_close += unwritten
+
+    def buffered_events(self) -> int:
+        """Events the sink has taken and not written yet (a failing disk's buffer), until it is closed: counted in
+        the shutdown report (read from the main thread: a snapshot)."""
+        return 0 if self.closed else self.sink.unwritten()
 
     def _drain(self) -> None:
         get = self.sink_queue.queue.get

@@ -25,7 +25,7 @@ from .. import logs, protocol
 from ..config import Config
 from ..normalize import BACKFILL, GAP
 from ..threads import ServiceThread
-from . import Sink, SinkConfigError, SinkStats, stdout_gone
+from . import Sink, SinkClosed, SinkConfigError, SinkStats, stdout_gone
 
 _log = logs.get("polygon_ndjson")
 
@@ -230,11 +230,15 @@ class NdjsonSink(Sink):
     def close(self, deadline: float | None = None) -> None:
         """Flush everything; while the disk refuses, retry until shortly before the deadline. What is still not
         written then is reported by unwritten() (the service exits 1 with that count)."""
-        retry_until = (deadline - CLOSE_MARGIN_SECS) if deadline is not None else 0.0
         while True:
             for output in self._outputs.values():
                 self._flush(output, final=True)
-            if not any(output.buffered for output in self._outputs.values()) or time.monotonic() >= retry_until:
+            # (the service may bring the deadline forward meanwhile: a signal during an offline tool's drain)
+            current = self.thread.close_deadline if self.thread is not None else None
+            deadline = current if current is not None else deadline
+            retry_until = (deadline - CLOSE_MARGIN_SECS) if deadline is not None else 0.0
+            if not any(output.buffered for output in self._outputs.values()) or time.monotonic() >= retry_until \
+                    or self._stalled():
                 break
             time.sleep(CLOSE_RETRY_SECS)
         for output in self._outputs.values():
@@ -331,6 +335,7 @@ class NdjsonSink(Sink):
         for output in outputs:
             if output.events + output.carry_events >= self._flush_every:
                 self._flush(output)
+        self._give_up_if_stalled()
         self._hold_while_failing()
 
     def write_lines(self, lines, count: int, ingest_ms: int) -> None:
@@ -343,17 +348,34 @@ class NdjsonSink(Sink):
         output.arrivals.append((ingest_ms, count))
         if output.events + output.carry_events >= self._flush_every:
             self._flush(output)
+        self._give_up_if_stalled()
         self._hold_while_failing()
 
     def _hold_while_failing(self) -> None:
         """While the disk refuses writes and too much is buffered, stop taking batches: the queue fills and its
-        drops are counted, instead of memory growing without bound."""
+        drops are counted, instead of memory growing without bound. Not past the start of a stop (close() retries
+        until the deadline and counts what stays unwritten), nor past an offline tool's stall limit."""
+        thread = self.thread
         while self._retry_at and self._buffered_bytes() > MAX_BUFFERED_BYTES:
+            self._give_up_if_stalled()
+            if thread is not None and (thread.close_deadline is not None or thread.stopping.is_set()):
+                return
             self.still_working()
             time.sleep(max(0.0, min(0.2, self._retry_at - time.monotonic())))
             if time.monotonic() >= self._retry_at:
                 for output in self._outputs.values():
                     self._flush(output)
+
+    def _stalled(self) -> bool:
+        """Writes have failed for the offline tool's stall limit (Sink.stall_limit_secs)."""
+        since = self._failing_since
+        return self.stall_limit_secs is not None and since is not None \
+            and time.monotonic() - since >= self.stall_limit_secs
+
+    def _give_up_if_stalled(self) -> None:
+        if self._stalled():
+            raise SinkClosed(f"writes to {self._files.dest} failed for {self.stall_limit_secs:g}s "
+                             f"({self._failing_why}): giving up", 0)
 
     def _buffered_bytes(self) -> int:
         return sum(len(o.carry) + sum(len(line) + 1 for line in o.lines) for o in self._outputs.values())
