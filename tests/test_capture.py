@@ -335,14 +335,17 @@ def test_the_capture_keeps_the_frames_a_full_inbound_queue_dropped_in_order(mock
         assert [r["recv_ns"] for r in records] == sorted(r["recv_ns"] for r in records)
         data_frames = [r["frame"] for r in records if "frame" in r and r["frame"][0]["ev"] != "status"]
         statuses = [r for r in records if "frame" in r and r["frame"][0]["ev"] == "status"]
-        assert len(statuses) == 3  # the handshake: connected, auth_success, the subscribe acks
         written = [ujson.loads(line)["payload"] for line in ndjson.read_text().splitlines()]
         written = [payload for payload in written if "reason" not in payload]
         captured = [event for frame in data_frames for event in frame]
         if cap == "2":
-            ends = [r for r in records if "end" in r]  # the session's end line (the stop), unless dropped too
-            assert capture_drops > 0 and len(data_frames) + capture_drops == 10_000 + 1 - len(ends)
+            # Any message may be among the capture's drops, the handshake's statuses too (on a busy machine the
+            # acks' hand-over can meet a full backlog): every one is either in the file or counted.
+            ends = [r for r in records if "end" in r]  # the session's end line (the stop)
+            assert capture_drops > 0
+            assert len(data_frames) + len(statuses) + len(ends) + capture_drops == 10_000 + 3 + 1
             continue
+        assert len(statuses) == 3  # the handshake: connected, auth_success, the subscribe acks
         assert capture_drops == 0 and len(data_frames) == 10_000 and len(captured) == 100_000
         assert len(written) < len(captured)
         # The frames cycle through the server's pool of 100: the capture holds them all, in the order sent...
