@@ -10,7 +10,7 @@ from typing import Callable
 import click
 
 from . import __version__, logs
-from .config import NETWORK_ONLY, SETTINGS, Config, ConfigError, build_config
+from .config import NETWORK_ONLY, SETTINGS, Config, ConfigError, _bool, build_config, unknown_variables
 
 # Settings the demo sets itself.
 _DEMO_FIXED = ("api_key", "api_key_file", "ws_url", "feed")
@@ -46,8 +46,10 @@ def setting_options(skip: tuple[str, ...] = (), shown_defaults: dict[str, str] |
             if shown_defaults and setting.field in shown_defaults:
                 default_text = f"default: {shown_defaults[setting.field]}"
             # (a fallback such as RUST_LOG is read too, but the help names only the variable to set)
+            # A true/false setting may be given as a bare flag (--ndjson-gzip means true) or with a value.
+            flag = {"is_flag": False, "flag_value": "true"} if setting.parse is _bool else {}
             command = click.option(setting.flag, setting.field, envvar=envvar, default=None, type=str,
-                                   show_envvar=False, metavar="VALUE",
+                                   show_envvar=False, metavar="[VALUE]" if flag else "VALUE", **flag,
                                    help=f"{setting.help} [{default_text}] [env var: {setting.env}]")(command)
         return command
 
@@ -75,6 +77,8 @@ def run(**values) -> int:
     """Connect to the cluster and stream until SIGTERM/SIGINT."""
     config = build_config(_settings(values))
     _start_logging(config)
+    for line in unknown_variables(os.environ):
+        logs.get("polygon_config").warning(line)
     from .notify import Notifier
     from .service import run_service
 
@@ -86,14 +90,35 @@ def run(**values) -> int:
 @click.option("--check", is_flag=True,
               help="run every check `run` makes before connecting (key, sinks, files, ports); exit 2 with its line")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object (for machines) instead of the table")
-def show_config(check: bool, as_json: bool, **values) -> int:
-    """Print the effective configuration (secrets redacted) and exit; --check also proves that `run` would start."""
+@click.option("--env-file", "env_file", type=click.Path(dir_okay=False), default=None,
+              help="read the settings from this environment file, as systemd's EnvironmentFile= does (an instance's "
+                   "/etc/polygon-streamer/INSTANCE.env): its variables win over the environment, options over both")
+def show_config(check: bool, as_json: bool, env_file: str | None, **values) -> int:
+    """Print the effective configuration (secrets redacted) and exit; --check also proves that `run` would start
+    (a variable of ours that is not a setting fails it: a misspelling would run on a default)."""
+    environ = dict(os.environ)
+    if env_file is not None:
+        from .config import read_env_file
+
+        from_file = read_env_file(env_file)
+        environ.update(from_file)
+        context = click.get_current_context()
+        for setting in SETTINGS:
+            given = context.get_parameter_source(setting.field) == click.core.ParameterSource.COMMANDLINE
+            if setting.env in from_file and not given:
+                values[setting.field] = from_file[setting.env]
     config = build_config(_settings(values), require_key=check)
     if check:
+        unknown = unknown_variables(environ)
+        if unknown:
+            raise ConfigError("; ".join(unknown))
         logs.setup("off", secrets=config.secrets())
         from .service import Service
 
-        Service(config).check()
+        service = Service(config)
+        service.check()
+        for note in service.check_notes:
+            click.echo(f"config --check: {note}", err=True)
     if as_json:
         click.echo(logs.dumps(config.redacted()))
     else:

@@ -97,12 +97,16 @@ def _sinks(raw: str) -> tuple[str, ...]:
 
 
 def _subscription(raw: str) -> str:
+    from .subscriptions import check_topic
+
     params = raw.strip()
     topics = [topic.strip() for topic in params.split(",")]
     for topic in topics:
-        code, dot, ticker = topic.partition(".")
-        if not dot or not code or not ticker or not code.isalnum() or " " in topic:
-            raise ValueError("expected comma separated topics CODE.TICKER, e.g. T.*,Q.AAPL")
+        why = check_topic(topic)
+        if why:
+            if why.startswith("expected"):
+                why = "expected comma separated topics CODE.TICKER, e.g. T.*,Q.AAPL"
+            raise ValueError(f"{why} ({topic!r})" if len(topics) > 1 else why)
     return ",".join(topics)
 
 
@@ -123,6 +127,9 @@ def _addr(raw: str) -> tuple[str, int]:
             raise ValueError(expected) from None
     elif host and not re.fullmatch(r"[A-Za-z0-9.-]+", host):
         raise ValueError(expected)
+    if not host:
+        raise ValueError("an empty host would listen on every interface: write 0.0.0.0:PORT (or [::]:PORT) to mean "
+                         "that, 127.0.0.1:PORT for this host only")
     return host, port
 
 
@@ -626,6 +633,62 @@ def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
     kwargs = {name: value for name, value in values.items() if name in fields}
     kwargs.update(api_key=api_key or "", url=url, sinks=tuple(sinks))
     return Config(**kwargs)
+
+
+# Variables of the service's own families: one that is not a setting is a misspelling (POLYGON_CLUSTR) that would
+# otherwise be ignored in silence, the service running on a default.
+OUR_PREFIXES = ("POLYGON_", "NDJSON_", "ZMQ_", "REDIS_", "CAPTURE_", "BACKFILL_", "BACKOFF_", "READY_", "GATEWAY_",
+                "KAFKA_")
+# Read by the service but not settings of config.py: systemd's protocol, the fallbacks.
+OTHER_VARIABLES = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUST_LOG", "STATE_DIRECTORY"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per variable that looks like a setting and is none: ours by its prefix, or a near miss of a name
+    (SINKS for SINK); the closest setting named."""
+    import difflib
+
+    names = [setting.env for setting in SETTINGS]
+    known = set(names) | OTHER_VARIABLES
+    lines = []
+    for variable in sorted(environ):
+        if variable in known:
+            continue
+        close = difflib.get_close_matches(variable, names, n=1, cutoff=0.75)
+        if variable.startswith(OUR_PREFIXES) or (close and difflib.SequenceMatcher(
+                None, variable, close[0]).ratio() >= 0.85):
+            hint = f"; did you mean {close[0]}?" if close else ""
+            lines.append(f"{variable} is not a setting of polygon-streamer and is ignored{hint} "
+                         "(polygon-streamer config --help lists them)")
+    return lines
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """An environment file as systemd reads EnvironmentFile=: KEY=VALUE lines, `#` and `;` comments, blank lines,
+    values optionally in single or double quotes (a backslash escapes within double quotes), `export ` ignored."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"invalid --env-file {path!r}: cannot read it ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    variables: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        name, equals, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"invalid --env-file {path!r}: line {number} is not NAME=VALUE")
+        if len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1]
+        elif len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r'\\(.)', r"\1", value[1:-1])
+        variables[name] = value
+    return variables
 
 
 def url_cluster(url: str) -> str | None:

@@ -112,6 +112,7 @@ class Service:
         # STATE_DIR: the stream position between runs (state.py); the main thread saves it.
         self.position = PositionFile(config.state_dir, config.cluster) if config.state_dir else None
         self._previous_data: tuple[int | None, int | None] = (None, None)  # the previous run's last, until ours
+        self.check_notes: list[str] = []  # what config --check adds to its OK line
         self._reload_lock = threading.Lock()
         self._reloader: threading.Thread | None = None
         self._reload_again = False
@@ -132,8 +133,14 @@ class Service:
                     self.metrics_server = MetricsServer(self.config.metrics_addr, self.registry, self.health,
                                                         self.ready, self.subscriptions.snapshot, self.config.redact)
             except OSError as exc:
-                raise ConfigError(f"invalid METRICS_ADDR (--metrics-addr) {format_addr(self.config.metrics_addr)!r}: "
-                                  f"cannot listen there ({exc.strerror or exc}); pick a free host:port") from None
+                running = None if threads else running_instance(self.config.metrics_addr)
+                if running is None:
+                    raise ConfigError(f"invalid METRICS_ADDR (--metrics-addr) "
+                                      f"{format_addr(self.config.metrics_addr)!r}: cannot listen there "
+                                      f"({exc.strerror or exc}); pick a free host:port") from None
+                # config --check of a running instance: its own port is taken by itself.
+                self.check_notes.append(f"METRICS_ADDR {format_addr(self.config.metrics_addr)} is in use by a "
+                                        f"running polygon-streamer ({running}): not bound again")
             if not threads:
                 self._cpus()
                 return
@@ -580,6 +587,29 @@ class Service:
                                  **{q.name: q.queue.qsize() for q in self.sink_queues}}
         _stats_log.info("stats", extra={"fields": fields})
         return counts
+
+
+def running_instance(addr: tuple[str, int]) -> str | None:
+    """Whether a polygon-streamer answers on addr (its /subscriptions, which nothing else serves): its /health text,
+    or None."""
+    import http.client
+
+    host = "127.0.0.1" if addr[0] in ("0.0.0.0", "") else "::1" if addr[0] == "::" else addr[0]
+    try:
+        connection = http.client.HTTPConnection(host, addr[1], timeout=1.0)
+        try:
+            connection.request("GET", "/subscriptions")
+            answer = connection.getresponse()
+            body = answer.read(1_000_000)
+            if answer.status != 200 or b'"counts"' not in body or b'"topics"' not in body:
+                return None
+            connection.request("GET", "/health")
+            health = connection.getresponse()
+            return health.read(1000).decode("utf-8", "replace").strip() or "no /health text"
+        finally:
+            connection.close()
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 class _Pulse:

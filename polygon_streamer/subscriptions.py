@@ -29,8 +29,14 @@ class SubscriptionFileError(ValueError):
 def check_topic(topic: str) -> str | None:
     """Why a topic is not CODE.TICKER, or None."""
     code, dot, ticker = topic.partition(".")
+    if ";" in topic:
+        return "';' does not separate topics: separate them with commas, e.g. T.*,Q.*"
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in topic):
+        return "a control character in the topic"
     if not dot or not code or not ticker or not code.isalnum() or " " in topic or "," in topic:
         return "expected a topic CODE.TICKER, e.g. T.AAPL, Q.*, XT.BTC-USD"
+    if "*" in ticker[:-1]:
+        return "'*' is the whole ticker (T.*) or ends it (T.AA*)"
     return None
 
 

@@ -108,7 +108,8 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
 
 def base_env(url: str, metrics_port: int, **settings) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("POLYGON_", "NDJSON_", "ZMQ_", "READY_")) and key not in (
+           if not key.startswith(("POLYGON_", "NDJSON_", "ZMQ_", "READY_", "REDIS_", "CAPTURE_", "BACKFILL_",
+                                  "BACKOFF_", "GATEWAY_", "KAFKA_")) and key not in (
                "SINK", "SUBSCRIPTION", "LOG_LEVEL", "RUST_LOG", "CHANNEL_CAP", "EMIT_NDJSON")}
     env.update({
         "POLYGON_API_KEY": TEST_KEY,

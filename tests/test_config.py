@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from helpers import ROOT, TEST_KEY
-from polygon_streamer.config import SETTINGS, ConfigError, build_config
+from helpers import ROOT, TEST_KEY, free_port
+from polygon_streamer.config import OUR_PREFIXES, SETTINGS, ConfigError, build_config
 
-CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS} | {"RUST_LOG"}}
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS} | {"RUST_LOG"}
+             and not k.startswith(OUR_PREFIXES)}
 
 
 def run_cli(*args, env=None, timeout=30):
@@ -36,6 +37,10 @@ def run_cli(*args, env=None, timeout=30):
     ("REDIS_STREAM", "polygon:{market}", "expected a key template using {cluster}, {kind} and {symbol_shard}"),
     ("REDIS_SHARDS", "0", "expected an integer >= 1"),
     ("REDIS_PASSWORD_FILE", "/nonexistent/redis.pw", "cannot read it"),
+    ("METRICS_ADDR", ":9898", "an empty host would listen on every interface"),
+    ("SUBSCRIPTION", "T.*;Q.*", "';' does not separate topics"),
+    ("SUBSCRIPTION", "T.AA\x01PL", "a control character"),
+    ("SUBSCRIPTION", "T.A*B", "'*' is the whole ticker"),
 ])
 def test_bad_value_exits_2_with_one_line_naming_the_variable(variable, value, expected):
     # the variable last, so that it also overrides POLYGON_WS_URL when that is the one under test
@@ -253,3 +258,50 @@ def test_config_check_refuses_what_run_refuses_with_the_same_line(tmp_path):
     lines = run_cli("config", env=key).stdout.splitlines()
     assert lines[0].split() == ["POLYGON_API_KEY", "<redacted>"]
     assert len({line.index(line.split()[1]) for line in lines if len(line.split()) == 2}) == 1
+
+
+def test_a_misspelled_variable_fails_the_check_and_is_warned_by_run(tmp_path, mock_server, spawn):
+    env = {"POLYGON_API_KEY": TEST_KEY, "SINK": "ndjson", "NDJSON_DESTINATION": str(tmp_path / "x.ndjson"),
+           "POLYGON_CLUSTR": "stocks", "METRICS_ADDR": "127.0.0.1:0"}
+    checked = run_cli("config", "--check", env=env)
+    assert checked.returncode == 2, checked.stderr
+    lines = checked.stderr.strip().splitlines()
+    assert len(lines) == 1 and "POLYGON_CLUSTR is not a setting" in lines[0] and "did you mean POLYGON_CLUSTER" in \
+        lines[0] and "NDJSON_DESTINATION" in lines[0] and "did you mean NDJSON_DEST" in lines[0], lines
+    assert run_cli("config", "--check", env=dict(env, SINKS="stdout", NDJSON_DESTINATION="", POLYGON_CLUSTR="",
+                                                 )).returncode == 2
+    streamer = spawn(POLYGON_CLUSTR="stocks")
+    streamer.wait_ready()
+    assert any("POLYGON_CLUSTR is not a setting" in message for message in streamer.log_messages())
+    assert streamer.stop() == 0
+
+
+def test_config_check_reads_an_instance_env_file_and_passes_beside_the_running_instance(tmp_path, mock_server,
+                                                                                       spawn):
+    dest = tmp_path / "stocks.ndjson"
+    env_file = tmp_path / "stocks.env"
+    port = free_port()
+    env_file.write_text(f"# an instance's file\nPOLYGON_API_KEY='{TEST_KEY}'\nSINK=ndjson\nexport NDJSON_DEST=\"{dest}\"\n"
+                        f"METRICS_ADDR=127.0.0.1:{port}\n\nNDJSON_GZIP=yes\n")
+    checked = run_cli("config", "--env-file", str(env_file), "--check", "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert '"ndjson_gzip":true' in checked.stdout and str(dest) in checked.stdout
+    # The instance runs on that port: the check still passes, and says why it did not bind it.
+    streamer = spawn(SINK="ndjson", NDJSON_DEST=str(dest), METRICS_ADDR=f"127.0.0.1:{port}")
+    streamer.wait_ready()
+    checked = run_cli("config", "--env-file", str(env_file), "--check")
+    assert checked.returncode == 0, checked.stderr
+    assert f"METRICS_ADDR 127.0.0.1:{port} is in use by a running polygon-streamer (OK" in checked.stderr
+    assert TEST_KEY not in checked.stdout + checked.stderr
+    assert streamer.stop() == 0
+    # A misspelling in the file fails the check; a flag still beats the file.
+    env_file.write_text(env_file.read_text() + "NDJSON_GZIPP=true\n")
+    assert run_cli("config", "--env-file", str(env_file), "--check").returncode == 2
+    shown = run_cli("config", "--env-file", str(env_file), "--json", "--ndjson-gzip", "false")
+    assert '"ndjson_gzip":false' in shown.stdout
+
+
+def test_a_true_false_setting_may_be_a_bare_flag():
+    assert '"ndjson_gzip":true' in run_cli("config", "--json", "--ndjson-gzip").stdout
+    assert '"ndjson_gzip":false' in run_cli("config", "--json", "--ndjson-gzip", "off").stdout
+    assert '"zmq_bind":true' in run_cli("config", "--json", "--zmq-bind", "--channel-cap", "5").stdout
