@@ -444,6 +444,9 @@ def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: b
     stop = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.append(True))
+    click.echo(f"zmq-sub: {'connected to' if connect else 'bound at'} {endpoint}"
+               f"{' (topics ' + ', '.join(topics) + ')' if topics else ''}; waiting for messages (Ctrl-C to stop)",
+               err=True)
     received = 0
     window = 0
     next_report = time.monotonic() + 1.0
@@ -504,8 +507,12 @@ def redis_sub(group: str, consumer: str, url: str, password_file: str | None, st
                            "cluster": market, "ws_url": ws_url, "redis_shards": shards,
                            "redis_cluster": redis_cluster},
                           require_key=False)
+    from .sinks import SinkConfigError
+
     try:
         return reader.run(config, group, consumer, count_only, max_records, from_start)
+    except SinkConfigError as exc:
+        raise ConfigError(f"redis-sub: {exc}") from None
     except Exception as exc:
         if type(exc).__module__.startswith("redis"):
             message = config.redact(f"{type(exc).__name__}: {exc}")

@@ -417,7 +417,8 @@ class Reader(ServiceThread):
                         ws.send_close()
                     except Exception:
                         pass
-                    raise SessionEnd(f"closed by the server (code {status}{', ' + reason if reason else ''})",
+                    said = f"code {status}" if status is not None else "no close code"
+                    raise SessionEnd(f"closed by the server ({said}{', ' + reason if reason else ''})",
                                      gap="server_close", close_code=status, close_reason=reason or None)
                 elif code == websocket.ABNF.OPCODE_PING:
                     ws.pong(frame.data)

@@ -36,11 +36,13 @@ def _join_groups(client, keys: list[str], group: str, consumer: str, from_start:
 def run(config: Config, group: str, consumer: str, count_only: bool, max_records: int, from_start: bool) -> int:
     """Redis not there at the start is a configuration error (the caller's exit 2); Redis lost later is retried with
     backoff, one line on stderr per outage, until it is back or SIGTERM/SIGINT."""
+    client = connect(config)  # first: without redis-py, one line (SinkConfigError) instead of an import traceback
     import redis.exceptions
 
-    client = connect(config)
     keys = stream_keys(config, protocol.KINDS + ("gap", "backfill"))
     _join_groups(client, keys, group, consumer, from_start)
+    print(f"redis-sub: reading {len(keys)} stream(s) of {config.redacted()['redis_url']} as {consumer} in group "
+          f"{group}; waiting for records (Ctrl-C to stop)", file=sys.stderr, flush=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

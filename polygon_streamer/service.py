@@ -373,8 +373,9 @@ class Service:
                       "".join(f"; {note}" for note in notes), extra={"fields": dict(counts, notes=notes)})
             return 0
         if drained:
-            failed = {thread.sink.name: thread.unwritten_at_close for thread in self.sink_threads
-                      if thread.crashed is not None or thread.unwritten_at_close}
+            # Per sink, all it did not write: taken and lost at its close, in its buffer, still in its queue.
+            failed = {thread.sink.name: thread.unwritten_at_close + thread.buffered_events() + thread.pending_events()
+                      for thread in self.sink_threads if thread.crashed is not None or thread.unwritten_at_close}
             _log.error("stopped: %s accepted were not written (%s); %d dropped and counted",
                        unwritten_words, ", ".join(f"{name}: {count}" for name, count in failed.items()),
                        counts["sink_drops"], extra={"fields": dict(fields, failed_sinks=list(failed))})
@@ -535,7 +536,14 @@ class Service:
             return False, "NOT READY: stopping"
         if not reader.stats.connected or subscribed_at is None:
             refused = self._refused()
-            return False, f"NOT READY: {refused}" if refused else "NOT READY: not subscribed"
+            if refused:
+                return False, f"NOT READY: {refused}"
+            end = reader.last_end
+            if not reader.stats.connected and end is not None:
+                retry_at = reader.retry_at
+                wait = f"; retrying in {max(0.0, retry_at - time.monotonic()):.0f}s" if retry_at is not None else ""
+                return False, f"NOT READY: not connected: {end.reason}{wait}"
+            return False, "NOT READY: not subscribed"
         if not self.subscriptions.active():
             return False, "NOT READY: no topic acknowledged by the server yet (GET /subscriptions)"
         if reader.events_since_subscribe < self.config.ready_min_messages:
@@ -572,7 +580,9 @@ class Service:
             "gaps": sum(self.normalizer.gaps.values()),
             "channel_drops": self.reader.handover.stats.channel_drops,
             "sink_drops": sum(q.stats.dropped for q in self.sink_queues),
-            "written": {q.name: q.stats.written for q in self.sink_queues},
+            # what each sink wrote: what its thread handed it, less what it could not write
+            "written": {thread.sink_queue.name: max(0, thread.sink_queue.stats.written - thread.unwritten_at_close
+                                                    - thread.buffered_events()) for thread in self.sink_threads},
             "parse_errors": self.normalizer.parse_errors,
             "bad_events": sum(self.normalizer.bad_events.values()),
             "reconnects": reader.reconnects,

@@ -287,6 +287,22 @@ def test_stdout_closed_by_its_reader_is_one_clear_line_not_a_crash(mock_server, 
     final = records[-1]["fields"]
     assert final["message"].startswith("stopped: ") and f"{sink}: " in final["message"]
     assert 0 < final["unwritten_events"] <= final["events"]
+    # One account: what the sink wrote and what it did not add up to what was accepted, and the line's
+    # parenthesis names the same number as its total (it said "4 not written (stdout: 2)").
+    assert final["written"][sink] + final["unwritten_events"] == final["events"], final
+    assert f"{final['unwritten_events']} event(s) accepted were not written ({sink}: " \
+           f"{final['unwritten_events']})" in final["message"], final["message"]
+
+
+def test_redis_sub_without_redis_py_is_one_line(tmp_path):
+    shim = tmp_path / "no-redis" / "redis"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("No module named \'redis\' (a test shim)")\n')
+    env = dict(os.environ, PYTHONPATH=str(shim.parent))
+    done = subprocess.run([sys.executable, "-m", "polygon_streamer", "redis-sub", "--group", "g", "--consumer", "c"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "redis-sub: " in done.stderr and "python3-redis" in done.stderr
 
 
 def test_log_level_directives_silence_events_but_not_warnings(mock_server, spawn):
@@ -358,3 +374,18 @@ def test_cpu_affinity_auto_confines_the_python_threads_to_one_cpu_and_off_does_n
     assert outside.proc.wait(20) == 2
     outside.stop()
     assert "CPU_AFFINITY" in outside.stderr_lines[-1] and "is allowed" in outside.stderr_lines[-1]
+
+
+def test_ready_names_the_connect_error_while_connects_are_refused(spawn, mock_server):
+    from helpers import free_port
+
+    streamer = spawn(POLYGON_WS_URL=f"ws://127.0.0.1:{free_port()}/stocks")  # nothing listens there
+
+    def ready_text():
+        try:
+            return streamer.get("/ready")[1]
+        except OSError:
+            return ""
+    text = wait_for(lambda: (lambda t: t if "not connected" in t else None)(ready_text()), what="/ready naming it")
+    assert text.startswith("NOT READY: not connected: connect failed: ConnectionRefusedError"), text
+    assert streamer.stop() == 0

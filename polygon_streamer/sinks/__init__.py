@@ -228,6 +228,7 @@ class SinkThread(ServiceThread):
         # SINK_STUCK_SECS (a FIFO nobody reads, a hung mount) is stuck: /health says so and the watchdog is not fed.
         self.busy_since: float | None = None
         self.closed = False  # the sink's close() has run: its unwritten events are in unwritten_at_close
+        self._in_hand = 0  # events of the write in progress (counted as handed over if the sink gives up in it)
         sink_queue.consumer = self
         sink.thread = self  # a sink that retries reads stopping and close_deadline
 
@@ -237,6 +238,7 @@ class SinkThread(ServiceThread):
         except SinkClosed as exc:
             # Not a crash: one line, no traceback; `crashed` marks the thread dead for /health and the exit status.
             self.crashed = exc
+            self.sink_queue.stats.written += self._in_hand  # handed over (unwritten: exc.unwritten, or buffered)
             self.unwritten_at_close = exc.unwritten
             _log.error("%s sink stopped: %s; the events queued for it will not be written", self.sink.name, exc,
                        extra={"fields": {"sink": self.sink.name, "unwritten_events": exc.unwritten,
@@ -273,14 +275,17 @@ class SinkThread(ServiceThread):
             self.busy_since = time.monotonic()
             if batch and coalesce:
                 batches, stop = self._coalesce(batch, get_nowait, coalesce)
+                self._in_hand = sum(len(records) for _, records in batches)
                 sink.write_batches(batches)
-                stats.written += sum(len(records) for _, records in batches)
+                stats.written += self._in_hand
                 if stop:
                     return
             elif batch:
                 ingest_ms, records = batch
+                self._in_hand = len(records)
                 sink.write(records, ingest_ms)
                 stats.written += len(records)
+            self._in_hand = 0
             if batch and empty():
                 sink.idle()
             now = time.monotonic()
