@@ -61,7 +61,7 @@ def _settings(values: dict) -> dict[str, str | None]:
 
 
 def _start_logging(config: Config) -> None:
-    logs.setup(config.log_level, secrets=config.secrets())
+    logs.setup(config.log_level, secrets=config.secrets(), fmt=config.log_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -420,6 +420,12 @@ SETTINGS: tuple[Setting, ...] = (
             "SINK=stdout prints events at info on the polygon_events target: a plain warn turns it off",
             doc="a level (`off error warn info debug trace`) or directives `warn,polygon_events=info`; `RUST_LOG` if "
                 "unset"),
+    Setting("log_format", "LOG_FORMAT", "auto", _choice("auto", "json", "text"),
+            "json (one record a line: journald, pipes), text (one readable line) or auto (text when stderr is a "
+            "terminal); the stdout sink's records keep their format",
+            doc="`json` (one JSON record a line, for journald, pipes and log shippers), `text` (one readable line a "
+                "record) or `auto` (text when stderr is a terminal, else JSON). The stdout sink's records are data and "
+                "keep their JSON form"),
     Setting("shutdown_timeout_secs", "SHUTDOWN_TIMEOUT_SECS", "10", _seconds(0, False),
             "drain and flush deadline on SIGTERM/SIGINT",
             doc="SIGTERM/SIGINT: drain and flush within this time"),
@@ -505,6 +511,7 @@ class Config:
     ready_min_messages: int
     ready_delay_ms: int
     log_level: str
+    log_format: str
     shutdown_timeout_secs: float
     cpu_affinity: str | tuple[int, ...] = "auto"
     stale_after_secs: float = 0.0
@@ -689,6 +696,11 @@ def read_env_file(path: str) -> dict[str, str]:
             value = re.sub(r'\\(.)', r"\1", value[1:-1])
         variables[name] = value
     return variables
+
+
+def build_default_config() -> Config:
+    """Every setting at its default (what the start-up line compares with)."""
+    return build_config({}, require_key=False)
 
 
 def url_cluster(url: str) -> str | None:

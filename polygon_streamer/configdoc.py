@@ -27,6 +27,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                        "redis_channel_cap", "redis_cluster")),
     ("Backfill", ("backfill", "rest_url", "backfill_max_rps", "backfill_max_secs")),
     ("Service", ("metrics_addr", "stats_interval_secs", "ready_min_messages", "ready_delay_ms", "log_level",
+                 "log_format",
                  "shutdown_timeout_secs", "sink_stuck_secs", "state_dir", "cpu_affinity")),
 )
 

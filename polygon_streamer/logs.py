@@ -96,11 +96,41 @@ class JsonFormatter(logging.Formatter):
                       "target": record.name, "fields": fields})
 
 
-def setup(directives: str, stream: TextIO | None = None, secrets: Iterable[str] = ()) -> None:
-    """Configure every target from LOG_LEVEL directives; records go to stderr as JSON lines, secrets redacted."""
+class TextFormatter(JsonFormatter):
+    """LOG_FORMAT=text (and auto on a terminal): one readable line, `TIME LEVEL target: message key=value ...`,
+    secrets redacted as in JSON."""
+
+    def _format(self, record: logging.LogRecord) -> str:
+        extra = dict(getattr(record, "fields", None) or {})
+        when = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.created * 1000) % 1000:03d}"
+        pairs = " ".join(f"{key}={_short(value)}" for key, value in extra.items())
+        line = f"{when} {_NAMES.get(record.levelno, 'INFO'):<5} {record.name}: {record.getMessage()}"
+        if pairs:
+            line += f"  [{pairs}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else dumps(value)
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return text if text and " " not in text else dumps(text)
+
+
+FORMATS = ("auto", "json", "text")
+
+
+def setup(directives: str, stream: TextIO | None = None, secrets: Iterable[str] = (), fmt: str = "json") -> None:
+    """Configure every target from LOG_LEVEL directives; records go to stderr as JSON lines (LOG_FORMAT=json, the
+    default for journald and pipes) or readable lines (text; auto: text when stderr is a terminal), secrets
+    redacted either way."""
     default, per_target = parse_directives(directives)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(secrets))
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if stream.isatty() else "json"
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter(secrets) if fmt == "text" else JsonFormatter(secrets))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

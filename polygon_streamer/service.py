@@ -15,7 +15,7 @@ from typing import Callable
 
 from . import __version__, affinity, logs, protocol
 from .backfill import FINISH, BackfillStats, BackfillThread, Desk
-from .config import Config, ConfigError, format_addr
+from .config import Config, ConfigError, build_default_config, format_addr
 from .dispatch import Dispatcher, stop_inbound
 from .metrics import LatencyHistogram, MetricsServer, make_registry
 from .normalize import FrameNormalizer
@@ -153,8 +153,7 @@ class Service:
             for sink in opened:
                 sink.close()
             raise
-        logs.get("polygon_config").info("effective configuration",
-                                        extra={"fields": self.config.redacted(offline=not network)})
+        self._log_configuration(network)
         if "stdout" in self.config.sinks and not logging.getLogger("polygon_events").isEnabledFor(logging.INFO):
             _log.warning("SINK=stdout but LOG_LEVEL %r turns the polygon_events target off: no event will be "
                          "printed; add polygon_events=info (e.g. LOG_LEVEL=warn,polygon_events=info)",
@@ -224,6 +223,28 @@ class Service:
         desk = self.dispatcher.desk
         self.position.save(last_ingest_ms, last_ts, normalizer.seq, clean, now=0.0 if force else None,
                            tracks=desk.positions if desk is not None else None)
+
+    def _log_configuration(self, network: bool) -> None:
+        """One short line of what matters (the rest: `polygon-streamer config`); its fields are the settings that
+        differ from their defaults, secrets redacted; the whole configuration at debug."""
+        config = self.config
+        shown = config.redacted(offline=not network)
+        defaults = build_default_config().redacted(offline=not network)
+        changed = {name: value for name, value in shown.items() if defaults.get(name) != value}
+        where = {"ndjson": config.ndjson_dest, "capture": config.capture_dest, "zmq": config.zmq_endpoint,
+                 "redis": shown.get("redis_url")}
+        sinks = ", ".join(f"{name} -> {where[name]}" if where.get(name) else name for name in config.sinks)
+        topics = self.subscriptions.describe() if network else None
+        summary = f"cluster {config.cluster}, sinks {sinks}" + (f", subscription {topics}" if topics else "")
+        if network:
+            summary += f", metrics {format_addr(config.metrics_addr)}"
+        summary += f", backfill {','.join(config.backfill) or 'off'}"
+        if config.state_dir:
+            summary += f", position in {config.state_dir}"
+        config_log = logs.get("polygon_config")
+        config_log.info("configuration: %s (polygon-streamer config shows every setting)", summary,
+                        extra={"fields": changed})
+        config_log.debug("effective configuration", extra={"fields": shown})
 
     def _cpus(self):
         """The CPUs CPU_AFFINITY chooses (None: off); ConfigError if it cannot."""
@@ -589,13 +610,18 @@ class Service:
         }
 
     def _log_stats(self, last: dict, interval: float) -> dict:
+        """Every STATS_INTERVAL_SECS, a progress line a person can read: events/s, written per sink, gaps, drops."""
         counts = self._counts()
         fields = dict(counts)
         fields["events_per_sec"] = round((counts["events"] - last["events"]) / interval, 1)
         fields["connected"] = self.reader.stats.connected
         fields["queue_depth"] = {"inbound": self.inbound.qsize(),
                                  **{q.name: q.queue.qsize() for q in self.sink_queues}}
-        _stats_log.info("stats", extra={"fields": fields})
+        written = ", ".join(f"{name} {count:,}" for name, count in counts["written"].items())
+        drops = counts["channel_drops"] + counts["sink_drops"]
+        _stats_log.info("%s events/s; written: %s; %d gap(s)%s%s", f"{fields['events_per_sec']:,.0f}", written,
+                        counts["gaps"], f", {drops:,} dropped" if drops else "",
+                        "" if fields["connected"] else "; not connected", extra={"fields": fields})
         return counts
 
 

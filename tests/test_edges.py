@@ -106,8 +106,13 @@ def test_reprocess_offers_only_what_it_uses_and_logs_no_connection_settings(tmp_
                    str(capture))
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
-    shown = next(r["fields"] for r in records if r["fields"]["message"] == "effective configuration")
-    assert "url" not in shown and "api_key" not in shown and shown["cluster"] == "stocks"
+    shown = next(r["fields"] for r in records if r["fields"]["message"].startswith("configuration: "))
+    assert shown["message"].startswith("configuration: cluster stocks, sinks ndjson -> ")
+    assert "url" not in shown and "api_key" not in shown and "metrics" not in shown["message"]
+    assert shown["ndjson_dest"] == str(tmp_path / "o.ndjson") and "channel_cap" not in shown, "what differs only"
+    text = run_cli("reprocess", "--no-progress", "--sink", "ndjson", "--ndjson-dest", str(tmp_path / "t.ndjson"),
+                   "--log-format", "text", str(capture)).stderr
+    assert " INFO  polygon_config: configuration: cluster stocks" in text and not text.startswith("{"), text
     assert records[-1]["fields"]["frames"] == 7 and "reprocessed 7 frames" in records[-2]["fields"]["message"]
 
 
