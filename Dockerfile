@@ -12,7 +12,8 @@ FROM ${BASE}
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-websocket \
         python3-ujson python3-zmq python3-prometheus-client python3-click python3-redis python3-wsproto \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
     && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home --shell /usr/sbin/nologin \
         polygon-streamer \
     && mkdir -p /data && chown polygon-streamer:polygon-streamer /data && chmod 0750 /data

@@ -145,11 +145,13 @@ def format_config(config: Config) -> str:
 
 
 @cli.command()
-def schema() -> int:
-    """Print the record schema every sink writes (data events, gap records) and exit."""
+@click.option("--json", "as_json", is_flag=True, help="the JSON Schema (schema.json) every line validates against")
+def schema(as_json: bool) -> int:
+    """Print the record schema every sink writes (data events, gap and backfill records) and exit."""
     from importlib import resources
 
-    click.echo(resources.files("polygon_streamer").joinpath("schema.md").read_text(encoding="utf-8"), nl=False)
+    name = "schema.json" if as_json else "schema.md"
+    click.echo(resources.files("polygon_streamer").joinpath(name).read_text(encoding="utf-8"), nl=False)
     return 0
 
 

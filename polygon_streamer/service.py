@@ -30,6 +30,7 @@ BACKFILL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.
 _log = logs.get("polygon_streamer")
 _stats_log = logs.get("polygon_stats")
 MAIN_TICK_SECS = 0.1
+RELOAD_WAIT_SECS = 5.0  # SIGHUP: how long READY=1 waits for the sinks to reopen their files
 STATUS_SECS = 2.0  # how often STATUS= may change
 # The hot path allocates millions of short-lived dicts and tuples that never form cycles; with the default
 # gen-0 threshold (700) the cyclic GC ran every few frames and its full passes walked every queued record
@@ -322,7 +323,14 @@ class Service:
             return
         _log.info("SIGHUP: reopening files")
         for thread in self.sink_threads:
+            thread.reopened.clear()
             thread.reopen_requested.set()
+        # READY=1 (the end of the reload for systemd and logrotate) once the files are open again, not before; a
+        # sink stuck in a write is not waited for past RELOAD_WAIT_SECS (the watchdog and /health tell of it).
+        deadline = time.monotonic() + RELOAD_WAIT_SECS
+        for thread in self.sink_threads:
+            while thread.is_alive() and not thread.reopened.wait(MAIN_TICK_SECS) and time.monotonic() < deadline:
+                pass
 
     def _start_reload(self) -> None:
         """The main thread handles signals: it never waits on a file (a hung network mount), so SUBSCRIPTION_FILE is

@@ -54,20 +54,23 @@ step "image config: $config"
 healthcheck=$(podman image inspect "$IMAGE" --format '{{json .Config.Healthcheck.Test}}')
 [[ "$healthcheck" == *"/health"* ]] || fail "no HEALTHCHECK on /health: $healthcheck"
 
-step "the local Polygon server on loopback"
-PY="$ROOT/.venv/bin/python"
-[ -x "$PY" ] || PY=python3
+MOUNT=$(podman image mount "$IMAGE")
+MOUNTED=yes
+cache=$(du -sk "$MOUNT/var/cache/apt" "$MOUNT/var/lib/apt/lists" 2> /dev/null | awk '{s += $1} END {print s + 0}')
+[ "$cache" -lt 1024 ] || fail "the image keeps ${cache} KiB of apt cache"
+step "image: $(du -sm "$MOUNT" | cut -f1) MB, apt cache ${cache} KiB"
+step "the local Polygon server on loopback, from the image itself (a clean checkout has no .venv)"
+PY=python3  # the host's, for the standard library only
 free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
-(cd "$ROOT" && exec "$PY" -m polygon_streamer mock-server --port 0 --key image-key --rate 2000 --batch 5) \
-    > "$WORK/server.out" 2> /dev/null &
+chroot "$MOUNT" /usr/bin/polygon-streamer mock-server --port 0 --key image-key --rate 2000 --batch 5 \
+    > "$WORK/server.out" 2> "$WORK/server.err" &
 PIDS+=($!)
 for _ in $(seq 100); do grep -q '^ws://' "$WORK/server.out" && break; sleep 0.1; done
+grep -q '^ws://' "$WORK/server.out" || { tail -5 "$WORK/server.err"; fail "the local server did not start"; }
 URL=$(head -1 "$WORK/server.out")
 METRICS=$(free_port)
 
 step "running the image with systemd-nspawn, configured from the environment alone"
-MOUNT=$(podman image mount "$IMAGE")
-MOUNTED=yes
 mkdir -p "$WORK/data"
 chown 10001:10001 "$WORK/data"
 env_args=()

@@ -64,11 +64,14 @@ def test_ready_status_reload_watchdog_and_stopping(mock_server, spawn, tmp_path,
                  what="STATUS=streaming ...")
         wait_for(lambda: len([at for at, _ in notify.having("WATCHDOG", "1") if at > ready_at]) >= 5,
                  what="watchdog pings every 0.2 s")
+        dest = tmp_path / "out.ndjson"
+        dest.rename(tmp_path / "out.ndjson.1")  # as logrotate does before its SIGHUP
         streamer.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: notify.having("RELOADING", "1"), what="RELOADING=1")
         reload_at, reload_fields = notify.having("RELOADING", "1")[0]
         assert int(reload_fields["MONOTONIC_USEC"]) > 0
         wait_for(lambda: [at for at, _ in notify.having("READY", "1") if at >= reload_at], what="READY=1 again")
+        assert dest.exists(), "READY=1 after the reload means the files are open again"
         assert streamer.stop() == 0
         stopping = notify.having("STOPPING", "1")
         assert stopping and "draining" in stopping[0][1]["STATUS"]

@@ -222,6 +222,7 @@ class SinkThread(ServiceThread):
         self.sink = sink
         self.sink_queue = sink_queue
         self.reopen_requested = threading.Event()
+        self.reopened = threading.Event()  # set once a requested reopen is done (READY=1 after SIGHUP waits for it)
         self.unwritten_at_close = 0  # taken from the queue but never written (SinkClosed, or a failing close)
         self.close_deadline: float | None = None  # set by the service's shutdown before it queues STOP
         # When the sink's current write (or tick) began; None between them. A write that has not returned for
@@ -272,6 +273,7 @@ class SinkThread(ServiceThread):
             if self.reopen_requested.is_set():
                 self.reopen_requested.clear()
                 sink.reopen()
+                self.reopened.set()
             self.busy_since = time.monotonic()
             if batch and coalesce:
                 batches, stop = self._coalesce(batch, get_nowait, coalesce)
