@@ -6,7 +6,7 @@ Two sides, one queue each way:
   Job with one Window a topic (from the last event before the hole; the first after it is noted as it comes) and
   hands it to the backfill thread; what comes back is deduplicated against the live events of the window and goes to
   every sink as records with "backfill": true, then one summary record (kind "backfill") for the gap;
-- the backfill thread (BackfillThread, `polygon-backfill`): per job and topic, the REST pages of the window (rest.py),
+- the backfill thread (BackfillThread, `backfill`): per job and topic, the REST pages of the window (rest.py),
   mapped to the WebSocket event's letters (to_event), in chunks back to the desk.
 
 Live data is never delayed or reordered: the desk takes a chunk only when the inbound queue is empty or once every
@@ -540,7 +540,7 @@ class BackfillThread(ServiceThread):
     """Takes the desk's jobs in order; per window, the REST pages mapped to events, in chunks back to the desk."""
 
     def __init__(self, config, desk: Desk, stats: BackfillStats):
-        super().__init__("polygon-backfill")
+        super().__init__("backfill")
         self.config = config
         self.desk = desk
         self.stats = stats

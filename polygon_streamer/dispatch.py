@@ -34,7 +34,7 @@ class Dispatcher(ServiceThread):
     def __init__(self, inbound: queue.Queue, normalizer: FrameNormalizer, sink_queues: list[SinkQueue],
                  latency: LatencyHistogram, warn_interval_secs: float, capture_queue: SinkQueue | None = None,
                  desk: Desk | None = None):
-        super().__init__("polygon-dispatcher")
+        super().__init__("dispatcher")
         self.inbound = inbound
         self.normalizer = normalizer
         self.sink_queues = sink_queues

@@ -371,7 +371,7 @@ class MetricsServer:
         # Binding here, before any connection, turns a port in use into a config error (exit 2).
         self._server = _Server(addr, handler)
         self.address = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._serve, name="polygon-metrics-http", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
         self.crashed: BaseException | None = None
         self._stop = threading.Event()
         self._selector = selectors.DefaultSelector()

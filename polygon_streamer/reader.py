@@ -165,7 +165,7 @@ class BoundedWebSocket(websocket.WebSocket):
         expired = threading.Event()
 
         def watch() -> None:
-            set_os_thread_name("polygon-connect-watch")
+            set_os_thread_name("connect-watch")
             if finished.wait(self.connect_deadline_secs):
                 return
             expired.set()
@@ -179,7 +179,7 @@ class BoundedWebSocket(websocket.WebSocket):
                     return
                 finished.wait(0.05)
 
-        watchdog = threading.Thread(target=watch, name="polygon-connect-watch", daemon=True)
+        watchdog = threading.Thread(target=watch, name="connect-watch", daemon=True)
         watchdog.start()
         try:
             super().connect(url, **options)
@@ -229,7 +229,7 @@ class ReaderStats:
 
 class Reader(ServiceThread):
     def __init__(self, config: Config, inbound: queue.Queue, capture=None, subscriptions: Subscriptions | None = None):
-        super().__init__("polygon-reader")
+        super().__init__("reader")
         self._config = config
         self.subscriptions = subscriptions or Subscriptions(config.subscription.split(","), "SUBSCRIPTION")
         # The hand-over to the inbound queue (and, with capture, to the capture), gaps and drops included.
@@ -629,7 +629,7 @@ class Heartbeat(ServiceThread):
     """Sends a WebSocket ping every interval on the reader's socket (websocket-client's send lock makes it safe)."""
 
     def __init__(self, reader: Reader, interval_secs: float):
-        super().__init__("polygon-heartbeat")
+        super().__init__("heartbeat")
         self._reader = reader
         self._interval = interval_secs
 

@@ -339,7 +339,7 @@ class Service:
             if self._reloader is not None and self._reloader.is_alive():
                 self._reload_again = True
                 return
-            self._reloader = threading.Thread(target=self._reload_loop, name="polygon-subscription-reload",
+            self._reloader = threading.Thread(target=self._reload_loop, name="subs-reload",
                                               daemon=True)
             self._reloader.start()
 

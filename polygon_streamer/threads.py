@@ -13,8 +13,9 @@ OS_NAME_BYTES = 15
 
 
 def os_thread_name(name: str) -> str:
-    """The name the OS shows for a service thread: polygon-dispatcher -> dispatcher (the process says polygon)."""
-    return name.removeprefix("polygon-")[:OS_NAME_BYTES]
+    """The name the OS shows for a service thread: the same as in the logs and the docs (each fits 15 bytes; the
+    process is polygon-streamer)."""
+    return name[:OS_NAME_BYTES]
 
 
 def set_os_thread_name(name: str) -> None:

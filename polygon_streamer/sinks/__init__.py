@@ -218,7 +218,7 @@ class SinkThread(ServiceThread):
     """Drains one queue into one sink; reopens on request; flushes and closes on STOP."""
 
     def __init__(self, sink: Sink, sink_queue: SinkQueue):
-        super().__init__(f"polygon-sink-{sink.name}")
+        super().__init__(f"sink-{sink.name}")
         self.sink = sink
         self.sink_queue = sink_queue
         self.reopen_requested = threading.Event()

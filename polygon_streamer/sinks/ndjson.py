@@ -68,7 +68,7 @@ class Compressor(ServiceThread):
     GZIP_RETRY_SECS; on stop, the job under way finishes and the rest wait for the next start (_queue_leftovers)."""
 
     def __init__(self, sink_name: str = "ndjson") -> None:
-        super().__init__(f"polygon-{sink_name}-gzip")
+        super().__init__(f"{sink_name}-gzip")
         self.jobs: queue.Queue = queue.Queue()
         self._retries: list[tuple[float, str]] = []
         self.compressed = 0
