@@ -504,3 +504,59 @@ def test_the_hole_of_a_restart_is_healed_and_a_capture_of_it_reprocesses_the_sam
     result = reprocess(capture, "--sink", "ndjson", "--ndjson-dest", out)
     assert result.returncode == 0, result.stderr
     assert out.read_text().splitlines() == second.read_text().splitlines(), "the restart record and seq too"
+
+
+def test_a_gap_whose_rest_answers_never_end_spends_its_budget_and_the_next_gap_is_served(monkeypatch):
+    """In process, over loopback: the first gap's windows each trickle until the topic's budget ends them, the gap's
+    budget ends the rest ('limit'), and the gap queued behind it is then fetched and completes."""
+    import queue
+    import threading
+
+    from hostile_rest import HostileRest, page, trade, window_ms
+    from polygon_streamer.normalize import FrameNormalizer
+    from polygon_streamer.subscriptions import Subscriptions
+
+    monkeypatch.setattr(backfill, "SETTLE_SECS", 0.0)
+    monkeypatch.setattr(backfill, "WINDOW_BUDGET_SECS", 1.0)
+    monkeypatch.setattr(backfill, "JOB_BUDGET_SECS", 2.5)
+    slow = threading.Event()
+    slow.set()
+
+    def answer(path, query):
+        low, high = window_ms(query)
+        return 200, page([trade(low, 7)])
+    rest = HostileRest(answer)
+    fast_answer = rest.answer
+    rest.answer = lambda path, query: (200, b" " * 200 + page([])) if slow.is_set() else fast_answer(path, query)
+    rest.trickle_secs = 0.05
+    config = build_config({"api_key": "k", "cluster": "stocks", "backfill": "trades", "rest_url": rest.url,
+                           "backfill_max_rps": "100"}, require_key=False)
+    normalizer = FrameNormalizer("stocks", "ingest-1", "0.3.0")
+    desk = backfill.Desk("stocks", ("trades",), normalizer, Subscriptions(["T.AAPL", "T.MSFT", "T.NVDA", "T.AMD"],
+                                                                          "SUBSCRIPTION"),
+                         backfill.BackfillStats(), queue.Queue(4))
+    thread = backfill.BackfillThread(config, desk, desk.stats)
+    emitted = []
+    now = time.time_ns() // 1_000_000
+    desk.gap("disconnect", 1, now - 500, now, lambda note, ms: emitted.append(note))
+    thread.start()
+    try:
+        started = time.monotonic()
+        first = wait_for(lambda: next((item for item in list(desk.deliveries.queue) if item.__class__ is backfill.Done),
+                                      None), timeout=10, what="the first gap's end")
+        took = time.monotonic() - started
+        slow.clear()
+        rest.trickle_secs = 0.0
+        desk.gap("disconnect", 2, now - 400, now, lambda note, ms: emitted.append(note))
+        wait_for(lambda: sum(1 for item in list(desk.deliveries.queue) if item.__class__ is backfill.Done) == 2,
+                 timeout=10, what="the second gap's end")
+    finally:
+        thread.stop()
+        thread.join(5)
+        rest.stop()
+    reasons = [window.reason for window in first.job.windows]
+    assert reasons[:2] == ["limit", "limit"] and set(reasons) == {"limit"}, reasons
+    assert "budget" in first.job.windows[0].detail and "gap's backfill budget" in first.job.windows[-1].detail
+    assert took < 4, f"{took:.1f}s for a gap budget of 2.5 s"
+    second = [item for item in desk.deliveries.queue if item.__class__ is backfill.Done][1].job
+    assert all(window.reason is None for window in second.windows), [w.reason for w in second.windows]
