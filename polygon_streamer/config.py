@@ -247,7 +247,7 @@ def _log_level(raw: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # The declarations.
 
-SINK_NAMES = ("stdout", "ndjson", "zmq", "capture", "redis")
+from .sinks import SINK_NAMES  # noqa: E402  (the sink table is the one home of the names)
 
 
 @dataclass(frozen=True)
@@ -262,6 +262,7 @@ class Setting:
     default_text: str | None = None  # the default as --help and the docs say it, where `default` is not it
     doc: str = ""  # the reference's meaning (docs/configuration.md, example.env), where `help` is too short
     fallback_env: str | None = None  # also read from this variable when `env` is unset (RUST_LOG, STATE_DIRECTORY)
+    same_as: str | None = None  # unset: the value of this other setting (a sink's own setting, once shared)
 
     @property
     def shown_default(self) -> str:
@@ -380,6 +381,14 @@ SETTINGS: tuple[Setting, ...] = (
             "SINK=capture: the file that records every frame as received (required with capture)",
             doc="with `SINK=...,capture`: the file that records every frame as received (docs/capture-replay.md); "
                 "required with capture"),
+    Setting("capture_warn_interval_secs", "CAPTURE_WARN_INTERVAL_SECS", None, _seconds(0, True),
+            "at most one capture drop warning per interval", same_as="ndjson_warn_interval_secs",
+            default_text="NDJSON_WARN_INTERVAL_SECS's"),
+    Setting("capture_flush_every", "CAPTURE_FLUSH_EVERY", None, _int(1), "flush the capture after N frames",
+            same_as="ndjson_flush_every", default_text="NDJSON_FLUSH_EVERY's"),
+    Setting("capture_flush_interval_ms", "CAPTURE_FLUSH_INTERVAL_MS", None, _int(1),
+            "flush the capture at least this often while frames are buffered", same_as="ndjson_flush_interval_ms",
+            default_text="NDJSON_FLUSH_INTERVAL_MS's"),
     Setting("capture_channel_cap", "CAPTURE_CHANNEL_CAP", "8192", _int(1),
             "the capture's backlog in batches (the messages of one hand-over): its queue, and what the reader holds "
             "for it while the inbound queue is full; beyond: drop, counted",
@@ -406,6 +415,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_maxlen", "REDIS_MAXLEN", "1000000", _int(0),
             "trim each stream to about this many entries (XADD MAXLEN ~); 0: never trim",
             doc="trim each stream to about this many entries (`XADD MAXLEN ~`); `0` never trims"),
+    Setting("redis_warn_interval_secs", "REDIS_WARN_INTERVAL_SECS", None, _seconds(0, True),
+            "at most one Redis drop warning per interval", same_as="bp_warn_interval_secs",
+            default_text="BP_WARN_INTERVAL_SECS's"),
     Setting("redis_channel_cap", "REDIS_CHANNEL_CAP", "4096", _int(1),
             "Redis queue capacity in batches (the events of one hand-over); full (Redis down or slow): drop, counted",
             doc="Redis queue capacity in batches (the events of one hand-over); while Redis is down or slow records "
@@ -468,6 +480,7 @@ NETWORK_ONLY = ("api_key", "api_key_file", "cluster", "feed", "ws_url", "subscri
                 "backoff_initial_secs", "backoff_max_secs", "read_timeout_secs", "stale_after_secs",
                 "heartbeat_interval_secs", "metrics_addr", "stats_interval_secs", "ready_min_messages",
                 "ready_delay_ms", "capture_dest", "capture_channel_cap", "capture_max_bytes", "capture_rotate_secs",
+                "capture_warn_interval_secs", "capture_flush_every", "capture_flush_interval_ms",
                 "capture_gzip", "backfill", "rest_url", "backfill_max_rps", "backfill_max_secs", "state_dir")
 
 
@@ -520,6 +533,10 @@ class Config:
     capture_max_bytes: int | None = None
     capture_rotate_secs: float | None = None
     capture_gzip: bool = False
+    capture_warn_interval_secs: float = 5.0
+    capture_flush_every: int = 100
+    capture_flush_interval_ms: int = 1000
+    redis_warn_interval_secs: float = 5.0
     subscription_file: str | None = None
     api_key_file: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -596,6 +613,9 @@ def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
         if text is None:
             text = overrides.get(setting.field, setting.default)
         values[setting.field] = None if text is None else parse_setting(setting, text)
+    for setting in SETTINGS:
+        if setting.same_as is not None and values[setting.field] is None:
+            values[setting.field] = values[setting.same_as]
 
     api_key = values["api_key"]
     if values["api_key_file"] is not None:

@@ -22,7 +22,7 @@ from .normalize import FrameNormalizer
 from .notify import Notifier
 from .state import PositionFile
 from .reader import Heartbeat, Reader
-from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread
+from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread, build_sinks
 from .subscriptions import SubscriptionFileError, Subscriptions, read_file
 
 # polygon_backfill_seconds: a gap's backfill, from its first request to its summary.
@@ -38,40 +38,6 @@ STATUS_SECS = 2.0  # how often STATUS= may change
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
-def build_sinks(config: Config) -> list[tuple[Sink, SinkQueue]]:
-    built = []
-    for name in config.sinks:
-        if name == "stdout":
-            from .sinks.stdout import StdoutSink
-
-            # stdout has no capacity setting of its own: when it is slow the dispatcher waits, and the inbound
-            # queue (CHANNEL_CAP) is where drops happen and are counted.
-            built.append((StdoutSink(), SinkQueue("stdout", config.channel_cap, False, config.bp_warn_interval_secs)))
-        elif name == "ndjson":
-            from .sinks.ndjson import NdjsonSink
-
-            built.append((NdjsonSink(config), SinkQueue("ndjson", config.ndjson_channel_cap, True,
-                                                         config.ndjson_warn_interval_secs)))
-        elif name == "zmq":
-            from .sinks.zmq import ZmqSink
-
-            built.append((ZmqSink(config), SinkQueue("zmq", config.zmq_channel_cap, True,
-                                                      config.zmq_warn_interval_secs)))
-        elif name == "redis":
-            from .sinks.redis import RedisSink
-
-            built.append((RedisSink(config), SinkQueue("redis", config.redis_channel_cap, True,
-                                                        config.bp_warn_interval_secs)))
-        elif name == "capture":
-            from .sinks.capture import CaptureSink
-
-            # Every message as received, from the reader through the dispatcher (dispatch.py); it never waits: a full
-            # queue drops, counted.
-            built.append((CaptureSink(config), SinkQueue("capture", config.capture_channel_cap, True,
-                                                          config.ndjson_warn_interval_secs)))
-    return built
-
-
 class Service:
     def __init__(self, config: Config, sinks: list[tuple[Sink, SinkQueue]] | None = None,
                  stop_after_events: int | None = None, notifier: Notifier | None = None):
@@ -85,7 +51,9 @@ class Service:
         built = build_sinks(config) if sinks is None else sinks
         self.sinks = [sink for sink, _ in built]
         self.sink_queues = [sink_queue for _, sink_queue in built]
-        self.capture_queue = next((q for q in self.sink_queues if q.name == "capture"), None)
+        # The sink fed every message as received (the capture), if one is chosen: the reader and the dispatcher
+        # hand it the wire; the others get records.
+        self.capture_queue = next((q for sink, q in built if sink.takes == "wire"), None)
         dispatched = [q for q in self.sink_queues if q is not self.capture_queue]
         for sink_queue in dispatched:
             sink_queue.normalizer = self.normalizer  # sink_drop gap records
@@ -155,10 +123,9 @@ class Service:
                 sink.close()
             raise
         self._log_configuration(network)
-        if "stdout" in self.config.sinks and not logging.getLogger("polygon_events").isEnabledFor(logging.INFO):
-            _log.warning("SINK=stdout but LOG_LEVEL %r turns the polygon_events target off: no event will be "
-                         "printed; add polygon_events=info (e.g. LOG_LEVEL=warn,polygon_events=info)",
-                         self.config.log_level, extra={"fields": {"log_level": self.config.log_level}})
+        for sink in self.sinks:
+            for warning in sink.start_warnings(self.config):
+                _log.warning(warning, extra={"fields": {"sink": sink.name}})
         if network and self.position is not None:
             self._restore_position()
         gc.freeze()
@@ -183,8 +150,7 @@ class Service:
         open (files and their directories, the ZeroMQ endpoint, Redis), the metrics port binds, CPU_AFFINITY
         parses. A file the check created is removed again (so a check run as root leaves no root-owned file for the
         service user). Raises ConfigError with the line `run` would print."""
-        paths = [path for path in (self.config.ndjson_dest, self.config.capture_dest)
-                 if path and path != "stdout" and not os.path.exists(path)]
+        paths = [path for sink in self.sinks for path in sink.files() if not os.path.exists(path)]
         try:
             self.start(network=True, threads=False)
         finally:
@@ -232,9 +198,8 @@ class Service:
         shown = config.redacted(offline=not network)
         defaults = build_default_config().redacted(offline=not network)
         changed = {name: value for name, value in shown.items() if defaults.get(name) != value}
-        where = {"ndjson": config.ndjson_dest, "capture": config.capture_dest, "zmq": config.zmq_endpoint,
-                 "redis": shown.get("redis_url")}
-        sinks = ", ".join(f"{name} -> {where[name]}" if where.get(name) else name for name in config.sinks)
+        sinks = ", ".join(f"{sink.name} -> {where}" if (where := sink.destination()) else sink.name
+                          for sink in self.sinks)
         topics = self.subscriptions.describe() if network else None
         summary = f"cluster {config.cluster}, sinks {sinks}" + (f", subscription {topics}" if topics else "")
         if network:

@@ -305,3 +305,24 @@ def test_a_true_false_setting_may_be_a_bare_flag():
     assert '"ndjson_gzip":true' in run_cli("config", "--json", "--ndjson-gzip").stdout
     assert '"ndjson_gzip":false' in run_cli("config", "--json", "--ndjson-gzip", "off").stdout
     assert '"zmq_bind":true' in run_cli("config", "--json", "--zmq-bind", "--channel-cap", "5").stdout
+
+
+def test_each_sink_has_settings_of_its_own_and_the_table_builds_it(tmp_path):
+    from polygon_streamer.sinks import SINK_NAMES, SINKS, build_sinks, sink_class
+
+    shared = build_config({"ndjson_flush_every": "7", "ndjson_warn_interval_secs": "3", "bp_warn_interval_secs": "9"},
+                          require_key=False)
+    assert (shared.capture_flush_every, shared.capture_warn_interval_secs, shared.redis_warn_interval_secs) == \
+        (7, 3.0, 9.0), "unset, a sink's own setting keeps the value it used to share"
+    own = build_config({"ndjson_flush_every": "7", "capture_flush_every": "2", "redis_warn_interval_secs": "1"},
+                       require_key=False)
+    assert (own.capture_flush_every, own.ndjson_flush_every, own.redis_warn_interval_secs) == (2, 7, 1.0)
+    assert SINK_NAMES == tuple(SINKS) and all(sink_class(name).name == name for name in ("stdout", "ndjson",
+                                                                                           "capture"))
+    config = build_config({"sink": "ndjson,capture,stdout", "ndjson_dest": str(tmp_path / "o.ndjson"),
+                           "capture_dest": str(tmp_path / "c.capture"), "capture_channel_cap": "11",
+                           "ndjson_channel_cap": "13", "channel_cap": "17"}, require_key=False)
+    built = build_sinks(config)
+    assert [(sink.name, sink.takes, q.name, q.capacity, q.drop_when_full) for sink, q in built] == [
+        ("ndjson", "records", "ndjson", 13, True), ("capture", "wire", "capture", 11, True),
+        ("stdout", "records", "stdout", 17, False)]

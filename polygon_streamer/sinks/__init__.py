@@ -6,6 +6,7 @@ normalize.py for the records) and when they were received; STOP ends the stream.
 
 from __future__ import annotations
 
+import importlib
 import os
 import queue
 import sys
@@ -19,6 +20,17 @@ from ..threads import ServiceThread
 STOP = None
 TICK_SECS = 0.1
 
+# The sink table: each SINK name and the module.class that builds it (imported only when chosen: pyzmq and redis-py
+# are needed only by their sinks). A new sink is its module, its settings in config.py and one row here.
+SINKS = {
+    "stdout": "stdout.StdoutSink",
+    "ndjson": "ndjson.NdjsonSink",
+    "zmq": "zmq.ZmqSink",
+    "capture": "capture.CaptureSink",
+    "redis": "redis.RedisSink",
+}
+SINK_NAMES = tuple(SINKS)
+
 _log = logs.get("polygon_streamer")
 
 
@@ -26,12 +38,27 @@ class Sink:
     """What a sink does; all methods run on the sink's own thread."""
 
     name = "sink"
+    # What the sink is fed: the records of every event ("records"), or every message as received ("wire": the
+    # capture's batches, sinks.capture; the dispatcher passes them on, the reader holds them while the inbound queue
+    # is full).
+    takes = "records"
     # > 0: the thread hands every batch already queued, up to this many events, to one write_batches call (a sink
     # with a round trip per write, such as Redis, pays it once for all of them).
     coalesce_events = 0
     # An offline tool's (reprocess): a sink whose writes have failed this long gives up (SinkClosed) instead of
     # waiting for a disk that may never come back; the service rides such failures out (None).
     stall_limit_secs: float | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "Sink":
+        """The sink as the configuration says (every sink builds itself)."""
+        return cls(config)  # type: ignore[call-arg]
+
+    @staticmethod
+    def queue_settings(config) -> tuple[int, bool, float]:
+        """Its queue: (capacity in batches, whether a full queue drops (counted) instead of making the dispatcher
+        wait, the interval between its drop warnings)."""
+        raise NotImplementedError
 
     def __init__(self) -> None:
         # Frame received -> its events handed to the OS; observed by the sink when that happens.
@@ -40,6 +67,18 @@ class Sink:
 
     def observe_written(self, ingest_ms: int, events: int) -> None:
         self.write_latency.observe(time.time() - ingest_ms / 1000.0, events)
+
+    def destination(self) -> str | None:
+        """Where it writes, for the start-up line (a secret redacted), or None."""
+        return None
+
+    def files(self) -> list[str]:
+        """The files it writes (config --check removes those the check itself created)."""
+        return []
+
+    def start_warnings(self, config) -> list[str]:
+        """What the start must warn of about this sink's configuration (after open)."""
+        return []
 
     def open(self) -> None:
         """Acquire files/sockets. Raise SinkConfigError for a problem the operator must fix (exit 2)."""
@@ -87,6 +126,21 @@ class Sink:
     def unwritten(self) -> int:
         """After close: accepted events this sink could not write (the shutdown report and exit status)."""
         return 0
+
+
+def sink_class(name: str) -> type[Sink]:
+    module, _, cls = SINKS[name].partition(".")
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
+def build_sinks(config) -> list[tuple[Sink, "SinkQueue"]]:
+    """Every sink SINK names, each with its queue, built by the table."""
+    built = []
+    for name in config.sinks:
+        cls = sink_class(name)
+        capacity, drop_when_full, warn_interval_secs = cls.queue_settings(config)
+        built.append((cls.from_config(config), SinkQueue(name, capacity, drop_when_full, warn_interval_secs)))
+    return built
 
 
 class SinkConfigError(Exception):

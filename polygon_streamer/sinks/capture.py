@@ -18,11 +18,16 @@ from .ndjson import FileSettings, NdjsonSink
 class CaptureSink(NdjsonSink):
     name = "capture"
     unit = "Frames"
-    unit_word = "frame"
+    takes = "wire"
+
+    @staticmethod
+    def queue_settings(config: Config) -> tuple[int, bool, float]:
+        # It never waits: a full queue drops, counted (the wire must not slow the data).
+        return config.capture_channel_cap, True, config.capture_warn_interval_secs
 
     def __init__(self, config: Config):
-        super().__init__(config, FileSettings("CAPTURE", config.capture_dest, False, config.ndjson_flush_every,
-                                              config.ndjson_flush_interval_ms, config.capture_max_bytes,
+        super().__init__(config, FileSettings("CAPTURE", config.capture_dest, False, config.capture_flush_every,
+                                              config.capture_flush_interval_ms, config.capture_max_bytes,
                                               config.capture_rotate_secs, config.capture_gzip))
         self._head = f',"cluster":"{config.cluster}","session":'
 

@@ -156,6 +156,16 @@ class FileSettings(NamedTuple):
 class NdjsonSink(Sink):
     name = "ndjson"
 
+    @staticmethod
+    def queue_settings(config: Config) -> tuple[int, bool, float]:
+        return config.ndjson_channel_cap, True, config.ndjson_warn_interval_secs
+
+    def destination(self) -> str | None:
+        return self._files.dest
+
+    def files(self) -> list[str]:
+        return [] if self._to_stdout else [self._files.dest]
+
     def __init__(self, config: Config, files: FileSettings | None = None):
         super().__init__()
         self._config = config

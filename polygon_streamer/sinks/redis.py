@@ -127,6 +127,13 @@ class RedisSink(Sink):
     name = "redis"
     coalesce_events = COALESCE_EVENTS
 
+    @staticmethod
+    def queue_settings(config: Config) -> tuple[int, bool, float]:
+        return config.redis_channel_cap, True, config.redis_warn_interval_secs
+
+    def destination(self) -> str | None:
+        return self._where
+
     def __init__(self, config: Config):
         super().__init__()
         self._config = config

@@ -20,6 +20,16 @@ BACKFILLED = ',"backfill":true'  # between the payload and the hostname in a bac
 class StdoutSink(Sink):
     name = "stdout"
 
+    @classmethod
+    def from_config(cls, config) -> "StdoutSink":
+        return cls()
+
+    @staticmethod
+    def queue_settings(config) -> tuple[int, bool, float]:
+        # No capacity of its own: when stdout is slow the dispatcher waits, and the inbound queue (CHANNEL_CAP) is
+        # where drops happen and are counted.
+        return config.channel_cap, False, config.bp_warn_interval_secs
+
     def __init__(self, stream: BinaryIO | None = None):
         super().__init__()
         self._stream = stream
@@ -32,6 +42,12 @@ class StdoutSink(Sink):
         # schema.md: written only when the polygon_events target is enabled at info.
         self._enabled = logs.get("polygon_events").isEnabledFor(logging.INFO)
         self._gaps_enabled = logs.get("polygon_gaps").isEnabledFor(logging.WARNING)
+
+    def start_warnings(self, config) -> list[str]:
+        if self._enabled:
+            return []
+        return [f"SINK=stdout but LOG_LEVEL {config.log_level!r} turns the polygon_events target off: no event will "
+                "be printed; add polygon_events=info (e.g. LOG_LEVEL=warn,polygon_events=info)"]
 
     def write(self, records: list[tuple], ingest_ms: int) -> None:
         if not self._enabled and not self._gaps_enabled:

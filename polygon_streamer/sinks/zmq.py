@@ -31,6 +31,13 @@ _TOPIC_CACHE_BYTES = 32 * 1024 * 1024  # symbols come from the network: bounded 
 class ZmqSink(Sink):
     name = "zmq"
 
+    @staticmethod
+    def queue_settings(config: Config) -> tuple[int, bool, float]:
+        return config.zmq_channel_cap, True, config.zmq_warn_interval_secs
+
+    def destination(self) -> str | None:
+        return self._config.zmq_endpoint
+
     def __init__(self, config: Config):
         super().__init__()
         self._config = config
