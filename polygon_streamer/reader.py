@@ -22,6 +22,7 @@ from . import logs, protocol
 from .config import Config
 from .capture_format import SessionEnd as CapturedEnd
 from .handover import EV_MARKER, Handover
+from .health import ReaderState
 from .normalize import FrameError, parse_frame
 from .subscriptions import Subscriptions
 from .threads import ServiceThread, set_os_thread_name
@@ -251,6 +252,11 @@ class Reader(ServiceThread):
         self._outbox: collections.deque[str] = collections.deque()
         self._acks: list = [0, []]  # subscribe acks of the message being read: how many, the first topics
         self.subscribe_error: str | None = None
+
+    def state(self) -> ReaderState:
+        """What health.py reads of the reader (from another thread: one snapshot of plain fields)."""
+        return ReaderState(self.stats.connected, self.subscribed_at, self.events_since_subscribe, self.last_end,
+                           self.retry_at, self.subscribe_error)
 
     # -- the reconnect loop -------------------------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ import threading
 import time
 from typing import Callable
 
-from . import __version__, affinity, logs, protocol
+from . import __version__, affinity, logs
 from .backfill import FINISH, BackfillStats, BackfillThread, Desk
+from .health import Health, Pulse, running_instance
 from .config import Config, ConfigError, build_default_config, format_addr
 from .dispatch import Dispatcher, stop_inbound
 from .metrics import LatencyHistogram, MetricsServer, make_registry
@@ -23,7 +24,7 @@ from .notify import Notifier
 from .state import PositionFile
 from .reader import Heartbeat, Reader
 from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread, build_sinks
-from .subscriptions import SubscriptionFileError, Subscriptions, read_file
+from .subscriptions import FileReloader, Subscriptions
 
 # polygon_backfill_seconds: a gap's backfill, from its first request to its summary.
 BACKFILL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
@@ -31,7 +32,6 @@ _log = logs.get("polygon_streamer")
 _stats_log = logs.get("polygon_stats")
 MAIN_TICK_SECS = 0.1
 RELOAD_WAIT_SECS = 5.0  # SIGHUP: how long READY=1 waits for the sinks to reopen their files
-STATUS_SECS = 2.0  # how often STATUS= may change
 # The hot path allocates millions of short-lived dicts and tuples that never form cycles; with the default
 # gen-0 threshold (700) the cyclic GC ran every few frames and its full passes walked every queued record
 # (8.7% of the dispatcher's time in a profile). Collections still run, just far less often.
@@ -70,21 +70,20 @@ class Service:
         self.sink_threads = [SinkThread(sink, sink_queue) for sink, sink_queue in built]
         self.heartbeat = Heartbeat(self.reader, config.heartbeat_interval_secs) \
             if config.heartbeat_interval_secs > 0 else None
+        self.status = Health(config, self.reader.state, self.subscriptions.active, self.sinks, self.sink_threads,
+                             self.threads)
         self.registry = make_registry(self)
         self.metrics_server: MetricsServer | None = None
         self._signals: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopping = False
         self._stop_signalled = False
         self._deadline = math.inf  # the drain's, once shutdown() began
-        self._events_per_sec = 0.0  # over the last pulse (STATUS=)
         self.frames_fed = 0  # frames an offline caller put into the inbound queue itself (reprocess)
         # STATE_DIR: the stream position between runs (state.py); the main thread saves it.
         self.position = PositionFile(config.state_dir, config.cluster) if config.state_dir else None
         self._previous_data: tuple[int | None, int | None] = (None, None)  # the previous run's last, until ours
         self.check_notes: list[str] = []  # what config --check adds to its OK line
-        self._reload_lock = threading.Lock()
-        self._reloader: threading.Thread | None = None
-        self._reload_again = False
+        self.subscription_file = FileReloader(self.subscriptions, config.subscription_file) \
+            if config.subscription_file else None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -99,8 +98,9 @@ class Service:
                 opened.append(sink)
             try:
                 if network:
-                    self.metrics_server = MetricsServer(self.config.metrics_addr, self.registry, self.health,
-                                                        self.ready, self.subscriptions.snapshot, self.config.redact)
+                    self.metrics_server = MetricsServer(self.config.metrics_addr, self.registry, self.status.health,
+                                                        self.status.ready, self.subscriptions.snapshot,
+                                                        self.config.redact)
             except OSError as exc:
                 running = None if threads else running_instance(self.config.metrics_addr)
                 if running is None:
@@ -253,7 +253,7 @@ class Service:
         """The main thread's loop: signals, thread health, stats; returns the exit status."""
         next_stats = time.monotonic() + self.config.stats_interval_secs
         last = self._counts()
-        pulse = _Pulse(self)
+        pulse = Pulse(self.status, self.notifier, lambda: self.normalizer.events)
         while True:
             try:
                 signum = self._signals.get(timeout=MAIN_TICK_SECS)
@@ -265,7 +265,7 @@ class Service:
             if signum == signal.SIGHUP:
                 self.notifier.reloading()
                 self._reopen()
-                self.notifier.ready(self.status_text())
+                self.notifier.ready(self.status.status_text())
             dead = self.dead_threads()
             if dead:
                 _log.error("stopping: thread(s) died: %s", ", ".join(dead), extra={"fields": {"threads": dead}})
@@ -281,8 +281,8 @@ class Service:
                 next_stats = now + self.config.stats_interval_secs
 
     def _reopen(self) -> None:
-        if self.config.subscription_file:
-            self._start_reload()
+        if self.subscription_file is not None:
+            self.subscription_file.reread()
         if self.config.ndjson_no_reopen:
             _log.info("SIGHUP ignored (NDJSON_NO_REOPEN)")
             return
@@ -297,45 +297,11 @@ class Service:
             while thread.is_alive() and not thread.reopened.wait(MAIN_TICK_SECS) and time.monotonic() < deadline:
                 pass
 
-    def _start_reload(self) -> None:
-        """The main thread handles signals: it never waits on a file (a hung network mount), so SUBSCRIPTION_FILE is
-        reread on a thread of its own; a SIGHUP while one runs is done right after it."""
-        with self._reload_lock:
-            if self._reloader is not None and self._reloader.is_alive():
-                self._reload_again = True
-                return
-            self._reloader = threading.Thread(target=self._reload_loop, name="subs-reload",
-                                              daemon=True)
-            self._reloader.start()
-
-    def _reload_loop(self) -> None:
-        while True:
-            self._reload_subscriptions()
-            with self._reload_lock:
-                if not self._reload_again:
-                    return
-                self._reload_again = False
-
-    def _reload_subscriptions(self) -> None:
-        """SIGHUP: reread SUBSCRIPTION_FILE; the reader sends the difference on the live connection. A bad file is
-        logged with its line number and the running set is kept."""
-        path = self.config.subscription_file
-        try:
-            topics = read_file(path)
-        except SubscriptionFileError as exc:
-            _log.error("SIGHUP: %s; keeping the %d topics subscribed now", exc, len(self.subscriptions.desired),
-                       extra={"fields": {"path": path}})
-            return
-        added, removed = self.subscriptions.set_desired(topics)
-        _log.info("SIGHUP: %s reread: %d topic(s) added, %d removed", path, len(added), len(removed),
-                  extra={"fields": {"path": path, "added": added[:20], "removed": removed[:20],
-                                    "topics": len(topics)}})
-
     def shutdown(self, why: str, timeout_secs: float | None = None) -> int:
         """Stop reading, drain every queue, flush and close every sink, all within SHUTDOWN_TIMEOUT_SECS (an offline
         tool gives math.inf: it waits for its queues as long as they move; a signal then ends the wait, counted).
         Exit 0 only when every accepted event was written or counted as dropped by a bound the user chose."""
-        self._stopping = True
+        self.status.stopping = True
         self.notifier.stopping(f"stopping ({why}): draining queues")
         timeout_secs = self.config.shutdown_timeout_secs if timeout_secs is None else timeout_secs
         deadline = self._deadline = time.monotonic() + timeout_secs
@@ -460,7 +426,7 @@ class Service:
         events, frames = self.unwritten_events(), self.unwritten_capture_frames()
         return events, frames, f"{events} event(s)" + (f" and {frames} captured frame(s)" if frames else "")
 
-    # -- health -------------------------------------------------------------------------------------------------
+    # -- what the service says about itself (health.py) -------------------------------------------------------
 
     def threads(self) -> list[threading.Thread]:
         threads: list[threading.Thread] = [self.reader, self.dispatcher, *self.sink_threads]
@@ -473,96 +439,7 @@ class Service:
         return threads
 
     def dead_threads(self) -> list[str]:
-        return [thread.name for thread in self.threads() if thread.ident is not None and not thread.is_alive()]
-
-    def stuck_sinks(self) -> list[str]:
-        """Sinks inside one write for longer than SINK_STUCK_SECS, with how long."""
-        now = time.monotonic()
-        return [f"{thread.sink.name} ({now - since:.0f}s in one write)" for thread in self.sink_threads
-                if (since := thread.busy_since) is not None and now - since > self.config.sink_stuck_secs]
-
-    def health(self) -> tuple[bool, str]:
-        """(healthy, the text of /health); the text may quote a server's message, so every secret is redacted."""
-        healthy, text = self._health()
-        return healthy, self.config.redact(text)
-
-    def _health(self) -> tuple[bool, str]:
-        if self._stopping:
-            return False, "STOPPING"
-        dead = self.dead_threads()
-        if dead:
-            return False, "UNHEALTHY: thread(s) not running: " + ", ".join(dead)
-        stuck = self.stuck_sinks()
-        if stuck:
-            return False, "UNHEALTHY: sink stuck (SINK_STUCK_SECS): " + ", ".join(stuck)
-        notes = self._health_notes()
-        return True, f"OK ({'; '.join(notes)})" if notes else "OK"
-
-    def _health_notes(self) -> list[str]:
-        """What a healthy service says about itself: the server refusing it, sinks that cannot deliver for now."""
-        notes = [f"not ready: {refused}"] if (refused := self._refused()) else []
-        if (unsent := self.reader.subscribe_error) is not None:
-            notes.append(f"not subscribed: {unsent}")
-        return notes + [f"degraded: {why}" for why in (sink.degraded() for sink in self.sinks) if why]
-
-    def _refused(self) -> str | None:
-        """Why the server will not stream to us, while that lasts (the process itself is healthy: a restart would
-        not help)."""
-        end = self.reader.last_end
-        if self.reader.stats.connected or end is None or end.status not in (protocol.AUTH_FAILED,
-                                                                            protocol.MAX_CONNECTIONS):
-            return None
-        what = "authentication failed" if end.status == protocol.AUTH_FAILED else \
-            "max_connections: another connection uses this key and cluster"
-        retry_at = self.reader.retry_at
-        wait = f"; retrying in {max(0.0, retry_at - time.monotonic()):.0f}s" if retry_at is not None else ""
-        return f"{what} ({end.reason}){wait}"
-
-    def ready(self) -> tuple[bool, str]:
-        """(ready, the text of /ready), every secret redacted."""
-        ready, text = self._ready()
-        return ready, self.config.redact(text)
-
-    def _ready(self) -> tuple[bool, str]:
-        reader = self.reader
-        subscribed_at = reader.subscribed_at
-        if self._stopping:
-            return False, "NOT READY: stopping"
-        if not reader.stats.connected or subscribed_at is None:
-            refused = self._refused()
-            if refused:
-                return False, f"NOT READY: {refused}"
-            end = reader.last_end
-            if not reader.stats.connected and end is not None:
-                retry_at = reader.retry_at
-                wait = f"; retrying in {max(0.0, retry_at - time.monotonic()):.0f}s" if retry_at is not None else ""
-                return False, f"NOT READY: not connected: {end.reason}{wait}"
-            return False, "NOT READY: not subscribed"
-        if not self.subscriptions.active():
-            return False, "NOT READY: no topic acknowledged by the server yet (GET /subscriptions)"
-        if reader.events_since_subscribe < self.config.ready_min_messages:
-            return False, (f"NOT READY: {reader.events_since_subscribe} of {self.config.ready_min_messages} "
-                           "data events since subscribe")
-        waited_ms = (time.monotonic() - subscribed_at) * 1000
-        if waited_ms < self.config.ready_delay_ms:
-            return False, f"NOT READY: {waited_ms:.0f} of {self.config.ready_delay_ms} ms since subscribe"
-        return True, "READY"
-
-    def status_text(self) -> str:
-        """One line for systemd's STATUS= (`systemctl status`): connecting, backoff, streaming N events/s, and
-        why it is degraded."""
-        reader = self.reader
-        healthy, text = self.health()
-        if not healthy:
-            return text
-        if reader.stats.connected and reader.subscribed_at is not None:
-            state = f"streaming {self._events_per_sec:,.0f} events/s"
-        elif reader.retry_at is not None and reader.retry_at > time.monotonic() and reader.last_end is not None:
-            state = (f"backoff: reconnecting in {reader.retry_at - time.monotonic():.0f}s after: "
-                     f"{reader.last_end.reason}")
-        else:
-            state = "connecting"
-        return self.config.redact("; ".join([state] + self._health_notes()))
+        return self.status.dead_threads()
 
     # -- stats --------------------------------------------------------------------------------------------------
 
@@ -598,62 +475,6 @@ class Service:
         return counts
 
 
-def running_instance(addr: tuple[str, int]) -> str | None:
-    """Whether a polygon-streamer answers on addr (its /subscriptions, which nothing else serves): its /health text,
-    or None."""
-    import http.client
-
-    host = "127.0.0.1" if addr[0] in ("0.0.0.0", "") else "::1" if addr[0] == "::" else addr[0]
-    try:
-        connection = http.client.HTTPConnection(host, addr[1], timeout=1.0)
-        try:
-            connection.request("GET", "/subscriptions")
-            answer = connection.getresponse()
-            body = answer.read(1_000_000)
-            if answer.status != 200 or b'"counts"' not in body or b'"topics"' not in body:
-                return None
-            connection.request("GET", "/health")
-            health = connection.getresponse()
-            return health.read(1000).decode("utf-8", "replace").strip() or "no /health text"
-        finally:
-            connection.close()
-    except (OSError, http.client.HTTPException):
-        return None
-
-
-class _Pulse:
-    """The main loop's beat for systemd: STATUS= when it changes (at most every STATUS_SECS), and WATCHDOG=1 every
-    half WatchdogSec while every thread is alive and no sink is stuck; a service that stops feeding it is restarted."""
-
-    def __init__(self, service: Service):
-        self.service = service
-        self.notifier = service.notifier
-        self.next_status = 0.0
-        self.next_watchdog = 0.0
-        self.last_status = ""
-        self.last_events = service.normalizer.events
-        self.last_at = time.monotonic()
-
-    def beat(self, now: float) -> None:
-        notifier = self.notifier
-        if not notifier.enabled:
-            return
-        service = self.service
-        if notifier.watchdog_interval and now >= self.next_watchdog:
-            self.next_watchdog = now + notifier.watchdog_interval
-            if not service.dead_threads() and not service.stuck_sinks():
-                notifier.watchdog()
-        if now >= self.next_status:
-            events = service.normalizer.events
-            service._events_per_sec = (events - self.last_events) / max(1e-9, now - self.last_at)
-            self.last_events, self.last_at = events, now
-            self.next_status = now + STATUS_SECS
-            status = service.status_text()
-            if status != self.last_status:
-                notifier.status(status)
-                self.last_status = status
-
-
 def run_service(config: Config, stop_after_events: int | None = None,
                 on_started: Callable[[Service], None] | None = None, notifier: Notifier | None = None) -> int:
     service = Service(config, stop_after_events=stop_after_events, notifier=notifier)
@@ -664,5 +485,5 @@ def run_service(config: Config, stop_after_events: int | None = None,
     if on_started:
         on_started(service)
     # The sinks are open and the metrics port is bound: ready (not "data flows": markets close).
-    service.notifier.ready(service.status_text())
+    service.notifier.ready(service.status.status_text())
     return service.run()

@@ -11,7 +11,9 @@ import os
 import stat
 import threading
 
-from . import protocol
+from . import logs, protocol
+
+_log = logs.get("polygon_streamer")
 
 # Topics per subscribe/unsubscribe message. Polygon documents no limit; the official Python client sends everything
 # in one message and users report sets of 3,000-4,000 symbols. 500 topics keep a message near 5-10 KB, well below
@@ -197,3 +199,46 @@ class Subscriptions:
 
     def active(self) -> int:
         return sum(1 for state, _ in list(self.states.values()) if state == ACTIVE)
+
+
+class FileReloader:
+    """SIGHUP's reread of SUBSCRIPTION_FILE: the reader then sends the difference on the live connection. The main
+    thread handles signals and never waits on a file (a hung network mount), so the file is read on a thread of its
+    own; a SIGHUP while one runs is done right after it. A bad file is logged with its line number and the running
+    set is kept."""
+
+    def __init__(self, subscriptions: Subscriptions, path: str):
+        self.subscriptions = subscriptions
+        self.path = path
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._again = False
+
+    def reread(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._again = True
+                return
+            self._thread = threading.Thread(target=self._loop, name="subs-reload", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self._reread()
+            with self._lock:
+                if not self._again:
+                    return
+                self._again = False
+
+    def _reread(self) -> None:
+        path = self.path
+        try:
+            topics = read_file(path)
+        except SubscriptionFileError as exc:
+            _log.error("SIGHUP: %s; keeping the %d topics subscribed now", exc, len(self.subscriptions.desired),
+                       extra={"fields": {"path": path}})
+            return
+        added, removed = self.subscriptions.set_desired(topics)
+        _log.info("SIGHUP: %s reread: %d topic(s) added, %d removed", path, len(added), len(removed),
+                  extra={"fields": {"path": path, "added": added[:20], "removed": removed[:20],
+                                    "topics": len(topics)}})

@@ -304,6 +304,11 @@ class SinkThread(ServiceThread):
             self.closed = True
             self.unwritten_at_close += unwritten
 
+    def stuck_for(self, now: float) -> float | None:
+        """How long the sink's current write (or tick) has run, or None between writes (health.py)."""
+        since = self.busy_since
+        return None if since is None else now - since
+
     def buffered_events(self) -> int:
         """Events the sink has taken and not written yet (a failing disk's buffer), until it is closed: counted in
         the shutdown report (read from the main thread: a snapshot)."""
