@@ -209,7 +209,8 @@ class Window:
     which backfill must not deliver again."""
 
     __slots__ = ("topic", "code", "symbol", "kind", "by_q", "lower", "hole_end", "first_after", "seen", "overflow",
-                 "recovered", "duplicates", "fetched", "handled", "skipped", "from_ms", "to_ms", "reason", "detail", "done")
+                 "recovered", "duplicates", "fetched", "handled", "skipped", "from_ms", "to_ms", "reason", "detail",
+                 "done")
 
     def __init__(self, topic: str, code: str, symbol: str, kind: str, by_q: bool, lower: int, before: list,
                  hole_end: int, before_keys: tuple = ()):

@@ -296,7 +296,8 @@ SETTINGS: tuple[Setting, ...] = (
             doc="subscribe params as written: `T.*`, `Q.AAPL,T.AAPL`, `XT.*`"),
     Setting("subscription_file", "SUBSCRIPTION_FILE", None, _nonempty,
             "a file of topics, one a line (# comments), used instead of SUBSCRIPTION and reread on SIGHUP",
-            doc="a file of topics, one a line (`#` comments), used instead of `SUBSCRIPTION`; reread on SIGHUP (docs/subscriptions.md)"),
+            doc="a file of topics, one a line (`#` comments), used instead of `SUBSCRIPTION`; reread on SIGHUP "
+                "(docs/subscriptions.md)"),
     Setting("channel_cap", "CHANNEL_CAP", "1024", _int(1),
             "inbound queue capacity in hand-overs (the frames one socket read completed, up to 4 KiB together)",
             doc="inbound queue capacity, in **hand-overs**: the frames (WebSocket messages, 1 to many events each) "
@@ -448,7 +449,8 @@ SETTINGS: tuple[Setting, ...] = (
                 "`/health` answers 503 and the systemd watchdog is no longer fed, so systemd restarts the service"),
     Setting("backfill", "BACKFILL", "off", _backfill,
             "fill gaps from the REST API: off, on, or a list of trades, quotes, aggs (explicit tickers only)",
-            doc="fill gaps from the REST API: `off`, `on`, or a list of `trades`, `quotes`, `aggs` (docs/gaps-and-backfill.md)"),
+            doc="fill gaps from the REST API: `off`, `on`, or a list of `trades`, `quotes`, `aggs` "
+                "(docs/gaps-and-backfill.md)"),
     Setting("rest_url", "POLYGON_REST_URL", "https://api.massive.com", _rest_url,
             "REST API base URL for backfill (the same API key)",
             doc="the REST API's base URL for backfill; the same API key, sent only in the `Authorization` header"),
@@ -625,7 +627,8 @@ def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
 
     if values["backoff_max_secs"] < values["backoff_initial_secs"]:
         raise ConfigError(
-            f"invalid BACKOFF_MAX_SECS (--backoff-max-secs) {raw.get('backoff_max_secs') or values['backoff_max_secs']!r}"
+            "invalid BACKOFF_MAX_SECS (--backoff-max-secs) "
+            f"{raw.get('backoff_max_secs') or values['backoff_max_secs']!r}"
             f": expected a number of seconds >= BACKOFF_INITIAL_SECS ({values['backoff_initial_secs']:g})")
 
     sinks = values["sink"]

@@ -114,7 +114,8 @@ def render_reference() -> str:
            "one line on stderr naming the variable, the value and what is accepted, exit status 2 "
            "(`polygon-streamer config --check` tries everything, sinks and port included, without connecting). "
            "Booleans take `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`), as options too: "
-           "`--ndjson-gzip true`, or the bare flag `--ndjson-gzip` for true. `polygon-streamer config` prints the effective configuration, secrets redacted.",
+           "`--ndjson-gzip true`, or the bare flag `--ndjson-gzip` for true. `polygon-streamer config` prints the "
+           "effective configuration, secrets redacted.",
            ""]
     for title, fields in GROUPS:
         out += [f"## {title}", "", "| variable | option | default | meaning |", "| --- | --- | --- | --- |"]

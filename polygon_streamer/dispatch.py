@@ -1,6 +1,7 @@
 """Inbound queue -> normalize, filter, sample, seq -> every sink's queue, one batch per hand-over (the frames one
 socket read completed, received at the same time); a Gap notice (leading a hand-over's frames, or an item of its own at
-shutdown) becomes one gap record for every sink, in order with the data (handover.py has the items' shapes). With SINK=capture, a hand-over's capture entries (every message as received) go on to
+shutdown) becomes one gap record for every sink, in order with the data (handover.py has the items' shapes). With
+SINK=capture, a hand-over's capture entries (every message as received) go on to
 the capture's queue, with the text of each frame the parse proved strict JSON as received."""
 
 from __future__ import annotations

@@ -54,9 +54,9 @@ def dumps(value: Any) -> str:
     return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, default=str)
 
 
-# A secret this long is replaced wherever it appears; a shorter one only where it stands as a token of its own (no letter
-# or digit either side), as a key, a password or a URL's credentials do: a one-character key must not turn every such
-# character of a log line into <redacted>.
+# A secret this long is replaced wherever it appears; a shorter one only where it stands as a token of its own (no
+# letter or digit either side), as a key, a password or a URL's credentials do: a one-character key must not turn
+# every such character of a log line into <redacted>.
 _ANYWHERE_CHARS = 8
 
 

@@ -189,7 +189,8 @@ class ServiceCollector:
                     for reason in ("duplicate", "backwards")}
         sequence.update(dict(normalizer.sequence_anomalies))
         yield _counter("polygon_sequence_anomalies_total",
-                       "Events whose q repeats or goes back within a session (delivered as received), by code and reason",
+                       "Events whose q repeats or goes back within a session (delivered as received), by code and "
+                       "reason",
                        labels=["type", "reason"], samples=sequence)
 
         depth = {"inbound": service.inbound.qsize()}

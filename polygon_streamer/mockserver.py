@@ -516,7 +516,8 @@ class _Connection:
         _streams, acked, _unknown = streams_for(self.cluster, params)
         if self.server.source is not None:  # a replay serves whatever the captures hold
             acked = [topic.strip() for topic in params.split(",") if topic.strip()]
-        refused = [t for t in acked if t.partition(".")[0] in options.not_authorized_codes or t in options.refuse_topics]
+        refused = [t for t in acked
+                   if t.partition(".")[0] in options.not_authorized_codes or t in options.refuse_topics]
         acks = [_status("success", f"subscribed to: {t}") for t in acked if t not in refused]
         if refused:
             acks.append(_status("error", "not authorized"))

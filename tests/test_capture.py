@@ -111,7 +111,8 @@ def test_the_capture_embeds_the_frames_the_dispatcher_already_proved_strict(mock
 def reprocess(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "polygon_streamer", "reprocess", "--no-progress", *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "NDJSON_", "SINK"))})
+                          env={k: v for k, v in os.environ.items()
+                               if not k.startswith(("POLYGON_", "NDJSON_", "SINK"))})
 
 
 def live_capture(mock_server, spawn, tmp_path, odd_events=True):

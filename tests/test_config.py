@@ -281,7 +281,8 @@ def test_config_check_reads_an_instance_env_file_and_passes_beside_the_running_i
     dest = tmp_path / "stocks.ndjson"
     env_file = tmp_path / "stocks.env"
     port = free_port()
-    env_file.write_text(f"# an instance's file\nPOLYGON_API_KEY='{TEST_KEY}'\nSINK=ndjson\nexport NDJSON_DEST=\"{dest}\"\n"
+    env_file.write_text(f"# an instance's file\nPOLYGON_API_KEY='{TEST_KEY}'\nSINK=ndjson\n"
+                        f"export NDJSON_DEST=\"{dest}\"\n"
                         f"METRICS_ADDR=127.0.0.1:{port}\n\nNDJSON_GZIP=yes\n")
     checked = run_cli("config", "--env-file", str(env_file), "--check", "--json")
     assert checked.returncode == 0, checked.stderr

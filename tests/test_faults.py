@@ -130,7 +130,7 @@ def test_a_sink_stalled_for_30_s_stays_bounded_counts_drops_exactly_and_recovers
     while time.monotonic() - stalled_at < 30:
         peak_depth = max(peak_depth, streamer.metric("polygon_queue_depth", queue="ndjson"))
         with open(f"/proc/{streamer.proc.pid}/status") as status:
-            peak_rss = max(peak_rss, next(int(l.split()[1]) for l in status if l.startswith("VmRSS")))
+            peak_rss = max(peak_rss, next(int(line.split()[1]) for line in status if line.startswith("VmRSS")))
         time.sleep(0.5)
     drops_during_stall = streamer.metric("polygon_ndjson_drops_total")
     assert drops_during_stall > 30_000, "a 30 s stall at 2,500 events/s must overflow a 100-frame queue"
@@ -190,7 +190,8 @@ def test_an_overflowing_inbound_queue_counts_every_dropped_event_and_frame(mock_
     assert seqs == list(range(1, len(seqs) + 1)), "seq is given after the inbound queue: no gap"
     # Drops after the last frame that found room are told at shutdown: the file may end with one more gap record.
     told = [r["payload"] for r in map(ujson.loads, dest.read_text().splitlines()) if r["kind"] == "gap"]
-    assert len(told) == final["gaps"] in (gap_records, gap_records + 1) and len(seqs) - len(told) == written - gap_records
+    assert len(told) == final["gaps"] in (gap_records, gap_records + 1)
+    assert len(seqs) - len(told) == written - gap_records
     assert sum(p["dropped_events"] for p in told) == drops, "the file tells every drop"
     assert all(p["reason"] == "inbound_drop" and (p["gap_ms"] or 0) >= 0 for p in told)
     assert all(p["gap_ms"] is not None for p in told[:int(gap_records)]), "resumed: the gap's length is known"

@@ -212,7 +212,8 @@ def test_the_service_survives_hostile_frames_and_accounts_for_every_element(host
             not_arrays += 1
         else:
             elements += count
-            statuses += sum(1 for event in parse_frame(frame) if isinstance(event, dict) and event.get("ev") == "status")
+            statuses += sum(1 for event in parse_frame(frame)
+                            if isinstance(event, dict) and event.get("ev") == "status")
         server.inject(fragmented(frame, parts, opcode))
     hostile_service["sentinel"] += 1
     server.inject(ws_frame(1, SENTINEL % hostile_service["sentinel"]))

@@ -167,7 +167,8 @@ def test_a_real_prometheus_finds_series_for_every_panel_and_rule(mock_server, sp
         f"scrape_configs:\n  - job_name: polygon\n    static_configs: [{{targets: ['{target}']}}]\n")
     port = free_port()
     prometheus = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                   f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                   f"--storage.tsdb.path={tmp_path / 'data'}",
+                                   f"--web.listen-address=127.0.0.1:{port}"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     api = f"http://127.0.0.1:{port}/api/v1"
 

@@ -380,8 +380,9 @@ def test_redis_sub_outlives_a_redis_restart(redis_server):
 
 
 def test_redis_over_a_unix_socket(mock_server, spawn, tmp_path):
-    # The documented recipe (REDIS_URL=unix:///run/redis/redis-server.sock): redis-py before 4.5 (Debian 12's 4.3.4, which
-    # the clean-chroot build tests with) refused the connect timeout for a unix socket, and nothing was written.
+    # The documented recipe (REDIS_URL=unix:///run/redis/redis-server.sock): redis-py before 4.5 (Debian 12's 4.3.4,
+    # which the clean-chroot build tests with) refused the connect timeout for a unix socket, and nothing was
+    # written.
     socket_path = tmp_path / "redis.sock"
     server = LocalRedis(str(tmp_path / "redis"), ("--unixsocket", str(socket_path), "--unixsocketperm", "700")).start()
     try:

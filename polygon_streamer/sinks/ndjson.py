@@ -201,7 +201,8 @@ class NdjsonSink(Sink):
         directory = os.path.dirname(os.path.abspath(path))
         where = f"invalid {self._files.setting}_DEST (--{self._files.setting.lower()}-dest) {path!r}"
         if os.path.isdir(path):
-            raise SinkConfigError(f"{where}: it is a directory; give a file path such as {path.rstrip('/')}/feed.ndjson")
+            raise SinkConfigError(f"{where}: it is a directory; give a file path such as "
+                                  f"{path.rstrip('/')}/feed.ndjson")
         if not os.path.isdir(directory):
             raise SinkConfigError(f"{where}: directory {directory} does not exist; create it or fix the path")
         if not os.access(directory, os.W_OK | os.X_OK):
@@ -578,8 +579,8 @@ class NdjsonSink(Sink):
     def describe_metrics(self, queue_stats: SinkStats):
         name, unit = self.name, self.unit
         return [
-            (f"polygon_{name}_written_total", f"{unit} written to {name} files (or stdout): handed to the OS, no longer "
-                                              "in the sink's buffer", self.written),
+            (f"polygon_{name}_written_total", f"{unit} written to {name} files (or stdout): handed to the OS, "
+                                              "no longer in the sink's buffer", self.written),
             (f"polygon_{name}_bytes_total", f"Bytes written by the {name} sink", self.bytes),
             (f"polygon_{name}_rotations_total", f"{name} files rotated (size or time)", self.rotations),
             (f"polygon_{name}_write_errors_total", f"Failed {name} writes or reopens (retried)", self.write_errors),
