@@ -207,35 +207,10 @@ def demo(rate: float, batch: int, max_events: int, backfill: bool, **values) -> 
 @click.option("--json", "as_json", is_flag=True, help="the JSON of GET /subscriptions as it is")
 def subscriptions(addr: str, as_json: bool) -> int:
     """Show what a running service is subscribed to: each topic's state (pending, active, refused)."""
-    import urllib.error
-    import urllib.request
+    from .config import SETTINGS_BY_FIELD, format_addr, parse_setting
+    from .subscriptions_view import show
 
-    from .config import format_addr, parse_setting, SETTINGS_BY_FIELD
-
-    host_port = format_addr(parse_setting(SETTINGS_BY_FIELD["metrics_addr"], addr))
-    url = f"http://{host_port}/subscriptions"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the service is local: no proxy
-    try:
-        with opener.open(url, timeout=5) as response:
-            text = response.read().decode("utf-8")
-    except (urllib.error.URLError, OSError) as exc:
-        click.echo(f"polygon-streamer: cannot read {url}: {getattr(exc, 'reason', exc)} (is the service running "
-                   "with this METRICS_ADDR?)", err=True)
-        return 1
-    if as_json:
-        click.echo(text, nl=False)
-        return 0
-    import json
-
-    state = json.loads(text)
-    topics = state["topics"]
-    width = max([len("TOPIC")] + [len(topic) for topic in topics])
-    click.echo(f"{'TOPIC':<{width}}  {'STATE':<8}  MESSAGE")
-    for topic, entry in topics.items():
-        click.echo(f"{topic:<{width}}  {entry['state']:<8}  {entry.get('message', '')}".rstrip())
-    counts = state["counts"]
-    click.echo(f"{len(topics)} topic(s) from {state['source']}: " + ", ".join(f"{counts[k]} {k}" for k in counts))
-    return 0
+    return show(format_addr(parse_setting(SETTINGS_BY_FIELD["metrics_addr"], addr)), as_json)
 
 
 
@@ -427,57 +402,9 @@ def mock_server(host: str, port: int, key: str | None, hold: bool, rest_port: in
 @click.option("--max-messages", type=click.IntRange(min=0), default=0, help="exit after this many (0: never)")
 def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: bool, max_messages: int) -> int:
     """A ZeroMQ subscriber: prints (or counts) what the zmq sink publishes, one `topic payload` line each."""
-    import signal
-    import time
+    from . import zmq_sub as subscriber
 
-    import zmq
-
-    context = zmq.Context()
-    sock = context.socket(zmq.SUB)
-    for topic in topics or ("",):
-        sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
-    try:
-        sock.connect(endpoint) if connect else sock.bind(endpoint)
-    except zmq.ZMQError as exc:
-        sock.close(0)
-        context.term()
-        raise ConfigError(f"invalid ZMQ_ENDPOINT (--endpoint) {endpoint!r}: cannot "
-                          f"{'connect' if connect else 'bind'}: {exc.strerror}") from None
-    stop = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.append(True))
-    click.echo(f"zmq-sub: {'connected to' if connect else 'bound at'} {endpoint}"
-               f"{' (topics ' + ', '.join(topics) + ')' if topics else ''}; waiting for messages (Ctrl-C to stop)",
-               err=True)
-    received = 0
-    window = 0
-    next_report = time.monotonic() + 1.0
-    out = sys.stdout.buffer
-    while not stop and (not max_messages or received < max_messages):
-        if not sock.poll(200):
-            continue
-        # Drain what is queued without a poll per message, so a counting subscriber keeps up with the firehose.
-        while not max_messages or received < max_messages:
-            try:
-                topic, payload = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            received += 1
-            window += 1
-            if not count_only:
-                out.write(topic + b" " + payload + b"\n")
-        out.flush()
-        now = time.monotonic()
-        if count_only and now >= next_report:
-            # (from now, not from the last deadline: after an idle start that would be a line per message)
-            click.echo(f"{received} received ({window / (now - next_report + 1.0):.0f}/s)")
-            window = 0
-            next_report = now + 1.0
-    if count_only:
-        click.echo(f"{received} received")
-    sock.close(0)
-    context.term()
-    return 0
+    return subscriber.run(endpoint, connect, topics, count_only, max_messages)
 
 
 @cli.command("redis-sub")
@@ -542,11 +469,14 @@ def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, prog
     """Measure ceilings and the service end to end on the local server; exit 1 if anything was lost."""
     from . import bench as benchmark
 
+    from .sinks import SINKS
+
+    # Every sink of the table but stdout (the bench reads what the sinks wrote) and the capture alone.
+    measured = [name for name in SINKS if name != "stdout"]
     chosen = [name.strip() for name in sinks.split(",") if name.strip()]
-    if not chosen or any(name not in ("ndjson", "zmq", "redis", "capture") for name in chosen) \
-            or chosen == ["capture"]:
-        raise ConfigError(f"invalid --sink {sinks!r}: expected ndjson, zmq, redis or a comma list, optionally with "
-                          "capture (e.g. ndjson,capture)")
+    if not chosen or any(name not in measured for name in chosen) or chosen == ["capture"]:
+        raise ConfigError(f"invalid --sink {sinks!r}: expected one or a comma list of {', '.join(measured)}, the "
+                          "capture only beside another (e.g. ndjson,capture)")
     result = benchmark.run(events, cluster, batch, chosen, progress, pinned, backfill)
     click.echo(benchmark.to_json(result) if as_json else benchmark.format_table(result))
     return 0 if result.ok else 1
