@@ -26,6 +26,7 @@ import ujson
 
 from . import logs, protocol
 from .capture_format import Backfilled, BackfillSummary
+from .handover import WAKE
 from .rest import RestClient, RestError, Stopped
 from .threads import ServiceThread
 
@@ -679,6 +680,3 @@ class BackfillThread(ServiceThread):
             except queue.Full:
                 pass
 
-
-WAKE = ("backfill",)  # an inbound item: chunks are waiting (put only into an empty inbound queue)
-FINISH = ("backfill-finish",)  # an inbound item at shutdown: end the open backfills (Desk.shutdown)

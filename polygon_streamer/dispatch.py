@@ -11,15 +11,14 @@ import queue
 import time
 
 from . import logs
-from .backfill import FINISH, WAKE, Desk
+from .backfill import Desk
 from .capture_format import Backfilled, BackfillSummary, CaptureBatch
 from .metrics import LatencyHistogram
-from .handover import gap_item_ms
+from .handover import FINISH, STOP, WAKE, gap_item_ms
 from .normalize import FrameError, FrameNormalizer, Gap
 from .sinks import TICK_SECS, SinkQueue
 from .threads import ServiceThread
 
-STOP = None
 CODE = operator.itemgetter(1)
 # polygon_last_event_timestamp_seconds is kept per code; codes come from the network, so the table is bounded.
 _LAST_SEEN_LIMIT = 1000

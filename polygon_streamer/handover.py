@@ -2,10 +2,17 @@
 blocking the reader; the holes in the stream travel with the data; a full queue drops, counted, while the capture
 still keeps every message (held for the next item, within CAPTURE_CHANNEL_CAP).
 
-An inbound item is (ingest_ms, frames) or, with capture, (ingest_ms, frames, [CaptureBatch, ...]); `frames` may
-begin with Gap notices: the holes before its first frame, told with it, so that one hole is one gap record however
-often the queue refuses (a hole told on its own took the one free slot and the data behind it found the queue full
-again: two records for one hole). A (ingest_ms, Gap) item is a hole told at shutdown.
+This module names every item that crosses the inbound queue (the dispatcher decodes them, the service counts what
+is left of them at a stop: queued_counts()):
+- (ingest_ms, frames) or, with capture, (ingest_ms, frames, [CaptureBatch, ...]): a hand-over. `frames` may begin
+  with Gap notices: the holes before its first frame, told with it, so that one hole is one gap record however often
+  the queue refuses (a hole told on its own took the one free slot and the data behind it found the queue full again:
+  two records for one hole);
+- (ingest_ms, Gap): a hole told at shutdown (data never came back);
+- (ingest_ms, Backfilled | BackfillSummary): a capture's backfill line, fed by reprocess;
+- (ingest_ms, FINISH): the service stops at ingest_ms: the open backfills end (their summaries say shutdown);
+- WAKE: backfill has chunks waiting (put only into an empty queue: never a live slot);
+- STOP: the end; the dispatcher queues it behind everything for each sink.
 """
 
 from __future__ import annotations
@@ -26,6 +33,22 @@ _log = logs.get("polygon_conn")
 # a slot, 79 MB with 4 KiB and 216 MB with 16 KiB, which saved only another 4% of CPU.
 HANDOVER_BYTES = 4 * 1024
 EV_MARKER = b'"ev"'  # also `"ev" : "T"`: the count is an estimate where it is used (readiness, drops)
+
+
+STOP = None
+WAKE = ("backfill",)
+FINISH = ("backfill-finish",)
+
+
+def queued_counts(inbound: queue.Queue) -> tuple[int, int]:
+    """What the inbound queue still holds, for a stop's report: (events, estimated by marker in the raw frames (the
+    holes told with them are not events), captured messages)."""
+    with inbound.mutex:
+        items = [item for item in inbound.queue if item.__class__ is tuple and len(item) > 1]
+    events = sum(frame.count(b'"ev":') for item in items if item[1].__class__ is list
+                 for frame in item[1] if frame.__class__ is bytes)
+    frames = sum(batch.frames() for item in items if len(item) > 2 for batch in item[2])
+    return events, frames
 
 
 def gap_item_ms(gap: Gap) -> int:

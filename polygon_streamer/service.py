@@ -14,10 +14,11 @@ import time
 from typing import Callable
 
 from . import __version__, affinity, logs
-from .backfill import FINISH, BackfillStats, BackfillThread, Desk
+from .backfill import BackfillStats, BackfillThread, Desk
 from .health import Health, Pulse, running_instance
 from .config import Config, ConfigError, build_default_config, format_addr
 from .dispatch import Dispatcher, stop_inbound
+from .handover import FINISH, queued_counts
 from .metrics import LatencyHistogram, MetricsServer, make_registry
 from .normalize import FrameNormalizer
 from .notify import Notifier
@@ -404,22 +405,17 @@ class Service:
 
     def unwritten_events(self) -> int:
         """Events accepted and not written (the capture's frames aside: unwritten_capture_frames)."""
-        with self.inbound.mutex:
-            items = [item for item in self.inbound.queue if item is not None and item[1].__class__ is list]
-        # Raw frames (events estimated by marker; the holes told with them are not events).
-        pending = sum(frame.count(b'"ev":') for item in items for frame in item[1] if frame.__class__ is bytes)
-        return pending + sum(thread.pending_events() + thread.buffered_events() + thread.unwritten_at_close
-                             for thread in self.sink_threads if thread.sink_queue is not self.capture_queue)
+        return queued_counts(self.inbound)[0] + sum(
+            thread.pending_events() + thread.buffered_events() + thread.unwritten_at_close
+            for thread in self.sink_threads if thread.sink_queue is not self.capture_queue)
 
     def unwritten_capture_frames(self) -> int:
         """With capture, the messages accepted for it and not written."""
         if self.capture_queue is None:
             return 0
-        with self.inbound.mutex:
-            items = [item for item in self.inbound.queue if item is not None and len(item) > 2]
-        pending = sum(batch.frames() for item in items for batch in item[2])
-        return pending + sum(thread.pending_events() + thread.buffered_events() + thread.unwritten_at_close
-                             for thread in self.sink_threads if thread.sink_queue is self.capture_queue)
+        return queued_counts(self.inbound)[1] + sum(
+            thread.pending_events() + thread.buffered_events() + thread.unwritten_at_close
+            for thread in self.sink_threads if thread.sink_queue is self.capture_queue)
 
     def _unwritten(self) -> tuple[int, int, str]:
         """(events, captured frames) not written and the words for them, for the shutdown lines."""
