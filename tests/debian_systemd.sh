@@ -68,9 +68,14 @@ sed -i -e 's/^port .*/port 0/' -e 's|^# *unixsocket .*|unixsocket /run/redis/red
 step "booting the container (systemd-nspawn -b)"
 systemd-nspawn -D "$ROOTFS" -b --register=no --keep-unit --console=passive > "$ROOTFS.console" 2>&1 &
 NSPAWN=$!
-find_pid1() { PID1=$(ps --ppid "$NSPAWN" -o pid= | tr -d ' ' | head -1); [ -n "$PID1" ]; }
+# The container's PID 1 is nspawn's child named systemd (on a loaded machine an intermediate child may be seen first,
+# and it is gone a moment later: "nsenter: cannot open /proc/PID/ns/cgroup").
+find_pid1() { PID1=$(ps --ppid "$NSPAWN" -o pid=,comm= | awk '$2 == "systemd" { print $1; exit }'); [ -n "$PID1" ]; }
 wait_until 30 find_pid1 || fail "no container init"
-booted() { state=$(inside systemctl is-system-running 2>/dev/null || true); [ "$state" = running ] || [ "$state" = degraded ]; }
+booted() {
+    [ -d "/proc/$PID1" ] || find_pid1 || return 1
+    state=$(inside systemctl is-system-running 2>/dev/null || true); [ "$state" = running ] || [ "$state" = degraded ]
+}
 wait_until 90 booted || fail "the container did not boot: $(inside systemctl is-system-running 2>&1 || true)"
 step "booted: systemd $(inside systemctl --version | head -1 | awk '{print $2}') as PID 1, state $(inside systemctl is-system-running || true)"
 inside systemctl is-active redis-server > /dev/null || fail "redis-server is not running in the container"
