@@ -168,7 +168,7 @@ def schema(as_json: bool) -> int:
               help="stop cleanly after delivering this many events (0: run until Ctrl-C)")
 def demo(rate: float, batch: int, max_events: int, backfill: bool, **values) -> int:
     """Run the whole pipeline against the built-in local Polygon server: no API key, no network."""
-    from .mockserver import MockOptions, MockServer
+    from .local.mockserver import MockOptions, MockServer
 
     key = secrets.token_hex(16)
     raw = _settings(values)
@@ -208,7 +208,7 @@ def demo(rate: float, batch: int, max_events: int, backfill: bool, **values) -> 
 def subscriptions(addr: str, as_json: bool) -> int:
     """Show what a running service is subscribed to: each topic's state (pending, active, refused)."""
     from .config import SETTINGS_BY_FIELD, format_addr, parse_setting
-    from .subscriptions_view import show
+    from .tools.subscriptions_view import show
 
     return show(format_addr(parse_setting(SETTINGS_BY_FIELD["metrics_addr"], addr)), as_json)
 
@@ -224,8 +224,8 @@ def reprocess(captures: tuple[str, ...], progress: bool, **values) -> int:
 
     The cluster is the capture's. Exit 0 when everything is written, 1 if a capture line was skipped or an event
     could not be written."""
-    from . import reprocess as offline
-    from .captures import CaptureFiles
+    from .tools import reprocess as offline
+    from .tools.captures import CaptureFiles
 
     files = CaptureFiles(list(captures))
     problems = files.unreadable()
@@ -245,7 +245,7 @@ def reprocess(captures: tuple[str, ...], progress: bool, **values) -> int:
 
 def _local_server(host: str, port: int, options, source=None):
     """The local Polygon server (mock-server, replay), a busy port being one line and exit 2."""
-    from .mockserver import MockServer
+    from .local.mockserver import MockServer
 
     try:
         return MockServer(host, port, options, source=source)
@@ -301,9 +301,9 @@ def replay(captures: tuple[str, ...], host: str, port: int, key: str | None, spe
     honoured. Where a captured session ended, the connection ends the same way and the client's next connection (same
     API key) goes on with the next session. Prints the base URL on stdout; runs until SIGTERM/SIGINT. Exit 2 when
     a capture cannot be read or the window holds nothing, 1 when capture lines were skipped."""
-    from .captures import CaptureFiles
-    from .mockserver import MockOptions
-    from .replay import Replay, format_ms, parse_time
+    from .tools.captures import CaptureFiles
+    from .local.mockserver import MockOptions
+    from .tools.replay import Replay, format_ms, parse_time
 
     try:
         window = parse_time(start), parse_time(end)
@@ -364,7 +364,7 @@ def mock_server(host: str, port: int, key: str | None, hold: bool, rest_port: in
     """Serve the Polygon protocol locally for every cluster (ws://HOST:PORT/stocks, /crypto, ...)."""
     import signal
 
-    from .mockserver import MockOptions
+    from .local.mockserver import MockOptions
 
     server = _local_server(host, port, MockOptions(api_key=key, **options))
     if rest_port is not None:
@@ -402,7 +402,7 @@ def mock_server(host: str, port: int, key: str | None, hold: bool, rest_port: in
 @click.option("--max-messages", type=click.IntRange(min=0), default=0, help="exit after this many (0: never)")
 def zmq_sub(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: bool, max_messages: int) -> int:
     """A ZeroMQ subscriber: prints (or counts) what the zmq sink publishes, one `topic payload` line each."""
-    from . import zmq_sub as subscriber
+    from .tools import zmq_sub as subscriber
 
     return subscriber.run(endpoint, connect, topics, count_only, max_messages)
 
@@ -430,7 +430,7 @@ def redis_sub(group: str, consumer: str, url: str, password_file: str | None, st
               max_records: int) -> int:
     """A Redis Streams consumer-group reader (XREADGROUP + XACK): prints (or counts) the records of the redis sink;
     several readers in one group share the records, each gets its own."""
-    from . import redis_sub as reader
+    from .tools import redis_sub as reader
 
     config = build_config({"redis_url": url, "redis_password_file": password_file, "redis_stream": stream,
                            "cluster": market, "ws_url": ws_url, "redis_shards": shards,
@@ -467,7 +467,7 @@ def redis_sub(group: str, consumer: str, url: str, password_file: str | None, st
 def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, progress: bool, pinned: bool,
           backfill: bool) -> int:
     """Measure ceilings and the service end to end on the local server; exit 1 if anything was lost."""
-    from . import bench as benchmark
+    from .tools import bench as benchmark
 
     from .sinks import SINKS
 

@@ -1,7 +1,7 @@
 import pytest
 
 from helpers import TEST_KEY, Streamer, base_env, free_port
-from polygon_streamer.mockserver import MockOptions, MockServer
+from polygon_streamer.local.mockserver import MockOptions, MockServer
 
 
 @pytest.fixture

@@ -158,15 +158,16 @@ def test_the_demo_help_shows_the_defaults_it_uses_and_each_cluster_streams_its_o
 
 def test_the_reference_the_env_file_and_help_are_rendered_from_the_declarations():
     """docs/configuration.md and example.env are what configdoc renders from config.py (regenerate with
-    `python -m polygon_streamer.configdoc`), and `run --help` shows every setting's help, default and variable."""
+    `python -m polygon_streamer.tools.configdoc`), and `run --help` shows every setting's help, default and variable."""
     from click.testing import CliRunner
 
-    from polygon_streamer import configdoc
+    from polygon_streamer.tools import configdoc
     from polygon_streamer.cli import cli
 
     assert configdoc.ungrouped() == [], "every setting in exactly one section of the reference"
     for relative, render in configdoc.TARGETS.items():
-        assert (ROOT / relative).read_text() == render(), f"{relative} is stale: python -m polygon_streamer.configdoc"
+        stale = f"{relative} is stale: python -m polygon_streamer.tools.configdoc"
+        assert (ROOT / relative).read_text() == render(), stale
     env_text = (ROOT / "etc" / "polygon-streamer" / "example.env").read_text()
     reference = (ROOT / "docs" / "configuration.md").read_text()
     help_text = " ".join(CliRunner().invoke(cli, ["run", "--help"], terminal_width=10_000).output.split())

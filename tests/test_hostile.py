@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import TEST_KEY, Streamer, base_env, free_port, strict_json, valid_record, wait_for
-from polygon_streamer.mockserver import MockOptions, MockServer, ws_frame
+from polygon_streamer.local.mockserver import MockOptions, MockServer, ws_frame
 from polygon_streamer.config import build_config
 from polygon_streamer.normalize import FrameError, FrameNormalizer, parse_frame
 from polygon_streamer.sinks.zmq import ZmqSink

@@ -11,7 +11,7 @@ import pytest
 import ujson
 
 from helpers import ROOT, Streamer, free_port, valid_record, wait_for
-from polygon_streamer.bench import LocalRedis
+from polygon_streamer.tools.bench import LocalRedis
 from polygon_streamer.sinks.redis import shard_of
 
 redis = pytest.importorskip("redis", reason="the Python module redis is not installed (pip install redis)")

@@ -11,7 +11,7 @@ import ujson
 import polygon_streamer
 
 from helpers import ROOT, Streamer, base_env, free_port, report, wait_for
-from polygon_streamer.mockserver import ODD_EVENTS_KEPT
+from polygon_streamer.local.mockserver import ODD_EVENTS_KEPT
 from polygon_streamer.affinity import parse as parse_cpus
 from polygon_streamer.reader import Backoff
 

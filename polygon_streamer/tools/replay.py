@@ -25,9 +25,9 @@ from typing import Iterable, NamedTuple
 
 import ujson
 
-from . import protocol
+from .. import protocol
 from .captures import CaptureFiles, CapturedFrame
-from .normalize import FrameError, IncludeFilter, parse_frame
+from ..normalize import FrameError, IncludeFilter, parse_frame
 
 PROGRESS_SECS = 1.0
 # A client that does not answer our close within this long is cut.

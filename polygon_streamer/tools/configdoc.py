@@ -1,7 +1,7 @@
 """The configuration reference (docs/configuration.md) and the instance environment file
 (etc/polygon-streamer/example.env), rendered from config.py's declarations, the source `--help` is built from too.
 A test fails when a shipped file is not what this renders; regenerate both with
-`python -m polygon_streamer.configdoc`."""
+`python -m polygon_streamer.tools.configdoc`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .config import SETTINGS, SETTINGS_BY_FIELD, Setting
+from ..config import SETTINGS, SETTINGS_BY_FIELD, Setting
 
 # The reference's sections, each setting in exactly one (a test checks).
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -63,7 +63,7 @@ ENV_HEADER = """\
 # Read by systemd (EnvironmentFile=), not by a shell: no quotes, no $VAR expansion.
 # Every variable of the service is listed; a commented line keeps the default shown.
 # A bad value stops the service with exit status 2 and one line in the journal naming the variable.
-# Generated from polygon_streamer/config.py (python -m polygon_streamer.configdoc); docs/configuration.md has the same.
+# Generated from polygon_streamer/config.py (python -m polygon_streamer.tools.configdoc), as docs/configuration.md is.
 """
 WIDTH = 118
 
@@ -106,7 +106,8 @@ def _cell(text: str) -> str:
 
 def render_reference() -> str:
     out = ["# Configuration reference", "",
-           "Generated from `polygon_streamer/config.py` (`python -m polygon_streamer.configdoc`), the declarations "
+           "Generated from `polygon_streamer/config.py` (`python -m polygon_streamer.tools.configdoc`), the "
+           "declarations "
            "`--help` and `etc/polygon-streamer/example.env` come from too: a test fails when they disagree.", "",
            "Every setting is an option of `run` (and of `demo`, `reprocess` where it applies) that also reads its "
            "environment variable: the option beats the variable, the variable beats the default, an empty variable "

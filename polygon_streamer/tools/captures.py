@@ -13,7 +13,7 @@ import json
 import zlib
 from typing import Iterator, NamedTuple
 
-from .capture_format import CAPTURE_LINE, SessionEnd
+from ..capture_format import CAPTURE_LINE, SessionEnd
 
 # Reading a line that is too long: the rest of it is skipped in pieces of this size.
 _SKIP_CHUNK = 1 << 20

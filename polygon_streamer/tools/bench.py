@@ -26,11 +26,11 @@ from importlib.util import find_spec
 import ujson
 import websocket
 
-from . import __version__, logs, protocol
-from .config import SETTINGS, SETTINGS_BY_FIELD
-from .metrics import WRITE_LATENCY_BUCKETS, LatencyHistogram
-from .normalize import FrameNormalizer
-from .sinks.ndjson import LINE
+from .. import __version__, logs, protocol
+from ..config import SETTINGS, SETTINGS_BY_FIELD
+from ..metrics import WRITE_LATENCY_BUCKETS, LatencyHistogram
+from ..normalize import FrameNormalizer
+from ..sinks.ndjson import LINE
 
 SUBSCRIPTIONS = {"stocks": "T.*,Q.*", "options": "T.*,Q.*", "futures": "T.*,Q.*", "crypto": "XT.*,XQ.*",
                  "forex": "C.*", "indices": "V.*"}
@@ -51,7 +51,7 @@ BACKFILL_LOAD_EVENTS = 50_000
 def explicit_subscription(cluster: str) -> str:
     """SUBSCRIPTIONS[cluster] with every wildcard spelled out over the local server's symbols: the same events, but
     topics that backfill can fill (and tracks on the hot path)."""
-    from .mockserver import SYMBOLS
+    from ..local.mockserver import SYMBOLS
 
     return ",".join(f"{code}.{symbol}" for symbol in SYMBOLS[cluster]
                     for code in (topic.split(".")[0] for topic in SUBSCRIPTIONS[cluster].split(",")))
@@ -234,7 +234,7 @@ def _official(events: int, batch: int, cluster: str) -> float | None:
         return None
     server = _Server(events, batch)
     host_port = server.base_url.removeprefix("ws://")
-    peer = subprocess.Popen([sys.executable, "-m", "polygon_streamer.bench", "official", host_port, cluster,
+    peer = subprocess.Popen([sys.executable, "-m", "polygon_streamer.tools.bench", "official", host_port, cluster,
                              SUBSCRIPTIONS[cluster], str(events)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         server.release()
@@ -709,8 +709,8 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
 def _backfill_load(result: BenchResult, workdir: str) -> None:
     """The live feed at BACKFILL_LOAD_RATE while the service backfills BACKFILL_LOAD_EVENTS lost at one cut: its live
     rate during the backfill (gap record to summary) next to the rate after it, drops, and the backfill's duration."""
-    from .backfill import FILLED
-    from .mockserver import MockOptions, MockServer
+    from ..backfill import FILLED
+    from ..local.mockserver import MockOptions, MockServer
 
     if result.cluster not in FILLED:
         result.notes.append(f"backfill load: not run ({result.cluster} is not backfilled)")
@@ -849,4 +849,4 @@ def to_json(result: BenchResult) -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "official":
         _official_peer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
-    sys.exit("usage: python -m polygon_streamer.bench official HOST:PORT CLUSTER SUBSCRIPTION EVENTS")
+    sys.exit("usage: python -m polygon_streamer.tools.bench official HOST:PORT CLUSTER SUBSCRIPTION EVENTS")

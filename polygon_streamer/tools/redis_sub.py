@@ -9,9 +9,9 @@ import sys
 import threading
 import time
 
-from . import protocol
-from .config import Config
-from .sinks.redis import connect, stream_keys
+from .. import protocol
+from ..config import Config
+from ..sinks.redis import connect, stream_keys
 
 READ_COUNT = 1000
 BLOCK_MS = 200

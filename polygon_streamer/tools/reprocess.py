@@ -12,14 +12,14 @@ import queue
 import sys
 import time
 
-from . import logs, protocol
-from .capture_format import Backfilled, BackfillSummary
+from .. import logs, protocol
+from ..capture_format import Backfilled, BackfillSummary
 from .captures import CaptureFiles, CapturedFrame, Skipped
-from .config import Config, ConfigError
-from .handover import EV_MARKER, shutdown_gap
-from .normalize import FrameError, Gap, parse_frame
-from .reader import may_hold_status
-from .service import Service
+from ..config import Config, ConfigError
+from ..handover import EV_MARKER, shutdown_gap
+from ..normalize import FrameError, Gap, parse_frame
+from ..reader import may_hold_status
+from ..service import Service
 
 PROGRESS_SECS = 0.5
 PUT_TICK_SECS = 0.1

@@ -10,7 +10,7 @@ import time
 import click
 import zmq
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def run(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: bool, max_messages: int) -> int:

@@ -1,0 +1,1 @@
+"""The tools beside the service: the bench, replay and reprocess of captures, the subscribers, the doc generators."""
