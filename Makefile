@@ -38,6 +38,7 @@ test: install
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			$(SYSTEM_TEST_PACKAGES) > /dev/null; fi
 	$(BIN)/ruff check polygon_streamer tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 	@if [ "$${CI:-}" = true ] || [ -n "$${PACKAGE_TEST:-}" ]; then bash tests/debian_package.sh \
 		&& bash tests/container_image.sh; \

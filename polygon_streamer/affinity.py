@@ -73,6 +73,8 @@ def choose(setting: str | tuple[int, ...], cluster: str) -> set[int] | None:
     allowed = sorted(os.sched_getaffinity(0))
     if setting == "auto":
         return {idlest(allowed, cluster)} if len(allowed) > 1 else None
+    if isinstance(setting, str):
+        raise ValueError(f"CPU_AFFINITY is off, auto or a list of CPUs, not {setting!r}")
     chosen = set(setting) & set(allowed)
     if not chosen:
         raise ValueError(f"none of CPUs {','.join(map(str, setting))} is allowed (allowed: "

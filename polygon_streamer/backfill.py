@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import queue
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import quote
 
 import ujson
@@ -29,6 +29,9 @@ from .capture_format import Backfilled, BackfillSummary
 from .handover import WAKE
 from .rest import RestClient, RestError, Stopped
 from .threads import ServiceThread
+
+if TYPE_CHECKING:
+    from .metrics import LatencyHistogram
 
 KINDS = ("trades", "quotes", "aggs")
 # (cluster, code) -> the REST kind that fills it (rest.md: trades and quotes of stocks and options, crypto trades,
@@ -266,7 +269,7 @@ class Track:
 
     __slots__ = ("last_ts", "at_last", "windows", "restored")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.last_ts: int | None = None
         self.at_last: list = []
         self.windows: list[Window] = []
@@ -335,14 +338,14 @@ class Done:
 class BackfillStats:
     """Counters exported by metrics.py: requests by the thread, events and duplicates by the desk."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {}
         self.events: dict[str, int] = dict.fromkeys(KINDS, 0)
         self.duplicates = 0
         self.bad_results = 0
         # "complete" or the reason; every result exported from the start (0), so rate() and alerts see the first one
         self.summaries: dict[str, int] = dict.fromkeys(("complete", *REASONS), 0)
-        self.seconds = None  # a metrics.LatencyHistogram, set by the service
+        self.seconds: LatencyHistogram | None = None  # set by the service
 
 
 class Desk:
@@ -435,9 +438,9 @@ class Desk:
         self._next_snapshot = now + SNAPSHOT_SECS
         positions = {}
         for (code, symbol), track in self.normalizer.tracks.items():
-            if track.last_ts is None:
-                continue
             kind = filled_kind(self.cluster, code)
+            if track.last_ts is None or kind is None:  # (a track is kept for filled codes only)
+                continue
             by_q = (self.cluster, kind) in BY_Q
             keys = [list(key) for event in track.at_last[:SAVED_AT_LAST]
                     if (key := _hashable_identity(kind, by_q, event)) is not None]
@@ -621,8 +624,8 @@ class BackfillThread(ServiceThread):
                 past = False
                 for result in page.get("results") or ():
                     event = to_event(cluster, window.code, window.kind, window.symbol, result)
-                    key = _hashable_identity(window.kind, window.by_q, event) if event is not None else None
-                    if key is None:
+                    key = None if event is None else _hashable_identity(window.kind, window.by_q, event)
+                    if event is None or key is None:
                         window.skipped["invalid"] += 1
                         self.stats.bad_results += 1
                         continue

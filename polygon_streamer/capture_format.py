@@ -133,7 +133,7 @@ class SessionEnd(CaptureNote):
 
     def field(self) -> str:
         """The line's field after the prefix: `"end":{...}` (ASCII JSON: whatever the server's reason held)."""
-        value = {"reason": self.reason, "detail": self.detail, "close_code": self.close_code,
+        value: dict[str, object] = {"reason": self.reason, "detail": self.detail, "close_code": self.close_code,
                  "close_reason": self.close_reason, "gap": self.gap, "subscription": self.subscription}
         if self.position is not None:
             value["position"] = self.position

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import click
 
@@ -47,7 +47,7 @@ def setting_options(skip: tuple[str, ...] = (), shown_defaults: dict[str, str] |
                 default_text = f"default: {shown_defaults[setting.field]}"
             # (a fallback such as RUST_LOG is read too, but the help names only the variable to set)
             # A true/false setting may be given as a bare flag (--ndjson-gzip means true) or with a value.
-            flag = {"is_flag": False, "flag_value": "true"} if setting.parse is _bool else {}
+            flag: dict[str, Any] = {"is_flag": False, "flag_value": "true"} if setting.parse is _bool else {}
             command = click.option(setting.flag, setting.field, envvar=envvar, default=None, type=str,
                                    show_envvar=False, metavar="[VALUE]" if flag else "VALUE", **flag,
                                    help=f"{setting.help} [{default_text}] [env var: {setting.env}]")(command)

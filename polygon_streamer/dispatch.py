@@ -78,7 +78,8 @@ class Dispatcher(ServiceThread):
             ingest_ms = item[0]
             frames = item[1]
             if frames is FINISH:  # the service stops at ingest_ms: the open backfills end
-                self.desk.shutdown(self.emit, ingest_ms)
+                if self.desk is not None:
+                    self.desk.shutdown(self.emit, ingest_ms)
                 continue
             if frames.__class__ is Gap:
                 self.gap(frames, ingest_ms)
@@ -94,7 +95,8 @@ class Dispatcher(ServiceThread):
                 frames = frames[told:]
             anomalies = normalizer.sequence_anomalies_total
             batch = None
-            proven = [] if len(item) > 2 else None  # capturing: each frame's text, if strict JSON as received
+            # capturing: each frame's text, if strict JSON as received
+            proven: list[str | None] | None = [] if len(item) > 2 else None
             for data in frames:  # the frames one socket read completed: one batch for each sink
                 try:
                     records, newest = normalize(data, ingest_ms)
@@ -136,6 +138,9 @@ class Dispatcher(ServiceThread):
         or, after the inbound queue was full, the batches held meanwhile. The hand-over's data frames are among its
         messages, in the same order: those the parse proved strict JSON go on as their text, which the capture embeds
         as it is; the rest stay bytes, for the capture to check."""
+        capture_queue = self.capture_queue
+        if capture_queue is None:
+            return
         if frames:
             batch = batches[-1]
             at = 0
@@ -145,7 +150,7 @@ class Dispatcher(ServiceThread):
                         batch[index] = proven[at]
                     at += 1
         for batch in batches:
-            self.capture_queue.offer(batch.recv_ns // 1_000_000, batch)
+            capture_queue.offer(batch.recv_ns // 1_000_000, batch)
         if batches:
             self._capture_session = batches[-1].session
         if not frames:
@@ -168,11 +173,14 @@ class Dispatcher(ServiceThread):
 
     def _backfill(self) -> None:
         """Chunks of backfill while no live data waits (a bounded number a turn)."""
-        self.desk.snapshot()
+        desk = self.desk
+        if desk is None:
+            return
+        desk.snapshot()
         for _ in range(64):
-            if not self.desk.due(True) or self.inbound.queue:
+            if not desk.due(True) or self.inbound.queue:
                 return
-            self.desk.deliver(self.emit)
+            desk.deliver(self.emit)
 
     def emit(self, note: Backfilled | BackfillSummary, ingest_ms: int) -> tuple[int, int]:
         """Backfilled events (records marked "backfill": true) or a backfill summary, to every sink and the capture.
@@ -195,7 +203,10 @@ class Dispatcher(ServiceThread):
         return len(records), normalizer.filtered + normalizer.sampled_out - left_out
 
     def _warn_sequence(self) -> None:
-        code, symbol, q, previous, reason = self.normalizer.last_sequence_anomaly
+        anomaly = self.normalizer.last_sequence_anomaly
+        if anomaly is None:
+            return
+        code, symbol, q, previous, reason = anomaly
         self._sequence_warning.warn(f"sequence anomaly: {code} {symbol} q={q} after q={previous} ({reason}); "
                                     "the event is delivered as received", type=code, symbol=symbol, q=q,
                                     previous_q=previous, reason=reason,

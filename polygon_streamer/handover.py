@@ -52,8 +52,11 @@ def queued_counts(inbound: queue.Queue) -> tuple[int, int]:
 
 
 def gap_item_ms(gap: Gap) -> int:
-    """The ingest_ts of a hole's record: when a drop happened, or when data resumed."""
-    return gap.interrupted_ms if gap.reason == "inbound_drop" else gap.resumed_ms
+    """The ingest_ts of a hole's record: when a drop happened, or when data resumed (when the hole began if it never
+    did)."""
+    if gap.reason == "inbound_drop" or gap.resumed_ms is None:
+        return gap.interrupted_ms
+    return gap.resumed_ms
 
 
 class HandoverStats:
@@ -137,6 +140,7 @@ class Handover:
             except queue.Full:
                 self._drop(self._ms, frames, statuses)
             return
+        assert captured is not None, "with a capture every message is in its batch"
         if keep_last_entry:
             self._captured = CaptureBatch(captured.recv_ns, captured.session, captured[-1:])
             del captured[-1]

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 from . import protocol
 
 STATUS_SECS = 2.0  # how often STATUS= may change
+
+
+class Ended(Protocol):
+    """What health reads of why a session ended (reader.SessionEnd, which imports this module)."""
+
+    status: str | None
+    reason: str
 
 
 class ReaderState(NamedTuple):
@@ -21,7 +28,7 @@ class ReaderState(NamedTuple):
     connected: bool
     subscribed_at: float | None  # monotonic time of the last subscribe, None before it
     events_since_subscribe: int  # counted up to READY_MIN_MESSAGES
-    last_end: object | None  # reader.SessionEnd: why the last session ended
+    last_end: Ended | None  # why the last session ended
     retry_at: float | None  # when the next attempt is due
     subscribe_error: str | None  # why a subscription could not be sent, while that lasts
 

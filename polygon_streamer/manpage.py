@@ -46,7 +46,9 @@ def _options_summary(command: click.Command) -> str:
 
 def render(group: click.Group | None = None) -> str:
     if group is None:
-        from .cli import cli as group
+        from .cli import cli
+
+        group = cli
     lines = [
         f'.TH POLYGON-STREAMER 1 "" "polygon-streamer {__version__}" "User Commands"',
         ".SH NAME",
@@ -65,6 +67,8 @@ def render(group: click.Group | None = None) -> str:
     context = click.Context(group)
     for name in group.list_commands(context):
         command = group.get_command(context, name)
+        if command is None:
+            continue
         # The help's first paragraph, not click's short help: its cut differs between click versions.
         first = " ".join((command.help or "").split("\n\n")[0].split())
         lines += [".TP", f".B {_escape(name)}", _escape(first),

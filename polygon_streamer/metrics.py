@@ -12,6 +12,7 @@ import selectors
 import socket
 import threading
 import time
+import typing
 from http.server import ThreadingHTTPServer
 from typing import Callable, Iterable
 
@@ -111,7 +112,7 @@ class ServiceCollector:
                               "websocket_client": getattr(websocket, "__version__", "unknown"),
                               "cluster": service.config.cluster}
 
-    def collect(self):
+    def collect(self) -> Iterable:
         service = self._service
         reader = service.reader.stats
         normalizer = service.normalizer
@@ -371,7 +372,7 @@ class MetricsServer:
             **({"redact": staticmethod(redact)} if redact else {})})
         # Binding here, before any connection, turns a port in use into a config error (exit 2).
         self._server = _Server(addr, handler)
-        self.address = self._server.server_address[:2]
+        self.address: tuple[str, int] = self._server.socket.getsockname()[:2]
         self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
         self.crashed: BaseException | None = None
         self._stop = threading.Event()
@@ -412,7 +413,7 @@ class MetricsServer:
                 if key.fileobj is listener:
                     self._accept(listener)
                 else:
-                    self._peek(key.fileobj)
+                    self._peek(typing.cast(socket.socket, key.fileobj))
             now = time.monotonic()
             for request in [request for request, (deadline, _) in pending.items() if deadline <= now]:
                 server.expired += 1

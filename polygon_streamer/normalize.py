@@ -271,16 +271,18 @@ class FrameNormalizer:
             self._backfill_identities.clear()
             self._identity_bytes = 0
         kind = self._shapes.get(code, protocol.OTHER).kind
-        fragment: str | None = (f'"type":{_json_str(code)},"kind":"{kind}","symbol":{_json_str(symbol)},'
-                                f'"topic":{_json_str(code + ":" + symbol)},"feed":{self._feed_json},"ts":')
-        if not fragment.isascii():
+        text = (f'"type":{_json_str(code)},"kind":"{kind}","symbol":{_json_str(symbol)},'
+                f'"topic":{_json_str(code + ":" + symbol)},"feed":{self._feed_json},"ts":')
+        fragment: str | None = text
+        if not text.isascii():
             try:
-                fragment.encode("utf-8")
+                text.encode("utf-8")
             except UnicodeEncodeError:
                 fragment = None
         included = not self._include or self._include.matches(code, symbol)
         # Codes come from the network: the unknown ones share one label, so that they cannot grow the metrics.
         label = code if code in self._shapes else protocol.UNKNOWN_LABEL
+        entry: tuple
         if backfill:
             entry = (fragment, kind, included, label, None, None)
         else:

@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 import time
+import typing
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -98,7 +99,7 @@ class _BoundedFrameBuffer(frame_buffer):
 
     def recv_length(self) -> None:
         super().recv_length()
-        if self.length > self.max_bytes:
+        if self.length is not None and self.length > self.max_bytes:
             raise FrameTooLarge(self.length, self.max_bytes)
 
 
@@ -109,6 +110,8 @@ class BoundedWebSocket(websocket.WebSocket):
     payload separately, three syscalls per frame, each a release and re-take of the GIL; one recv now serves every
     frame that has arrived. `before_read` runs before each read that may block (the reader hands over what the last
     read completed); `read_ns` is when the last read returned: the receive time of every frame it completed."""
+
+    frame_buffer: _BoundedFrameBuffer
 
     def __init__(self, *args, max_frame_bytes: int, connect_deadline_secs: float, **kwargs):
         super().__init__(*args, **kwargs)
@@ -240,7 +243,7 @@ class Reader(ServiceThread):
         self.stats = ReaderStats()
         self._backoff = Backoff(config.backoff_initial_secs, config.backoff_max_secs)
         self._url_for_logs = public_url(config.url)
-        self.ws: websocket.WebSocket | None = None
+        self.ws: BoundedWebSocket | None = None
         # Readiness, read by the HTTP thread. Data events are counted until READY_MIN_MESSAGES is reached, no further.
         self.subscribed_at: float | None = None
         self.events_since_subscribe = 0
@@ -307,14 +310,16 @@ class Reader(ServiceThread):
                                                                             "attempt": attempt}})
         connect_secs = min(CONNECT_TIMEOUT_SECS, self._config.read_timeout_secs)
         try:
-            ws = websocket.create_connection(
+            # (class_ is called as a factory: the partial gives our class its bounds)
+            bounded = typing.cast(type[websocket.WebSocket], functools.partial(
+                BoundedWebSocket, max_frame_bytes=self._config.max_frame_bytes, connect_deadline_secs=connect_secs))
+            ws = typing.cast(BoundedWebSocket, websocket.create_connection(
                 self._config.url,
                 timeout=connect_secs,
                 skip_utf8_validation=True,
                 enable_multithread=True,
-                class_=functools.partial(BoundedWebSocket, max_frame_bytes=self._config.max_frame_bytes,
-                                         connect_deadline_secs=connect_secs),
-            )
+                class_=bounded,
+            ))
         except Exception as exc:
             self.stats.errors += 1
             reason = f"connect failed: {type(exc).__name__}: {exc}"
@@ -354,7 +359,7 @@ class Reader(ServiceThread):
             self.subscriptions.disconnected()
             self._close(ws)
 
-    def _close(self, ws: websocket.WebSocket) -> None:
+    def _close(self, ws: BoundedWebSocket) -> None:
         """Say goodbye with a close frame where the socket still allows it (protocol.md 4)."""
         try:
             if ws.connected:
@@ -441,7 +446,7 @@ class Reader(ServiceThread):
             self.handover.captured(data, read_ns, self.stats.sessions)
         return data
 
-    def _await_status(self, ws: websocket.WebSocket, wanted: tuple[str, ...], step: str) -> None:
+    def _await_status(self, ws: BoundedWebSocket, wanted: tuple[str, ...], step: str) -> None:
         deadline = time.monotonic() + self._config.read_timeout_secs
         while True:
             data = self._recv(ws, deadline)
@@ -468,7 +473,7 @@ class Reader(ServiceThread):
                                      protocol.AUTH_FAILED, gap="status")
             self._log_acks()
 
-    def _handshake(self, ws: websocket.WebSocket) -> None:
+    def _handshake(self, ws: BoundedWebSocket) -> None:
         # The spec's own example shows "success" for the connect event; the server sends "connected".
         self._await_status(ws, (protocol.CONNECTED, protocol.SUCCESS), "connected")
         ws.send(protocol.auth_message(self._config.api_key))
@@ -486,7 +491,7 @@ class Reader(ServiceThread):
                                                                "source": self.subscriptions.source,
                                                                "cluster": self._config.cluster}})
 
-    def _apply_changes(self, ws: websocket.WebSocket) -> None:
+    def _apply_changes(self, ws: BoundedWebSocket) -> None:
         """The desired set changed (SIGHUP): send the difference on the live connection."""
         change = self.subscriptions.take_change()
         if change is None:
@@ -498,7 +503,7 @@ class Reader(ServiceThread):
         _log.info("subscriptions changed: %d message(s) to subscribe, %d to unsubscribe", len(subscribe),
                   len(unsubscribe), extra={"fields": {"subscribe": subscribe[:3], "unsubscribe": unsubscribe[:3]}})
 
-    def _send_outbox(self, ws: websocket.WebSocket) -> None:
+    def _send_outbox(self, ws: BoundedWebSocket) -> None:
         """Send the queued subscribe / unsubscribe messages while the socket takes them without waiting, one at a time
         between reads: the server answers every topic with an ack, and a client that sent a large subscription
         without reading would fill both directions and stall (the server waiting for us to read its acks, we for it
@@ -590,7 +595,7 @@ class Reader(ServiceThread):
         self._log_acks()
         return seen, terminal, len(events) > seen
 
-    def _stream(self, ws: websocket.WebSocket) -> None:
+    def _stream(self, ws: BoundedWebSocket) -> None:
         """The hot loop: frames go to the inbound queue untouched, handed over together per socket read; the reader
         never blocks on the queue.
 

@@ -75,16 +75,17 @@ class _DeadlineSocket:
         return getattr(self._sock, name)
 
 
-class _Deadlined:
+class _Deadlined(http.client.HTTPConnection):
     deadline = math.inf
     read_timeout = TIMEOUT_SECS
 
     def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
-        self.sock = _DeadlineSocket(self.sock, self)  # type: ignore[has-type]
+        super().connect()
+        # http.client reads through whatever stands in sock: the wrapper has the socket's interface where it reads
+        self.sock = _DeadlineSocket(self.sock, self)
 
 
-class _HTTP(_Deadlined, http.client.HTTPConnection):
+class _HTTP(_Deadlined):
     pass
 
 

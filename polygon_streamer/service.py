@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from . import __version__, affinity, logs
 from .backfill import BackfillStats, BackfillThread, Desk
@@ -141,10 +141,12 @@ class Service:
             self.backfill.start()
         if self.heartbeat:
             self.heartbeat.start()
-        self.metrics_server.start()
+        metrics_server = self.metrics_server
+        assert metrics_server is not None, "bound by open()"
+        metrics_server.start()
         _log.info("started", extra={"fields": {"version": __version__, "cluster": self.config.cluster,
                                                "sinks": ",".join(self.config.sinks),
-                                               "metrics": format_addr(self.metrics_server.address)}})
+                                               "metrics": format_addr(metrics_server.address)}})
 
     def check(self) -> None:
         """Every check start() makes before connecting, then everything released (`config --check`): the sinks
@@ -166,17 +168,20 @@ class Service:
     def _restore_position(self) -> None:
         """Before any record: seq goes on from the previous run's, whose last data begins a `restart` hole (told
         before this run's first data, healed by BACKFILL like any other)."""
-        previous = self.position.load()
+        position = self.position
+        if position is None:
+            return
+        previous = position.load()
         if previous is not None:
             now_ns = time.time_ns()
             self.normalizer.seq = previous.next_seq()
             gap = previous.restart_gap(self.subscriptions.describe(), now_ns // 1_000_000)
             self.reader.handover.restarted(gap, self.normalizer.seq, now_ns)
-            self._previous_data = gap.before
+            self._previous_data = gap.before or (None, None)
             if self.dispatcher.desk is not None:
                 self.dispatcher.desk.restore(previous.tracks)
             _log.info("%s; seq goes on from %d", gap.detail, self.normalizer.seq,
-                      extra={"fields": {"path": self.position.path, "seq": self.normalizer.seq,
+                      extra={"fields": {"path": position.path, "seq": self.normalizer.seq,
                                         "clean": previous.clean, "last_ingest_ts": previous.last_ingest_ms}})
         self._save_position(force=True)
 
@@ -318,7 +323,7 @@ class Service:
         self._join([self.reader], min(deadline, time.monotonic() + 2.0))
         for thread in self.sink_threads:
             thread.close_deadline = deadline  # a sink whose disk refuses keeps retrying until then
-        drained = self._stop_inbound() and self._join([self.dispatcher] + self.sink_threads)
+        drained = self._stop_inbound() and self._join([self.dispatcher, *self.sink_threads])
         if self._deadline != deadline:  # a signal brought it forward
             timeout_secs = self.config.shutdown_timeout_secs
         if self.metrics_server:
@@ -368,7 +373,7 @@ class Service:
             self._check_second_signal()
         return False
 
-    def _join(self, threads: list[threading.Thread], deadline: float | None = None) -> bool:
+    def _join(self, threads: Sequence[threading.Thread], deadline: float | None = None) -> bool:
         """Join with a deadline (the drain's unless given); a second SIGTERM/SIGINT meanwhile exits at once."""
         for thread in threads:
             while thread.is_alive():

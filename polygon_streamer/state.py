@@ -55,13 +55,14 @@ class Position:
         if not isinstance(value, dict) or value.get("format") != FORMAT:
             raise ValueError(f"not a position file of format {FORMAT}")
 
-        def number(key: str, nullable: bool = False) -> int | None:
+        def number(key: str) -> int:
             item = value.get(key)
-            if item is None and nullable:
-                return None
             if type(item) is not int or item < 0:
                 raise ValueError(f"{key} is not a whole number >= 0")
             return item
+
+        def number_or_none(key: str) -> int | None:
+            return None if value.get(key) is None else number(key)
 
         seq, reserved = number("seq"), number("reserved")
         if reserved < seq or type(value.get("clean")) is not bool:
@@ -69,7 +70,7 @@ class Position:
         tracks = value.get("tracks") or {}
         if not isinstance(tracks, dict):
             raise ValueError("tracks is not an object")
-        return cls(number("last_ingest_ts", True), number("last_ts", True), seq, reserved, value["clean"],
+        return cls(number_or_none("last_ingest_ts"), number_or_none("last_ts"), seq, reserved, value["clean"],
                    number("saved_ts"), tracks)
 
     def next_seq(self) -> int:
@@ -153,8 +154,9 @@ class PositionFile:
             self.errors += 1
             if not self._logged:
                 self._logged = True
+                why = getattr(exc, "strerror", None) or exc
                 _log.error("cannot write the stream position %s (%s): a restart will not be marked; later failures "
-                           "are counted (polygon_state_write_errors_total)", self.path, exc.strerror or exc,
+                           "are counted (polygon_state_write_errors_total)", self.path, why,
                            extra={"fields": {"path": self.path}})
             return
         self._saved = state

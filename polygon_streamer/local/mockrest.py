@@ -27,7 +27,7 @@ class History:
 
     def __init__(self, per_stream: int = HISTORY_PER_STREAM):
         self._lock = threading.Lock()
-        self._streams: dict[tuple[str, str], deque] = {}
+        self._streams: dict[tuple[str, str | None], deque] = {}
         self._per_stream = per_stream
 
     def add(self, events: list[dict]) -> None:
@@ -48,13 +48,13 @@ class History:
         """The crypto pair (BTC-USD) the aggregates endpoint names without its dash (X:BTCUSD)."""
         with self._lock:
             return next((symbol for stream_code, symbol in self._streams
-                         if stream_code == code and symbol.replace("-", "") == compact), compact)
+                         if stream_code == code and symbol is not None and symbol.replace("-", "") == compact), compact)
 
 
 class Market:
     """What goes on across connections: each stream's sequence and price, the history, who connected before."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.seq: dict[tuple[str, str], int] = {}
         self.price: dict[str, float] = {}
@@ -104,7 +104,7 @@ class RestServer:
         handler = type("Handler", (_Handler,), {"rest": self})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
-        self.host, self.port = self.httpd.server_address[:2]
+        self.host, self.port = self.httpd.socket.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.2,), name="mock-rest",
                                         daemon=True)
@@ -157,7 +157,7 @@ class RestServer:
         symbol = ticker[2:] if ticker.startswith("X:") else ticker
         if aggs and ticker.startswith("X:"):  # the real API: X:BTC-USD for trades, X:BTCUSD for bars
             symbol = self.mock.market.history.pair_of("XA", symbol)
-        if match:
+        if aggs is None:
             results = self._ticks(kind, symbol, query)
         else:
             results = self._bars(aggs.group(3), symbol, int(aggs.group(4)), int(aggs.group(5)))
@@ -168,7 +168,7 @@ class RestServer:
         if options.rest_page_size:
             limit = min(limit, options.rest_page_size)
         page = results[offset:offset + limit]
-        body = {"status": "OK", "request_id": f"mock-{number}", "results": page}
+        body: dict[str, object] = {"status": "OK", "request_id": f"mock-{number}", "results": page}
         if kind == "aggs":
             body.update(ticker=ticker, resultsCount=len(page), queryCount=len(page))
         if offset + limit < len(results):

@@ -19,9 +19,12 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import ujson
+
+if TYPE_CHECKING:
+    from .mockrest import Market, RestServer
 
 try:
     from wsproto import ConnectionType, WSConnection
@@ -676,7 +679,7 @@ class _Connection:
                 self.sock.sendall(ws_frame(1, ("[" + ",".join([filler_text] * copies) + "]").encode()))
                 stats.frames_sent += 1
                 stats.huge_frame_events += copies
-            payload = events
+            payload: list = events
             if options.duplicate_q_every and n % options.duplicate_q_every == 0:
                 payload = payload + [dict(events[0])]
                 stats.sequence_faults.append(("duplicate", events[0]["ev"], events[0]["q"]))
@@ -714,8 +717,8 @@ class MockServer:
         self.host, self.port = self._listener.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept_loop, name="mock-polygon-accept", daemon=True)
         self._connections: list[threading.Thread] = []
-        self.market = None  # mockrest.Market once start_rest() runs
-        self.rest = None
+        self.market: Market | None = None  # once start_rest() runs
+        self.rest: RestServer | None = None
 
     def url(self, cluster: str = "stocks") -> str:
         return f"ws://{self.host}:{self.port}/{cluster}"
@@ -726,8 +729,8 @@ class MockServer:
 
         if self.market is None:
             self.market = Market()
-        self.rest = RestServer(self, host or self.host, port).start()
-        return self.rest.url
+        rest = self.rest = RestServer(self, host or self.host, port).start()
+        return rest.url
 
     def start(self) -> "MockServer":
         self._thread.start()

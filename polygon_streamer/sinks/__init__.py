@@ -12,10 +12,14 @@ import queue
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING, Sequence
 
 from .. import logs
 from ..metrics import WRITE_LATENCY_BUCKETS, LatencyHistogram
 from ..threads import ServiceThread
+
+if TYPE_CHECKING:
+    from ..normalize import FrameNormalizer
 
 STOP = None
 TICK_SECS = 0.1
@@ -83,7 +87,9 @@ class Sink:
     def open(self) -> None:
         """Acquire files/sockets. Raise SinkConfigError for a problem the operator must fix (exit 2)."""
 
-    def write(self, records: list[tuple], ingest_ms: int) -> None:
+    def write(self, records: list, ingest_ms: int) -> None:
+        """records: one batch of what the sink takes (`takes`): normalized records (tuples), or for "wire" one
+        CaptureBatch of messages as received."""
         raise NotImplementedError
 
     def write_batches(self, batches: list[tuple[int, list[tuple]]]) -> None:
@@ -188,7 +194,7 @@ class SinkQueue:
         self._warning = logs.RateLimitedWarning(logs.get(f"polygon_{name}" if name in ("ndjson", "zmq", "redis")
                                                          else "polygon_streamer"), warn_interval_secs)
         self.consumer: threading.Thread | None = None
-        self.normalizer = None  # set by the service: builds the sink_drop gap records
+        self.normalizer: FrameNormalizer | None = None  # set by the service: builds the sink_drop gap records
         self._last_ingest_ms: int | None = None  # the last batch queued: what the gap record says came before
         self._last_ts: int | None = None
         self._pending_drops = 0  # events dropped since the last batch queued
@@ -232,7 +238,7 @@ class SinkQueue:
         self._warning.warn(f"{self.name} sink: {why}, dropping events", sink=self.name,
                            capacity_batches=self.capacity, dropped_events_total=self.stats.dropped)
 
-    def _offer_gap(self, resumed_ms: int | None, put, records: list[tuple] = ()) -> None:
+    def _offer_gap(self, resumed_ms: int | None, put, records: Sequence[tuple] = ()) -> None:
         """Queue the sink_drop gap record for the drops since the last queued batch, ahead of `records` in one
         batch; put's queue.Full (no room) leaves the drops pending."""
         if self.normalizer is None:  # no gap records in this sink (capture): its drops are told by its metric only

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..capture_format import CaptureBatch, CaptureNote, frame_field
 from ..config import Config
+from . import SinkConfigError
 from .ndjson import FileSettings, NdjsonSink
 
 
@@ -26,14 +27,17 @@ class CaptureSink(NdjsonSink):
         return config.capture_channel_cap, True, config.capture_warn_interval_secs
 
     def __init__(self, config: Config):
+        if config.capture_dest is None:
+            raise SinkConfigError("the capture sink needs CAPTURE_DEST (--capture-dest)")
         super().__init__(config, FileSettings("CAPTURE", config.capture_dest, False, config.capture_flush_every,
                                               config.capture_flush_interval_ms, config.capture_max_bytes,
                                               config.capture_rotate_secs, config.capture_gzip))
         self._head = f',"cluster":"{config.cluster}","session":'
 
-    def write(self, records: CaptureBatch, ingest_ms: int) -> None:
+    def write(self, records: list, ingest_ms: int) -> None:
         """records: one hand-over's messages (CaptureBatch): the text of each the dispatcher's parse proved strict
         JSON, else its bytes, checked here; a session's end."""
+        assert isinstance(records, CaptureBatch), "the capture sink takes the wire"
         head = f'{{"recv_ns":{records.recv_ns}{self._head}{records.session},'
         prefix = head + '"frame'
         lines = [prefix + '":' + frame + "}" if frame.__class__ is str else

@@ -129,6 +129,18 @@ class _Output:
         self.first_buffered_at = 0.0
         self.arrivals: list[tuple[int, int]] = []  # (ingest_ms, events) of what is buffered, for write latency
 
+    def open_fd(self) -> int:
+        """The descriptor, for an output that is open (a closed one fails as a write to a closed file would)."""
+        if self.fd is None:
+            raise OSError(errno.EBADF, "not open", self.path)
+        return self.fd
+
+    def file_path(self) -> str:
+        """The path, for an output that is a file (not stdout)."""
+        if self.path is None:
+            raise OSError(errno.EINVAL, "stdout has no path")
+        return self.path
+
     @property
     def buffered(self) -> bool:
         return bool(self.lines or self.carry)
@@ -222,9 +234,9 @@ class NdjsonSink(Sink):
             self._outputs[""] = output
         if self._compressor:
             self._compressor.start()
-            self._queue_leftovers(paths)
+            self._queue_leftovers(self._compressor, paths)
 
-    def _queue_leftovers(self, paths: list[str]) -> None:
+    def _queue_leftovers(self, compressor: Compressor, paths: list[str]) -> None:
         """Rotated files a crash left uncompressed are compressed now."""
         for path in paths:
             directory, base = os.path.split(path)
@@ -236,7 +248,7 @@ class NdjsonSink(Sink):
             for name in sorted(names):
                 if name.startswith(stem + ".") and name != base and not name.endswith((".gz", ".tmp")) \
                         and rotated_stamp(name[len(stem) + 1:]):
-                    self._compressor.jobs.put(os.path.join(directory, name))
+                    compressor.jobs.put(os.path.join(directory, name))
 
     def close(self, deadline: float | None = None) -> None:
         """Flush everything; while the disk refuses, retry until shortly before the deadline. What is still not
@@ -272,7 +284,7 @@ class NdjsonSink(Sink):
         """At exit with the disk still full, the file may end inside a line: cut it back to its last whole line,
         so that it stays valid line by line (the cut event is among those reported unwritten)."""
         try:
-            with open(output.path, "rb") as handle:
+            with open(output.file_path(), "rb") as handle:
                 end = handle.seek(0, os.SEEK_END)
                 position = end
                 while position > 0:
@@ -283,7 +295,7 @@ class NdjsonSink(Sink):
                         position = start + newline + 1
                         break
                     position = start
-            os.ftruncate(output.fd, position)
+            os.ftruncate(output.open_fd(), position)
             self._log.warning("%s ended inside a line the disk refused; cut back to its last whole line", output.path,
                          extra={"fields": {"path": output.path, "bytes_cut": end - position}})
         except OSError as exc:
@@ -318,7 +330,7 @@ class NdjsonSink(Sink):
             self._outputs[kind] = output
         return output
 
-    def write(self, records: list[tuple], ingest_ms: int) -> None:
+    def write(self, records: list, ingest_ms: int) -> None:
         if self._files.split_per_type:
             now = time.monotonic()
             touched: dict[str, int] = {}
@@ -422,7 +434,7 @@ class NdjsonSink(Sink):
         read. Seen here at most a tick later: the events written to it since the last check are counted as lost,
         and the path is opened anew (if the directory is gone too, writes fail, are retried and stay buffered)."""
         try:
-            linked = os.fstat(output.fd).st_nlink > 0
+            linked = os.fstat(output.open_fd()).st_nlink > 0
         except OSError:
             linked = False
         if linked:
@@ -434,7 +446,7 @@ class NdjsonSink(Sink):
         self._log.error("%s was deleted while open: %d event(s) written to it since the last check are lost; "
                    "opening the path again", output.path, lost,
                    extra={"fields": {"path": output.path, "lost_events": lost, "lost_events_total": self.lost}})
-        os.close(output.fd)
+        os.close(output.open_fd())
         output.fd = None
         output.mid_line = False
         try:
@@ -474,7 +486,7 @@ class NdjsonSink(Sink):
             self._failing(exc)
             self._retry_at = now + RETRY_SECS
             self._error_warning.warn(f"{self._files.setting} write failed, will retry: {exc.strerror or exc}",
-                                     path=output.path or "stdout", errno=errno.errorcode.get(exc.errno, exc.errno),
+                                     path=output.path or "stdout", errno=errno.errorcode.get(exc.errno or 0, exc.errno),
                                      buffered_bytes=self._buffered_bytes(), write_errors_total=self.write_errors)
             return
         if self._retry_at:
@@ -508,7 +520,7 @@ class NdjsonSink(Sink):
                             self._rotate(output)
                             continue
                         end = data.find(b"\n", done) + 1 or len(data)
-                written = os.write(output.fd, view[done:end])
+                written = os.write(output.open_fd(), view[done:end])
                 done += written
                 output.size += written
                 self.bytes += written
@@ -521,11 +533,11 @@ class NdjsonSink(Sink):
     # -- files --------------------------------------------------------------------------------------------------
 
     def _open_file(self, output: _Output) -> None:
-        output.fd = os.open(output.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        output.fd = os.open(output.file_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         output.mid_line = False
         output.size = os.fstat(output.fd).st_size
         output.opened_at = time.monotonic()
-        if output.size and not self._ends_with_newline(output.path):
+        if output.size and not self._ends_with_newline(output.file_path()):
             # A crash (SIGKILL, power loss) can leave a torn last line: end it, so that it stays one bad line a
             # reader can skip instead of gluing itself to the first line written now.
             os.write(output.fd, b"\n")
@@ -540,9 +552,10 @@ class NdjsonSink(Sink):
             return handle.read(1) == b"\n"
 
     def _rotate(self, output: _Output) -> None:
-        target = rotated_name(output.path, time.time())
-        os.rename(output.path, target)  # first: if it fails, the live file stays open and nothing changed
-        os.close(output.fd)
+        path = output.file_path()
+        target = rotated_name(path, time.time())
+        os.rename(path, target)  # first: if it fails, the live file stays open and nothing changed
+        os.close(output.open_fd())
         output.fd = None
         self.rotations += 1
         self._log.info("rotated %s to %s", output.path, target,

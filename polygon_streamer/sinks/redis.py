@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from typing import Any
 
 from .. import logs
 from ..config import Config, redact_url
@@ -69,7 +70,7 @@ def stream_key(template: str, cluster: str, kind: str, symbol: str, shards: int)
 def stream_keys(config: Config, kinds: tuple[str, ...]) -> list[str]:
     """Every key the template can give for this cluster (what redis-sub reads)."""
     template = config.redis_stream
-    keys = []
+    keys: list[str] = []
     for kind in (kinds if "{kind}" in template else ("",)):
         base = template.replace("{cluster}", config.cluster).replace("{kind}", kind)
         if "{symbol_shard}" in base:
@@ -89,7 +90,7 @@ def connect(config: Config):
     except ImportError:
         raise SinkConfigError("SINK=redis needs the Python module redis: apt install python3-redis "
                               "(or pip install redis)") from None
-    options = {"socket_timeout": SOCKET_TIMEOUT_SECS, "socket_connect_timeout": CONNECT_TIMEOUT_SECS}
+    options: dict[str, Any] = {"socket_timeout": SOCKET_TIMEOUT_SECS, "socket_connect_timeout": CONNECT_TIMEOUT_SECS}
     if config.redis_url.startswith("unix:"):
         # redis-py before 4.5 (Debian 12's 4.3.4) has no connect timeout for a unix socket, and refuses the argument;
         # a local connect does not hang on the network.
@@ -138,7 +139,7 @@ class RedisSink(Sink):
         super().__init__()
         self._config = config
         self._where = redact_url(config.redis_url) + (" (cluster)" if config.redis_cluster else "")
-        self._client = None
+        self._client: Any = None  # redis.Redis or redis.cluster.RedisCluster, once connected
         self._connections: dict[str, tuple] = {}     # node name ("" without a cluster) -> (pool, Connection)
         self._nodes: dict[str, str] = {}             # key -> node name
         self._parts: dict[tuple[str, str], tuple[str, bytes, bytes]] = {}  # (code, symbol) -> key, head, tail
@@ -220,7 +221,7 @@ class RedisSink(Sink):
         self.write_batches([(ingest_ms, records)])
 
     def write_batches(self, batches: list[tuple[int, list[tuple]]]) -> None:
-        commands = []
+        commands: list[_Command] = []
         append = commands.append
         parts = self._parts
         for _ingest_ms, records in batches:
@@ -378,6 +379,7 @@ class RedisSink(Sink):
         self._down_reason = reason
 
     def _recovered(self) -> None:
+        assert self._down_since is not None, "recovered while not down"
         down = time.monotonic() - self._down_since
         _log.info("Redis %s takes records again after %.1fs", self._where, down,
                   extra={"fields": dict(self._fields(), down_secs=round(down, 3))})

@@ -75,9 +75,11 @@ class StdoutSink(Sink):
             out.append(f"{head}{dumps(fields)}}}\n")
         if not out:
             return
+        stream = self._stream
+        assert stream is not None, "written before open()"
         try:
-            self._stream.write("".join(out).encode("utf-8"))
-            self._stream.flush()
+            stream.write("".join(out).encode("utf-8"))
+            stream.flush()
         except BrokenPipeError:
             raise stdout_gone(len(records)) from None
         self.observe_written(ingest_ms, len(records))

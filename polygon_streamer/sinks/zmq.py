@@ -99,7 +99,9 @@ class ZmqSink(Sink):
             raise SinkConfigError(f"{where}: cannot resolve host {host!r} ({exc.strerror})") from None
 
     def write(self, records: list[tuple], ingest_ms: int) -> None:
-        send = self._socket.send
+        sock = self._socket
+        assert sock is not None, "written before open()"
+        send = sock.send
         topics = self._topics
         more = zmq.SNDMORE | zmq.NOBLOCK
         last = zmq.NOBLOCK
@@ -137,6 +139,8 @@ class ZmqSink(Sink):
         self._count_peers()
         # XPUB hands subscription messages up to us; read them so they do not pile up.
         while True:
+            if self._socket is None:
+                return
             try:
                 message = self._socket.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -171,7 +175,8 @@ class ZmqSink(Sink):
         if self._monitor is not None:
             self._count_peers()
             try:
-                self._socket.disable_monitor()
+                if self._socket is not None:
+                    self._socket.disable_monitor()
             except zmq.ZMQError:
                 pass
             self._monitor.close(0)

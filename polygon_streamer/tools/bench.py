@@ -167,6 +167,7 @@ class _Server:
                             "--count", str(events), "--frame-pool", "1000", "--hold"),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         _pin(self.proc.pid, SERVER_CPU)
+        assert self.proc.stdout is not None
         self.base_url = self.proc.stdout.readline().decode().strip()
         if not self.base_url.startswith("ws://"):
             raise RuntimeError("the local server did not start")
@@ -175,6 +176,7 @@ class _Server:
         """Start the data once the subscribed connection has rendered its frames, so the clock started next
         measures the client, not the server's preparation (about 0.4 s for a 1,000-frame pool at batch 100)."""
         deadline = time.monotonic() + 60
+        assert self.proc.stdout is not None
         while True:
             ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
             line = self.proc.stdout.readline() if ready else b""
@@ -274,7 +276,7 @@ def _official_peer(host_port: str, cluster: str, subscription: str, events: int)
 
 def _work_loop(ws: websocket.WebSocket, events: int, cluster: str, path: str) -> int:
     normalize = FrameNormalizer(cluster, "bench", __version__).normalize
-    flush_every = int(SETTINGS_BY_FIELD["ndjson_flush_every"].default)
+    flush_every = int(str(SETTINGS_BY_FIELD["ndjson_flush_every"].default))
     wall = time.time_ns
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
     try:
@@ -347,7 +349,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _progress(done: int, total: int, started: float, enabled: bool) -> None:
+def _progress(done: float, total: int, started: float, enabled: bool) -> None:
     if not enabled:
         return
     width = 30
@@ -365,9 +367,10 @@ class LocalRedis:
     def __init__(self, workdir: str, extra: tuple[str, ...] = (), port: int = 0):
         import shutil
 
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
+        binary = shutil.which("redis-server")
+        if binary is None:
             raise RuntimeError("redis-server is not installed (Debian: apt install redis-server)")
+        self.binary: str = binary
         self.workdir = workdir
         self.extra = extra
         self.port = port or (self._cluster_port() if "--cluster-enabled" in extra else _free_port())
@@ -523,7 +526,7 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
         cpu_before = _cpu_seconds(service.pid)
         threads_before = _cpu_seconds_by_thread(service.pid)
         started = time.perf_counter()
-        done = 0
+        done: float = 0
         while done < events:
             time.sleep(0.05)
             samples = _scrape(metrics_url)
@@ -608,7 +611,10 @@ def _watch_log(proc: subprocess.Popen, needle: bytes, confined: list | None = No
 
     seen = threading.Event()
 
+    assert proc.stderr is not None
+
     def drain() -> None:
+        assert proc.stderr is not None
         for line in iter(proc.stderr.readline, b""):
             if needle in line:
                 seen.set()
@@ -678,7 +684,8 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
             result.lost += beside.lost
         _service(result, sinks, workdir, progress)
         # Latency means something only below saturation: a short run at half the measured rate.
-        paced = BenchResult(events=max(batch, min(result.events, result.service_events_per_sec * 2) // batch * batch),
+        paced_events = int(max(batch, min(result.events, result.service_events_per_sec * 2) // batch * batch))
+        paced = BenchResult(events=paced_events,
                             cluster=cluster, batch=batch, sinks=result.sinks, backfill=backfill)
         _service(paced, sinks, workdir, progress=False, rate=max(1.0, result.service_events_per_sec / 2))
         result.write_latency_p50_ms = paced.write_latency_p50_ms

@@ -43,7 +43,8 @@ def topic_filter(params: str) -> IncludeFilter:
 
 
 def symbol_of(cluster: str, event: dict) -> str:
-    shape = protocol.SHAPES.get(cluster, {}).get(event.get("ev"), protocol.OTHER)
+    code = event.get("ev")
+    shape = protocol.SHAPES.get(cluster, {}).get(code, protocol.OTHER) if isinstance(code, str) else protocol.OTHER
     for key in shape.symbol_keys:
         value = event.get(key)
         if isinstance(value, str):

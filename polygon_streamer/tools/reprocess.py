@@ -98,6 +98,7 @@ class Feeder:
             return
         if frame.form == "end":
             end = frame.end
+            assert end is not None, "an end line has its end"
             if end.reason == "restart" and end.position is not None:
                 self._restarted(end, ingest_ms)
                 return

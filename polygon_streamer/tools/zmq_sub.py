@@ -16,8 +16,8 @@ from ..config import ConfigError
 def run(endpoint: str, connect: bool, topics: tuple[str, ...], count_only: bool, max_messages: int) -> int:
     context = zmq.Context()
     sock = context.socket(zmq.SUB)
-    for topic in topics or ("",):
-        sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+    for prefix in topics or ("",):
+        sock.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
     try:
         sock.connect(endpoint) if connect else sock.bind(endpoint)
     except zmq.ZMQError as exc:
