@@ -99,7 +99,7 @@ class _JsonNote(CaptureNote):
 
 
 class Backfilled(_JsonNote):
-    """Events the REST API returned for a gap, as WebSocket events (backfill.py), after deduplication: the dispatcher
+    """Events the REST API returned for a gap, as WebSocket events (backfill/), after deduplication: the dispatcher
     normalizes them as records marked "backfill": true, and the capture keeps them as a `backfill` line so that
     reprocess delivers the same records."""
 

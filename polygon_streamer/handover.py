@@ -51,6 +51,16 @@ def queued_counts(inbound: queue.Queue) -> tuple[int, int]:
     return events, frames
 
 
+def wake(inbound: queue.Queue) -> None:
+    """From another thread (backfill, with chunks waiting): the dispatcher may be waiting on an empty inbound queue,
+    so WAKE goes in, only then (never taking a slot live data could use)."""
+    if not inbound.queue:
+        try:
+            inbound.put_nowait(WAKE)
+        except queue.Full:
+            pass
+
+
 def gap_item_ms(gap: Gap) -> int:
     """The ingest_ts of a hole's record: when a drop happened, or when data resumed (when the hole began if it never
     did)."""

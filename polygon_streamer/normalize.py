@@ -11,11 +11,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Iterable
+from typing import Iterable, Mapping, Protocol
 
 import ujson
 
 from . import protocol
+
+class Watcher(Protocol):
+    """What follows one explicit topic's live events for BACKFILL (backfill.jobs.Track): shown each, with its time."""
+
+    def see(self, ts: int | None, event: dict) -> None: ...
+
 
 _MS_LIMIT = 10**14  # up to 14 digits: milliseconds (13 digits until the year 2286)
 _US_LIMIT = 10**17  # up to 17 digits: microseconds
@@ -33,7 +39,7 @@ SEQUENCED = {"stocks": ("T", "Q"), "options": ("T", "Q")}
 _NO_Q = -(1 << 64)
 
 GAP = "gap"
-BACKFILL = "backfill"  # the type, kind and topic of a backfill summary (backfill.py)
+BACKFILL = "backfill"  # the type, kind and topic of a backfill summary (backfill/)
 GAP_REASONS = ("disconnect", "read_timeout", "server_close", "status", "stale", "max_connections", "inbound_drop",
                "sink_drop", "shutdown", "restart")
 
@@ -233,8 +239,8 @@ class FrameNormalizer:
         self._identity_bytes = 0
         # The same for backfilled events, apart: no q checks (they fill a hole behind the live q), no tracks.
         self._backfill_identities: dict[tuple[str, str], tuple] = {}
-        # (code, symbol) -> backfill.Track: the explicit topics BACKFILL fills; each sees its live events.
-        self.tracks: dict[tuple[str, str], object] = {}
+        # (code, symbol) -> its Watcher: the explicit topics BACKFILL fills (watch()); each sees its live events.
+        self._watchers: Mapping[tuple[str, str], Watcher] = {}
         # code -> (symbol key, time key) for the inlined common case of _locate
         self._fast_keys = {code: (shape.symbol_keys[0], shape.time_keys[0]) for code, shape in self._shapes.items()}
         self.seq = 0
@@ -287,7 +293,7 @@ class FrameNormalizer:
             entry = (fragment, kind, included, label, None, None)
         else:
             entry = (fragment, kind, included, label, [_NO_Q] if code in self._sequenced else None,
-                     self.tracks.get((code, symbol)))
+                     self._watchers.get((code, symbol)))
         identities[(code, symbol)] = entry
         self._identity_bytes += 2 * len(code) + 2 * len(symbol) + 200  # key, fragment and the entry itself
         return entry
@@ -321,7 +327,7 @@ class FrameNormalizer:
         """Records of one frame, and its last event's time (ms) for the latency histogram; `frame_text` is then the
         frame's text if the parse proved it strict JSON as received (what the capture embeds), else None.
         Raises FrameError for a frame that is not a JSON array (counted in parse_errors).
-        backfill: the frame holds events the REST API returned for a gap (backfill.py): marked `"backfill":true`,
+        backfill: the frame holds events the REST API returned for a gap (backfill/): marked `"backfill":true`,
         counted apart, and outside the live checks (q order, the tracks, what a gap record says came before)."""
         try:
             events = parse_frame(data)
@@ -424,12 +430,13 @@ class FrameNormalizer:
         self.sequence_anomalies_total += 1
         self.last_sequence_anomaly = (code, symbol, q, previous, reason)
 
-    def refresh_tracks(self) -> None:
-        """The backfill tracks changed (the subscription did): the cached identities take the new ones."""
-        tracks = self.tracks
+    def watch(self, watchers: Mapping[tuple[str, str], Watcher]) -> None:
+        """BACKFILL's desk: the topics whose live events it follows, (code, symbol) -> the Watcher each live event of
+        it is shown to; told again whenever they change (the subscription did). Only the dispatcher thread calls it."""
+        self._watchers = watchers
         for key, entry in self._identities.items():
-            if entry[5] is not tracks.get(key):
-                self._identities[key] = entry[:5] + (tracks.get(key),)
+            if entry[5] is not watchers.get(key):
+                self._identities[key] = entry[:5] + (watchers.get(key),)
 
     def summary_record(self, payload: str, ingest_ms: int) -> tuple:
         """A backfill summary record (schema.md, "The backfill record"): payload is its JSON object's text."""

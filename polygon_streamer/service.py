@@ -60,7 +60,7 @@ class Service:
             sink_queue.normalizer = self.normalizer  # sink_drop gap records
         self.subscriptions = Subscriptions(config.subscription.split(","), config.subscription_file or "SUBSCRIPTION")
         self.reader = Reader(config, self.inbound, self.capture_queue, self.subscriptions)
-        # BACKFILL: the dispatcher's desk and the thread that asks the REST API (backfill.py).
+        # BACKFILL: the dispatcher's desk and the thread that asks the REST API (backfill/).
         self.backfill_stats = BackfillStats()
         self.backfill_stats.seconds = LatencyHistogram(BACKFILL_BUCKETS)
         desk = Desk(config.cluster, config.backfill, self.normalizer, self.subscriptions, self.backfill_stats,

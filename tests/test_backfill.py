@@ -12,6 +12,8 @@ import ujson
 
 from helpers import ROOT, TEST_KEY, records_in, report, wait_for
 from polygon_streamer import backfill
+from polygon_streamer.backfill import jobs, mapping
+from polygon_streamer.backfill import thread as backfill_thread
 from polygon_streamer.config import ConfigError, build_config
 from polygon_streamer.rest import RestClient, RestError
 from test_capture import reprocess
@@ -264,39 +266,39 @@ def test_rest_results_become_the_websocket_events_letters():
     trade = {"conditions": [12, 37], "exchange": 11, "id": "52983525034825", "price": 171.55, "sequence_number": 1063,
              "sip_timestamp": 1690000000123456789, "size": 100, "tape": 3, "trf_id": 202,
              "trf_timestamp": 1690000000122000000, "participant_timestamp": 1690000000120000000}
-    assert backfill.to_event("stocks", "T", "trades", "AAPL", trade) == {
+    assert mapping.to_event("stocks", "T", "trades", "AAPL", trade) == {
         "ev": "T", "sym": "AAPL", "x": 11, "i": "52983525034825", "z": 3, "p": 171.55, "s": 100, "c": [12, 37],
         "q": 1063, "trfi": 202, "trft": 1690000000122, "t": 1690000000123}
     quote = {"ask_exchange": 12, "ask_price": 171.6, "ask_size": 2, "bid_exchange": 11, "bid_price": 171.5,
              "bid_size": 3, "conditions": [1], "indicators": [604], "sequence_number": 7, "sip_timestamp":
              1690000000001000000, "tape": 3}
-    assert backfill.to_event("stocks", "Q", "quotes", "MSFT", quote) == {
+    assert mapping.to_event("stocks", "Q", "quotes", "MSFT", quote) == {
         "ev": "Q", "sym": "MSFT", "bx": 11, "bp": 171.5, "bs": 3, "ax": 12, "ap": 171.6, "as": 2, "c": 1,
         "i": [604], "q": 7, "z": 3, "t": 1690000000001}
     bar = {"v": 500, "vw": 10.5, "o": 10, "c": 11, "h": 12, "l": 9, "t": 1690000020000, "n": 7}
-    assert backfill.to_event("stocks", "AM", "aggs", "SPY", bar) == {
+    assert mapping.to_event("stocks", "AM", "aggs", "SPY", bar) == {
         "ev": "AM", "sym": "SPY", "o": 10, "h": 12, "l": 9, "c": 11, "v": 500, "vw": 10.5, "n": 7,
         "s": 1690000020000, "e": 1690000080000}
     crypto = {"exchange": 1, "id": "991", "price": 30000.5, "size": 0.01, "conditions": [2],
               "sip_timestamp": 1690000000000000000}
-    assert backfill.to_event("crypto", "XT", "trades", "BTC-USD", crypto)["pair"] == "BTC-USD"
+    assert mapping.to_event("crypto", "XT", "trades", "BTC-USD", crypto)["pair"] == "BTC-USD"
     for bad in (None, 42, [], {}, {"sip_timestamp": "x", "price": 1}, {"sip_timestamp": 1, "price": "1"},
                 {"sip_timestamp": -5, "price": 1.0}):
-        assert backfill.to_event("stocks", "T", "trades", "AAPL", bad) is None
-    assert backfill.to_event("stocks", "AM", "aggs", "SPY", {"t": "soon", "c": 1}) is None
+        assert mapping.to_event("stocks", "T", "trades", "AAPL", bad) is None
+    assert mapping.to_event("stocks", "AM", "aggs", "SPY", {"t": "soon", "c": 1}) is None
 
 
 def test_the_identity_of_an_event_is_the_same_live_and_over_rest():
     live = {"ev": "XT", "pair": "BTC-USD", "p": 30000.5, "t": 1690000000000, "s": 0.01, "c": [2], "i": 991, "x": 1}
-    rest = backfill.to_event("crypto", "XT", "trades", "BTC-USD", {"exchange": 1, "id": "991", "price": 30000.5,
+    rest = mapping.to_event("crypto", "XT", "trades", "BTC-USD", {"exchange": 1, "id": "991", "price": 30000.5,
                                                                    "size": 0.01, "sip_timestamp": 1690000000000999999})
-    assert backfill.identity("trades", False, live) == backfill.identity("trades", False, rest)
-    assert backfill.identity("trades", True, {"q": 5, "p": 1}) == backfill.identity("trades", True, {"q": 5, "p": 2})
-    path, params = backfill.request("stocks", "T", "trades", "AAPL", 1000, 2000)
+    assert mapping.identity("trades", False, live) == mapping.identity("trades", False, rest)
+    assert mapping.identity("trades", True, {"q": 5, "p": 1}) == mapping.identity("trades", True, {"q": 5, "p": 2})
+    path, params = mapping.request("stocks", "T", "trades", "AAPL", 1000, 2000)
     assert path == "/v3/trades/AAPL" and params["timestamp.gte"] == 1000 * 10**6
     assert params["timestamp.lte"] == 2000 * 10**6 + 999_999 and params["order"] == "asc"
     assert params["limit"] == 50_000
-    assert backfill.request("crypto", "XA", "aggs", "BTC-USD", 60_000, 120_000)[0] == \
+    assert mapping.request("crypto", "XA", "aggs", "BTC-USD", 60_000, 120_000)[0] == \
         "/v2/aggs/ticker/X:BTCUSD/range/1/minute/60000/120000"
 
 
@@ -311,7 +313,7 @@ def test_a_next_url_on_another_host_is_refused_and_retry_after_is_bounded():
     assert "another host" in caught.value.detail and "KEY" not in caught.value.detail
     assert RestClient._retry_after("3") == 3.0 and RestClient._retry_after("99999") == 60.0
     assert RestClient._retry_after(None) == 0.0 and RestClient._retry_after("garbage") == 0.0
-    assert json.dumps(backfill.REASONS)
+    assert json.dumps(jobs.REASONS)
 
 
 def test_a_window_that_could_not_remember_every_live_event_delivers_nothing_and_says_so(monkeypatch):
@@ -320,17 +322,17 @@ def test_a_window_that_could_not_remember_every_live_event_delivers_nothing_and_
     from polygon_streamer.normalize import FrameNormalizer
     from polygon_streamer.subscriptions import Subscriptions
 
-    monkeypatch.setattr(backfill, "SEEN_LIMIT", 2)
+    monkeypatch.setattr(jobs, "SEEN_LIMIT", 2)
     normalizer = FrameNormalizer("stocks", "ingest-1", "0.2.0")
     desk = backfill.Desk("stocks", ("trades",), normalizer, Subscriptions(["T.AAPL"], "SUBSCRIPTION"),
-                         backfill.BackfillStats(), queue.Queue(4))
+                         jobs.BackfillStats(), queue.Queue(4))
     emitted = []
     desk.gap("disconnect", 1, 1000, 2000, lambda note, ms: emitted.append(note))
     window = desk.open_jobs[0].windows[0]
     for q in range(1, 5):  # live events after the hole, all inside the window
         normalizer.normalize(f'[{{"ev":"T","sym":"AAPL","p":1.0,"s":1,"t":{1000 + q},"q":{q}}}]', 3000)
     assert window.overflow
-    desk.deliveries.put(backfill.Chunk(desk.open_jobs[0], window, [("q", 9)],
+    desk.deliveries.put(jobs.Chunk(desk.open_jobs[0], window, [("q", 9)],
                                        ['{"ev":"T","sym":"AAPL","t":1001,"q":9}']))
     desk.deliver(lambda note, ms: emitted.append(note))
     assert emitted == [] and window.reason == "error" and "not delivered" in window.detail
@@ -424,7 +426,7 @@ def test_a_rest_chain_that_never_ends_or_repeats_its_cursor_is_bounded_and_said(
         by_topic = {t["topic"]: t for t in summary["topics"]}
         endless, repeating = by_topic["T.AAPL"], by_topic["T.MSFT"]
         span = endless["to_ts"] - endless["from_ts"] + 1
-        limit = backfill.PAGE_LIMIT + span * backfill.EVENTS_PER_MS
+        limit = mapping.PAGE_LIMIT + span * jobs.EVENTS_PER_MS
         assert endless["reason"] == "limit" and endless["recovered"] <= limit
         assert repeating["reason"] == "error" and repeating["recovered"] == 2 and "repeats" in summary["detail"]
         assert summary["complete"] is False and summary["reason"] == "error"
@@ -516,9 +518,9 @@ def test_a_gap_whose_rest_answers_never_end_spends_its_budget_and_the_next_gap_i
     from polygon_streamer.normalize import FrameNormalizer
     from polygon_streamer.subscriptions import Subscriptions
 
-    monkeypatch.setattr(backfill, "SETTLE_SECS", 0.0)
-    monkeypatch.setattr(backfill, "WINDOW_BUDGET_SECS", 1.0)
-    monkeypatch.setattr(backfill, "JOB_BUDGET_SECS", 2.5)
+    monkeypatch.setattr(backfill_thread, "SETTLE_SECS", 0.0)
+    monkeypatch.setattr(backfill_thread, "WINDOW_BUDGET_SECS", 1.0)
+    monkeypatch.setattr(backfill_thread, "JOB_BUDGET_SECS", 2.5)
     slow = threading.Event()
     slow.set()
 
@@ -534,7 +536,7 @@ def test_a_gap_whose_rest_answers_never_end_spends_its_budget_and_the_next_gap_i
     normalizer = FrameNormalizer("stocks", "ingest-1", "0.3.0")
     desk = backfill.Desk("stocks", ("trades",), normalizer, Subscriptions(["T.AAPL", "T.MSFT", "T.NVDA", "T.AMD"],
                                                                           "SUBSCRIPTION"),
-                         backfill.BackfillStats(), queue.Queue(4))
+                         jobs.BackfillStats(), queue.Queue(4))
     thread = backfill.BackfillThread(config, desk, desk.stats)
     emitted = []
     now = time.time_ns() // 1_000_000
@@ -542,13 +544,13 @@ def test_a_gap_whose_rest_answers_never_end_spends_its_budget_and_the_next_gap_i
     thread.start()
     try:
         started = time.monotonic()
-        first = wait_for(lambda: next((item for item in list(desk.deliveries.queue) if item.__class__ is backfill.Done),
+        first = wait_for(lambda: next((item for item in list(desk.deliveries.queue) if item.__class__ is jobs.Done),
                                       None), timeout=10, what="the first gap's end")
         took = time.monotonic() - started
         slow.clear()
         rest.trickle_secs = 0.0
         desk.gap("disconnect", 2, now - 400, now, lambda note, ms: emitted.append(note))
-        wait_for(lambda: sum(1 for item in list(desk.deliveries.queue) if item.__class__ is backfill.Done) == 2,
+        wait_for(lambda: sum(1 for item in list(desk.deliveries.queue) if item.__class__ is jobs.Done) == 2,
                  timeout=10, what="the second gap's end")
     finally:
         thread.stop()
@@ -558,5 +560,5 @@ def test_a_gap_whose_rest_answers_never_end_spends_its_budget_and_the_next_gap_i
     assert reasons[:2] == ["limit", "limit"] and set(reasons) == {"limit"}, reasons
     assert "budget" in first.job.windows[0].detail and "gap's backfill budget" in first.job.windows[-1].detail
     assert took < 4, f"{took:.1f}s for a gap budget of 2.5 s"
-    second = [item for item in desk.deliveries.queue if item.__class__ is backfill.Done][1].job
+    second = [item for item in desk.deliveries.queue if item.__class__ is jobs.Done][1].job
     assert all(window.reason is None for window in second.windows), [w.reason for w in second.windows]
