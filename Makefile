@@ -32,6 +32,9 @@ demo: $(VENV)/.demo-installed
 # from Debian's prometheus package, checks the ops kit's alert rules; redis-server and redis-cli run the Redis sink's
 # tests, which CI never skips); elsewhere those tests skip and say why.
 SYSTEM_TEST_PACKAGES := prometheus redis-server redis-tools
+# Tests run in parallel (pytest-xdist): most of a test's time is a real service, a server and the network at work, so
+# four workers keep two cores busy. Each test has its own ports, files and processes; TEST_WORKERS=0 runs them in turn.
+TEST_WORKERS ?= 4
 test: install
 	@if { [ "$${CI:-}" = true ] || [ -n "$${PACKAGE_TEST:-}" ]; } && command -v apt-get > /dev/null \
 		&& ! { command -v promtool && command -v redis-server && command -v redis-cli; } > /dev/null; then \
@@ -39,7 +42,7 @@ test: install
 			$(SYSTEM_TEST_PACKAGES) > /dev/null; fi
 	$(BIN)/ruff check polygon_streamer tests
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 	@if [ "$${CI:-}" = true ] || [ -n "$${PACKAGE_TEST:-}" ]; then bash tests/debian_package.sh \
 		&& bash tests/container_image.sh; \
 	else echo "Debian package and container image tests skipped: set PACKAGE_TEST=1 (needs root and apt)"; fi

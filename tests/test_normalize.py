@@ -213,6 +213,58 @@ def test_q_repeats_and_steps_back_are_counted_per_symbol_and_every_event_is_kept
     assert crypto.sequence_anomalies_total == 0, "only stocks and options T and Q carry a per-symbol q"
 
 
+def test_the_compiled_schema_gives_the_reference_validators_verdict_on_every_shape_and_its_mutations():
+    """valid_record uses the schema compiled by fastjsonschema (the suite checks a million records); jsonschema is the
+    reference: on every record shape the service writes, and on each with a key removed or its value of another
+    type, both must say the same."""
+    import fastjsonschema
+
+    from helpers import RECORD_SCHEMA, REFERENCE_VALIDATOR
+    from polygon_streamer.backfill.jobs import Job
+    from polygon_streamer.normalize import GAP_REASONS
+
+    compiled = fastjsonschema.compile(RECORD_SCHEMA)
+
+    def verdict(record):
+        try:
+            compiled(record)
+        except fastjsonschema.JsonSchemaValueException:
+            return False
+        return True
+
+    shapes = []
+    for cluster in protocol.CLUSTERS:
+        normalizer = FrameNormalizer(cluster, "ingest-1", "0.1.0")
+        for frame in fixture_frames(cluster):
+            shapes += [ujson.loads(record[5]) for record in normalizer.normalize(frame.encode(), INGEST)[0]]
+            shapes += [ujson.loads(record[5]) for record in normalizer.normalize(frame.encode(), INGEST,
+                                                                                  backfill=True)[0]]
+        for reason in GAP_REASONS:
+            gap = Gap(reason, "why", INGEST, INGEST + 10, dropped_events=3 if reason.endswith("drop") else None)
+            shapes.append(ujson.loads(normalizer.gap_record(gap, INGEST)[5]))
+        summary = Job(1, "disconnect", INGEST - 1000, INGEST).summary()
+        shapes.append(ujson.loads(normalizer.summary_record(ujson.dumps(summary), INGEST)[5]))
+    # one record of each shape: per type, live and backfilled, per gap reason
+    shapes = list({(record["type"], "backfill" in record, str(record["payload"].get("reason"))
+                    if isinstance(record["payload"], dict) else ""): record for record in shapes}.values())
+    kinds = {record["kind"] for record in shapes}
+    assert {"gap", "backfill"} <= kinds and len(kinds) > 4
+    others = [None, "x", -1, {}]
+    checked = disagreements = 0
+    for record in shapes:
+        variants = [record]
+        for key in record:
+            variants.append({k: v for k, v in record.items() if k != key})
+            variants += [dict(record, **{key: other}) for other in others]
+        if isinstance(record.get("payload"), dict) and record["kind"] in ("gap", "backfill"):
+            for key in record["payload"]:
+                variants += [dict(record, payload=dict(record["payload"], **{key: other})) for other in others]
+        for variant in variants:
+            checked += 1
+            disagreements += REFERENCE_VALIDATOR.is_valid(variant) != verdict(variant)
+    assert checked > 1000 and disagreements == 0, f"{disagreements} of {checked} verdicts differ"
+
+
 def test_every_fixture_record_and_a_gap_record_are_valid_against_the_shipped_json_schema():
     for cluster in protocol.CLUSTERS:
         normalizer = FrameNormalizer(cluster, "ingest-1", "0.1.0")
