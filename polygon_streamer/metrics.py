@@ -226,6 +226,9 @@ class ServiceCollector:
                        "Connections to the metrics port closed at the request deadline",
                        server.expired_connections if server else 0)
 
+        yield _counter("polygon_state_write_errors_total",
+                       "Saves of the stream position (STATE_DIR) that failed: a restart then may not be marked",
+                       service.position.file.errors if service.position is not None else 0)
         yield _counter("polygon_notify_errors_total",
                        "systemd notify messages (READY, STATUS, WATCHDOG) the notify socket refused (not retried)",
                        service.notifier.errors)

@@ -22,7 +22,7 @@ from .handover import FINISH, queued_counts
 from .metrics import LatencyHistogram, MetricsServer, make_registry
 from .normalize import FrameNormalizer
 from .notify import Notifier
-from .state import PositionFile
+from .state import PositionFile, PositionKeeper
 from .reader import Heartbeat, Reader
 from .sinks import Sink, SinkConfigError, SinkQueue, SinkThread, build_sinks
 from .subscriptions import FileReloader, Subscriptions
@@ -80,8 +80,8 @@ class Service:
         self._deadline = math.inf  # the drain's, once shutdown() began
         self.frames_fed = 0  # frames an offline caller put into the inbound queue itself (reprocess)
         # STATE_DIR: the stream position between runs (state.py); the main thread saves it.
-        self.position = PositionFile(config.state_dir, config.cluster) if config.state_dir else None
-        self._previous_data: tuple[int | None, int | None] = (None, None)  # the previous run's last, until ours
+        self.position = PositionKeeper(PositionFile(config.state_dir, config.cluster), self.normalizer,
+                                       self.reader.handover, self.dispatcher.desk) if config.state_dir else None
         self.check_notes: list[str] = []  # what config --check adds to its OK line
         self.subscription_file = FileReloader(self.subscriptions, config.subscription_file) \
             if config.subscription_file else None
@@ -128,7 +128,7 @@ class Service:
             for warning in sink.start_warnings(self.config):
                 _log.warning(warning, extra={"fields": {"sink": sink.name}})
         if network and self.position is not None:
-            self._restore_position()
+            self.position.restore(self.subscriptions.describe())
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         for thread in self.sink_threads:
@@ -164,38 +164,6 @@ class Service:
             for path in paths:
                 if os.path.isfile(path) and os.path.getsize(path) == 0:
                     os.unlink(path)
-
-    def _restore_position(self) -> None:
-        """Before any record: seq goes on from the previous run's, whose last data begins a `restart` hole (told
-        before this run's first data, healed by BACKFILL like any other)."""
-        position = self.position
-        if position is None:
-            return
-        previous = position.load()
-        if previous is not None:
-            now_ns = time.time_ns()
-            self.normalizer.seq = previous.next_seq()
-            gap = previous.restart_gap(self.subscriptions.describe(), now_ns // 1_000_000)
-            self.reader.handover.restarted(gap, self.normalizer.seq, now_ns)
-            self._previous_data = gap.before or (None, None)
-            if self.dispatcher.desk is not None:
-                self.dispatcher.desk.restore(previous.tracks)
-            _log.info("%s; seq goes on from %d", gap.detail, self.normalizer.seq,
-                      extra={"fields": {"path": position.path, "seq": self.normalizer.seq,
-                                        "clean": previous.clean, "last_ingest_ts": previous.last_ingest_ms}})
-        self._save_position(force=True)
-
-    def _save_position(self, clean: bool = False, force: bool = False) -> None:
-        """The stream position as of now (the previous run's last data while this one has none)."""
-        if self.position is None:
-            return
-        normalizer = self.normalizer
-        last_ingest_ms, last_ts = normalizer.last_ingest_ms, normalizer.last_ts
-        if last_ingest_ms is None:
-            last_ingest_ms, last_ts = self._previous_data
-        desk = self.dispatcher.desk
-        self.position.save(last_ingest_ms, last_ts, normalizer.seq, clean, now=0.0 if force else None,
-                           tracks=desk.positions if desk is not None else None)
 
     def _log_configuration(self, network: bool) -> None:
         """One short line of what matters (the rest: `polygon-streamer config`); its fields are the settings that
@@ -281,7 +249,8 @@ class Service:
                 return self.shutdown(f"delivered {self.stop_after_events} events")
             now = time.monotonic()
             pulse.beat(now)
-            self._save_position()
+            if self.position is not None:
+                self.position.save()
             if self.config.stats_interval_secs > 0 and now >= next_stats:
                 last = self._log_stats(last, self.config.stats_interval_secs)
                 next_stats = now + self.config.stats_interval_secs
@@ -332,7 +301,8 @@ class Service:
         events, frames, unwritten_words = self._unwritten()
         unwritten = events + frames
         fields = dict(counts, unwritten_events=events, unwritten_capture_frames=frames)
-        self._save_position(clean=drained and not unwritten, force=True)
+        if self.position is not None:
+            self.position.save(clean=drained and not unwritten, force=True)
         if drained and not unwritten:
             notes = [note for note in (sink.close_report() for sink in self.sinks) if note]
             _log.info("stopped: every accepted event was handed to the sinks and flushed" +

@@ -20,9 +20,15 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import logs
 from .normalize import Gap
+
+if TYPE_CHECKING:
+    from .backfill import Desk
+    from .handover import Handover
+    from .normalize import FrameNormalizer
 
 SEQ_RESERVE = 10_000_000  # at 400,000 events/s, 25 s of numbers; renewed when half is used
 SAVE_SECS = 1.0
@@ -161,3 +167,43 @@ class PositionFile:
             return
         self._saved = state
         self.reserved = reserved
+
+
+class PositionKeeper:
+    """This run's side of the stream position: the previous run's restored before any record (seq goes on, its last
+    data begins a `restart` hole told before this run's first data, the desk's tracks start where each topic
+    stopped), and this run's saved by the main thread (the previous run's last data while this one has none)."""
+
+    def __init__(self, file: PositionFile, normalizer: FrameNormalizer, handover: Handover, desk: Desk | None):
+        self.file = file
+        self._normalizer = normalizer
+        self._handover = handover
+        self._desk = desk
+        self._previous_data: tuple[int | None, int | None] = (None, None)
+
+    def restore(self, subscription: str) -> None:
+        """Before the reader and the dispatcher start; subscription: the topics, as the restart record tells them."""
+        normalizer = self._normalizer
+        previous = self.file.load()
+        if previous is not None:
+            now_ns = time.time_ns()
+            normalizer.seq = previous.next_seq()
+            gap = previous.restart_gap(subscription, now_ns // 1_000_000)
+            self._handover.restarted(gap, normalizer.seq, now_ns)
+            self._previous_data = gap.before or (None, None)
+            if self._desk is not None:
+                self._desk.restore(previous.tracks)
+            _log.info("%s; seq goes on from %d", gap.detail, normalizer.seq,
+                      extra={"fields": {"path": self.file.path, "seq": normalizer.seq, "clean": previous.clean,
+                                        "last_ingest_ts": previous.last_ingest_ms}})
+        self.save(force=True)
+
+    def save(self, clean: bool = False, force: bool = False) -> None:
+        """The position as of now: at most every SAVE_SECS unless forced; clean at a stop that wrote everything."""
+        normalizer = self._normalizer
+        last_ingest_ms, last_ts = normalizer.last_ingest_ms, normalizer.last_ts
+        if last_ingest_ms is None:
+            last_ingest_ms, last_ts = self._previous_data
+        desk = self._desk
+        self.file.save(last_ingest_ms, last_ts, normalizer.seq, clean, now=0.0 if force else None,
+                       tracks=desk.positions if desk is not None else None)

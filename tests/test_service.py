@@ -45,6 +45,9 @@ def test_happy_path_streams_records_with_gapless_seq_and_exits_0(mock_server, sp
     assert streamer.get("/health") == (200, "OK\n")
     assert streamer.get("/nope")[0] == 404
     wait_for(lambda: streamer.metric("polygon_heartbeats_sent_total") >= 1, what="a heartbeat ping")
+    # A line is on stdout a moment before its sink counts it, and a ping is sent before the server reads it.
+    wait_for(lambda: streamer.metric("polygon_sink_written_total", sink="stdout") == 500
+             and mock_server.stats.pings >= 1, what="the count of what was written, and the ping received")
     metrics = streamer.metrics()
     assert metrics[("polygon_events_total", (("type", "T"),))] == 250
     assert metrics[("polygon_events_total", (("type", "Q"),))] == 250
