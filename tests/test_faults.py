@@ -16,7 +16,7 @@ import time
 import ujson
 
 from helpers import ROOT, base_env, free_port, http_get, parse_metrics, report, strict_json, valid_record, wait_for
-from polygon_streamer.local.mockserver import ws_frame, ws_header
+from polygon_streamer.wsserver import ws_frame, ws_header
 
 
 def seqs_of(path):

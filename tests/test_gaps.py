@@ -8,7 +8,7 @@ import ujson
 import zmq
 
 from helpers import ROOT, free_port, records_in, report, valid_record, wait_for
-from polygon_streamer.local.mockserver import ws_frame
+from polygon_streamer.wsserver import ws_frame
 
 
 def records_of(path):

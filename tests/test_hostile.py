@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import TEST_KEY, Streamer, base_env, free_port, strict_json, valid_record, wait_for
-from polygon_streamer.local.mockserver import MockOptions, MockServer, ws_frame
+from polygon_streamer.local.mockserver import MockOptions, MockServer
+from polygon_streamer.wsserver import ws_frame
 from polygon_streamer.config import build_config
 from polygon_streamer.normalize import FrameError, FrameNormalizer, parse_frame
 from polygon_streamer.sinks.zmq import ZmqSink

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import ROOT, TEST_KEY, Streamer, base_env, free_port, wait_for
-from polygon_streamer.local.mockserver import MockOptions, MockServer, ws_frame
+from polygon_streamer.local.mockserver import MockOptions, MockServer
+from polygon_streamer.wsserver import ws_frame
 from test_capture import ReplayProcess, capture_lines, consume, reprocess
 from test_hostile import frames as hostile_frames
 

@@ -5,7 +5,8 @@ acks (codes, symbols, `*` and `PREFIX*`), then a stream of realistic events shap
 per-(code, symbol) sequence in `q`, at a chosen rate and batch size. Fault modes reproduce what the real service does
 to clients (rejected auth, eviction, drops, silence, garbage frames, odd events, a hung upgrade, a close frame with a
 code, silence while statuses still flow, repeated and backwards `q`).
-Threads and blocking sockets; wsproto for the upgrade and for what the client sends.
+Threads and blocking sockets; the server side of the protocol (the upgrade, what the client sends, the bounds on
+strangers, the accept loop) is wsserver.py's, shared with the gateway.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import random
-import select
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,10 +25,12 @@ import ujson
 if TYPE_CHECKING:
     from .mockrest import Market, RestServer
 
+from ..wsserver import Closed as _Closed
+from ..wsserver import Listener, ServerConnection, ServerStats, ws_frame
+from ..wsserver import status as _status
+
 try:
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, Request,
-                                TextMessage)
+    from wsproto.events import CloseConnection
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("the local Polygon server needs wsproto: pip install 'polygon-streamer[mockserver]' "
                       "or apt install python3-wsproto") from exc
@@ -187,55 +188,19 @@ class MockOptions:
 
 
 @dataclass
-class MockStats:
-    connections: int = 0
+class MockStats(ServerStats):
     auth_attempts: list = field(default_factory=list)     # monotonic times
     subscribes: list = field(default_factory=list)        # params strings
     unsubscribes: list = field(default_factory=list)      # params strings
     events_sent: int = 0
     frames_sent: int = 0
     sent: list = field(default_factory=list)              # (code, symbol, q) when options.record
-    pings: int = 0
     huge_frame_events: int = 0
     sequence_faults: list = field(default_factory=list)  # (reason, code, q) of each extra event sent
-    refused_clients: int = 0        # closed at accept: max_clients were being served
-    handshake_timeouts: int = 0     # cut: no subscribe within handshake_secs
-    accept_errors: int = 0          # accept() failed (out of descriptors): the loop backs off
-    discarded_messages: int = 0     # client messages beyond the unread bound, dropped
     lost_events: int = 0            # generated while no client was connected (lose_on_reconnect): REST has them
     rest_requests: list = field(default_factory=list)  # (path, status) of each REST request
     rest_headers: list = field(default_factory=list)   # the Authorization header of each REST request
 
-
-def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    """An unmasked server frame (RFC 6455 5.2); fin=False for all but the last fragment of a message."""
-    return ws_header(opcode, len(payload), fin) + payload
-
-
-def ws_header(opcode: int, length: int, fin: bool = True) -> bytes:
-    """A frame header announcing `length` payload bytes (what a hostile server may send without the payload)."""
-    first = (0x80 if fin else 0) | opcode
-    if length < 126:
-        return struct.pack("!BB", first, length)
-    if length < 65536:
-        return struct.pack("!BBH", first, 126, length)
-    return struct.pack("!BBQ", first, 127, length)
-
-
-def _status(status: str, message: str) -> dict:
-    return {"ev": "status", "status": status, "message": message}
-
-
-class _Closed(Exception):
-    pass
-
-
-# What a client may have sent and we have not read yet: beyond it the oldest messages are discarded (counted), and a
-# single message longer than CLIENT_MESSAGE_CHARS ends the connection (1009): nothing a client sends grows memory.
-INBOX_MESSAGES = 64
-CLIENT_MESSAGE_CHARS = 64 * 1024
-# accept() failing (EMFILE, ENFILE, ENOBUFS): wait this long, doubling up to the ceiling, instead of spinning.
-ACCEPT_BACKOFF_SECS = (0.05, 1.0)
 
 
 class EventGenerator:
@@ -324,17 +289,13 @@ def interleave(cluster: str, streams: list[tuple[str, str]]) -> None:
     streams.sort(key=lambda stream: order.get(stream[1], len(order)))
 
 
-class _Connection:
+class _Connection(ServerConnection):
     def __init__(self, server: "MockServer", sock: socket.socket):
+        super().__init__(sock, server.stopping, server.stats, TEMPLATES)
         self.server = server
         self.options = dataclasses.replace(server.options)
-        self.sock = sock
-        self.ws = WSConnection(ConnectionType.SERVER)
         self.cluster = "stocks"
         self.key: str | None = None  # the API key it authenticated with
-        self.inbox: list[str] = []
-        self._partial: list[str] = []  # a message arriving in pieces
-        self._partial_chars = 0
         self.sent_events = 0
         self.data_frames = 0
         self.subscribed: list[str] = []  # every subscribe's params, in order
@@ -342,99 +303,17 @@ class _Connection:
 
     # -- socket plumbing --------------------------------------------------------------------------------------
 
-    def _pump(self, timeout: float | None) -> None:
-        """Read what the client sent (waiting up to timeout) and handle control frames."""
-        if timeout is not None:
-            ready, _, _ = select.select([self.sock], [], [], timeout)
-            if not ready:
-                return
-        data = self.sock.recv(65536)
-        if not data:
-            raise _Closed()
-        self.ws.receive_data(data)
-        for event in self.ws.events():
-            if isinstance(event, Request):
-                path = event.target.split("?", 1)[0].strip("/").split("/")[0]
-                if path in TEMPLATES:
-                    self.cluster = path
-                    response = self.ws.send(AcceptConnection())
-                    if self.options.trickle_upgrade:
-                        for index in range(len(response)):
-                            if self.server.stopping.wait(self.options.trickle_upgrade):
-                                raise _Closed()
-                            self.sock.sendall(response[index:index + 1])
-                    else:
-                        self.sock.sendall(response)
-                else:
-                    self.sock.sendall(self.ws.send(RejectConnection(status_code=404)))
-                    raise _Closed()
-            elif isinstance(event, (TextMessage, BytesMessage)):
-                self._message_piece(event.data if isinstance(event, TextMessage) else
-                                    bytes(event.data).decode("utf-8", "replace"), event.message_finished)
-            elif isinstance(event, Ping):
-                self.server.stats.pings += 1
-                self.sock.sendall(self.ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                try:
-                    self.sock.sendall(self.ws.send(event.response()))
-                except Exception:
-                    pass
+    _pump = ServerConnection.pump
+    _next_message = ServerConnection.next_message
+
+    def send_upgrade(self, response: bytes) -> None:
+        if not self.options.trickle_upgrade:
+            self.sock.sendall(response)
+            return
+        for index in range(len(response)):
+            if self.stopping.wait(self.options.trickle_upgrade):
                 raise _Closed()
-
-    def _message_piece(self, text: str, finished: bool) -> None:
-        self._partial.append(text)
-        self._partial_chars += len(text)
-        if self._partial_chars > CLIENT_MESSAGE_CHARS:
-            self.close(1009, "message too big", 0)
-            raise _Closed()
-        if not finished:
-            return
-        self.inbox.append("".join(self._partial))
-        self._partial, self._partial_chars = [], 0
-        if len(self.inbox) > INBOX_MESSAGES:
-            del self.inbox[0]
-            self.server.stats.discarded_messages += 1
-
-    def _next_message(self, timeout: float) -> dict | None:
-        deadline = time.monotonic() + timeout
-        while not self.inbox:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.server.stopping.is_set():
-                return None
-            self._pump(min(remaining, 0.2))
-        try:
-            message = ujson.loads(self.inbox.pop(0))
-        except ValueError:
-            self.send([_status("error", "Invalid JSON")])
-            return {}
-        return message if isinstance(message, dict) else {}
-
-    def send(self, events: list, binary: bool = False) -> None:
-        self.sock.sendall(ws_frame(2 if binary else 1, ujson.dumps(events).encode("utf-8")))
-
-    def send_raw(self, payload: bytes, binary: bool = False) -> None:
-        self.sock.sendall(ws_frame(2 if binary else 1, payload))
-
-    def close(self, code: int, reason: str, wait_secs: float) -> None:
-        """A close frame (a code wsproto cannot send, e.g. 1006, is not sent), then wait_secs for the client's."""
-        try:
-            self.sock.sendall(self.ws.send(CloseConnection(code=code, reason=reason[:100])))
-        except Exception:
-            return
-        deadline = time.monotonic() + wait_secs
-        try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                self._pump(remaining)
-        except (_Closed, OSError):
-            pass
-
-    def abort(self) -> None:
-        """Close without a close handshake, as the real server does after auth_failed."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        raise _Closed()
+            self.sock.sendall(response[index:index + 1])
 
     # -- the protocol -------------------------------------------------------------------------------------------
 
@@ -442,22 +321,17 @@ class _Connection:
         options = self.options
         stats = self.server.stats
         handshake_deadline = time.monotonic() + options.handshake_secs if options.handshake_secs else None
-        while not self.ws.state.name == "OPEN":
-            if options.hang_upgrade:
-                if self.server.stopping.wait(0.2):
-                    raise _Closed()
-                continue
-            self._pump(0.2)
-            if self.server.stopping.is_set():
+        while options.hang_upgrade:
+            if self.server.stopping.wait(0.2):
                 raise _Closed()
-            self._check_handshake(handshake_deadline)
+        self.upgrade(handshake_deadline)
         self.send([_status("connected", "Connected Successfully")])
         streams: list[tuple[str, str]] = []
         authed = False
         while True:
             subscribed = authed and bool(streams or (self.server.source is not None and self.subscribed))
             if not (authed and self.subscribed):
-                self._check_handshake(handshake_deadline)
+                self.check_deadline(handshake_deadline)
             message = self._next_message(0.2 if subscribed or handshake_deadline else 3600)
             if message is None:
                 if self.server.stopping.is_set():
@@ -504,12 +378,6 @@ class _Connection:
             self._stream_pool(generator)
         else:
             self._stream(generator)
-
-    def _check_handshake(self, deadline: float | None) -> None:
-        """A client that has not subscribed by the deadline holds a thread and a descriptor for nothing: cut it."""
-        if deadline is not None and time.monotonic() >= deadline:
-            self.server.stats.handshake_timeouts += 1
-            self.abort()
 
     def _subscribe(self, params: str, streams: list[tuple[str, str]]) -> None:
         """Ack each topic (or refuse it: not_authorized_codes, refuse_topics) and add its streams."""
@@ -707,16 +575,14 @@ class MockServer:
         self.options = options or MockOptions()
         self.source = source
         self.stats = MockStats()
-        self.stopping = threading.Event()
         self.streaming = threading.Event()  # clear it to hold data events (handshakes still complete)
         self.streaming.set()
         self.primed = threading.Event()  # a subscribed connection has its data ready (frame pool rendered)
         self.injected: queue.Queue = queue.Queue()  # raw wire bytes for the streaming connection (tests)
-        self._listener = socket.create_server((host, port), reuse_port=False)
-        self._listener.settimeout(0.2)
-        self.host, self.port = self._listener.getsockname()[:2]
-        self._thread = threading.Thread(target=self._accept_loop, name="mock-polygon-accept", daemon=True)
-        self._connections: list[threading.Thread] = []
+        self._listener = Listener(host, port, lambda sock: _Connection(self, sock).serve(), self.stats,
+                                  lambda: self.options.max_clients, "mock-polygon")
+        self.stopping = self._listener.stopping
+        self.host, self.port = self._listener.host, self._listener.port
         self.market: Market | None = None  # once start_rest() runs
         self.rest: RestServer | None = None
 
@@ -733,17 +599,14 @@ class MockServer:
         return rest.url
 
     def start(self) -> "MockServer":
-        self._thread.start()
+        self._listener.start()
         return self
 
     def stop(self) -> None:
         self.stopping.set()
         if self.rest is not None:
             self.rest.stop()
-        self._thread.join(2)
-        for thread in self._connections:
-            thread.join(2)
-        self._listener.close()
+        self._listener.stop()
 
     def inject(self, wire: bytes) -> None:
         """Send these bytes as they are (whole frames, a bare header, anything) on the streaming connection."""
@@ -754,42 +617,3 @@ class MockServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def _accept_loop(self) -> None:
-        backoff = ACCEPT_BACKOFF_SECS[0]
-        while not self.stopping.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                # Out of descriptors (or buffers): the pending connection stays in the backlog, so accept() would fail
-                # again at once; wait instead of spinning.
-                self.stats.accept_errors += 1
-                self.stopping.wait(backoff)
-                backoff = min(ACCEPT_BACKOFF_SECS[1], backoff * 2)
-                continue
-            backoff = ACCEPT_BACKOFF_SECS[0]
-            self._connections = [t for t in self._connections if t.is_alive()]
-            if self.options.max_clients and len(self._connections) >= self.options.max_clients:
-                self.stats.refused_clients += 1
-                sock.close()
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.stats.connections += 1
-            thread = threading.Thread(target=self._serve, args=(sock,), name="mock-polygon-conn", daemon=True)
-            self._connections.append(thread)
-            thread.start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        connection = _Connection(self, sock)
-        try:
-            connection.serve()
-        except (_Closed, OSError):
-            pass
-        finally:
-            try:
-                sock.close()
-            except OSError:
-                pass
-

@@ -1,6 +1,7 @@
 """`polygon-streamer replay CAPTURE...`: serves capture files over the real Polygon protocol on a local port.
 
-The handshake (connected, auth, subscribe acks) is the local server's (mockserver.py), with its bounds on strangers
+The handshake (connected, auth, subscribe acks) is the local server's (local/mockserver.py, on the protocol's
+server side, wsserver.py), with its bounds on strangers
 (a client cap, a handshake deadline, bounded reads); then each connection gets the captured data frames of its
 cluster, in receive-time order, filtered by what it subscribed to (codes, symbols, `*`, `PREFIX*`): a frame whose
 events all match is sent byte for byte as captured (a `frame_b64` one as a binary message), with its original
@@ -28,6 +29,7 @@ import ujson
 from .. import protocol
 from .captures import CaptureFiles, CapturedFrame
 from ..normalize import FrameError, IncludeFilter, parse_frame
+from ..wsserver import topic_filter
 
 PROGRESS_SECS = 1.0
 # A client that does not answer our close within this long is cut.
@@ -35,11 +37,6 @@ CLOSE_WAIT_SECS = 1.0
 
 # What backfill delivered (REST, not the WebSocket): the client's own backfill fetches it, replay does not serve it.
 BACKFILL_FORMS = ("backfill", "backfill_summary")
-
-
-def topic_filter(params: str) -> IncludeFilter:
-    """Subscribe params (`T.AAPL,Q.*,XT.BTC-*`) as the include filter they mean (`T:AAPL,Q:*,XT:BTC-*`)."""
-    return IncludeFilter(topic.strip().replace(".", ":", 1) for topic in params.split(",") if topic.strip())
 
 
 def symbol_of(cluster: str, event: dict) -> str:
