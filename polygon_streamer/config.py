@@ -425,6 +425,30 @@ SETTINGS: tuple[Setting, ...] = (
                 "wait here, then drop, counted"),
     Setting("redis_cluster", "REDIS_CLUSTER", "false", _bool, "REDIS_URL names a node of a Redis Cluster",
             doc="`REDIS_URL` names a node of a Redis Cluster"),
+    Setting("gateway_addr", "GATEWAY_ADDR", "127.0.0.1:8765", _addr,
+            "SINK=gateway: host:port where Polygon clients connect (ws://HOST:PORT/CLUSTER)",
+            doc="with `SINK=...,gateway`: where unchanged Polygon clients connect, `ws://HOST:PORT/CLUSTER` "
+                "(`wss://` with TLS); an address that is not loopback needs `GATEWAY_KEYS_FILE`"),
+    Setting("gateway_keys_file", "GATEWAY_KEYS_FILE", None, _nonempty,
+            "the gateway's keys: NAME KEY (or KEY) a line; reread on SIGHUP (unset: POLYGON_API_KEY)",
+            doc="the keys clients may authenticate with, `NAME KEY` (or a bare `KEY`) a line, `#` comments; a "
+                "client is known by its NAME, never its key; reread on SIGHUP (a removed key's clients are closed); "
+                "unset: the service's own `POLYGON_API_KEY`, named `default`"),
+    Setting("gateway_client_queue", "GATEWAY_CLIENT_QUEUE", "1024", _int(1),
+            "messages queued per gateway client; full: GATEWAY_SLOW_CLIENT",
+            doc="messages queued for one client (one a hand-over: up to a few thousand events); when it is full, "
+                "`GATEWAY_SLOW_CLIENT` says what happens"),
+    Setting("gateway_slow_client", "GATEWAY_SLOW_CLIENT", "disconnect", _choice("disconnect", "drop"),
+            "a client whose queue is full: disconnect (slow_consumer, close 1008) or drop (counted, a gap status)",
+            doc="a client whose queue is full: `disconnect` (the `slow_consumer` status and close 1008, as Polygon "
+                "does) or `drop` (counted, then one `gap` status when it catches up)"),
+    Setting("gateway_max_clients", "GATEWAY_MAX_CLIENTS", "256", _int(1),
+            "gateway clients served at once; more are closed at accept, counted"),
+    Setting("gateway_channel_cap", "GATEWAY_CHANNEL_CAP", "4096", _int(1),
+            "gateway queue capacity in batches; full: drop, counted (no client slows the service)"),
+    Setting("gateway_tls_cert", "GATEWAY_TLS_CERT", None, _nonempty,
+            "PEM certificate chain: the gateway speaks wss:// (with GATEWAY_TLS_KEY)"),
+    Setting("gateway_tls_key", "GATEWAY_TLS_KEY", None, _nonempty, "PEM private key of GATEWAY_TLS_CERT"),
     Setting("ready_min_messages", "READY_MIN_MESSAGES", "1", _int(0), "data events after subscribe before READY",
             doc="data events needed after subscribe before `/ready` is 200"),
     Setting("ready_delay_ms", "READY_DELAY_MS", "0", _int(0), "and at least this long after subscribe"),
@@ -555,6 +579,14 @@ class Config:
     backfill_max_rps: float = 10.0
     backfill_max_secs: float = 900.0
     state_dir: str | None = None
+    gateway_addr: tuple[str, int] = ("127.0.0.1", 8765)
+    gateway_keys_file: str | None = None
+    gateway_client_queue: int = 1024
+    gateway_slow_client: str = "disconnect"
+    gateway_max_clients: int = 256
+    gateway_channel_cap: int = 4096
+    gateway_tls_cert: str | None = None
+    gateway_tls_key: str | None = None
 
     def redacted(self, offline: bool = False) -> dict[str, Any]:
         """The configuration as plain JSON-able values, the key replaced by a marker; offline: without the
@@ -569,7 +601,7 @@ class Config:
                 value = "<redacted>" if value else "<unset>"
             elif item.name in ("url", "redis_url", "rest_url"):
                 value = redact_url(value)
-            elif item.name == "metrics_addr":
+            elif item.name in ("metrics_addr", "gateway_addr"):
                 value = format_addr(value)
             elif isinstance(value, tuple):
                 value = ",".join(map(str, value))

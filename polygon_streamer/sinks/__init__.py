@@ -32,6 +32,7 @@ SINKS = {
     "zmq": "zmq.ZmqSink",
     "capture": "capture.CaptureSink",
     "redis": "redis.RedisSink",
+    "gateway": "gateway.GatewaySink",
 }
 SINK_NAMES = tuple(SINKS)
 

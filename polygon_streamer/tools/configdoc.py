@@ -26,6 +26,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "capture_flush_interval_ms", "capture_max_bytes", "capture_rotate_secs", "capture_gzip")),
     ("Redis Streams", ("redis_url", "redis_password_file", "redis_stream", "redis_shards", "redis_maxlen",
                        "redis_channel_cap", "redis_warn_interval_secs", "redis_cluster")),
+    ("Gateway", ("gateway_addr", "gateway_keys_file", "gateway_client_queue", "gateway_slow_client",
+                 "gateway_max_clients", "gateway_channel_cap", "gateway_tls_cert", "gateway_tls_key")),
     ("Backfill", ("backfill", "rest_url", "backfill_max_rps", "backfill_max_secs")),
     ("Service", ("metrics_addr", "stats_interval_secs", "ready_min_messages", "ready_delay_ms", "log_level",
                  "log_format",

@@ -1,0 +1,479 @@
+"""SINK=gateway: the service as a local Polygon endpoint. A program written against Polygon's WebSocket API (the
+official `massive` client, a notebook, another team's recorder) connects to ws://GATEWAY_ADDR/CLUSTER instead of
+wss://socket.massive.com/CLUSTER and shares the service's one upstream connection.
+
+The protocol is Polygon's (protocol.md 2.1-2.4, served by wsserver.py): `connected`, `auth` -> `auth_success` or
+`auth_failed` and a close, subscribe / unsubscribe with an ack per topic. A topic the service's own subscription does
+not cover gets an `error` status naming why (the upstream set is SUBSCRIPTION's). Each client gets the events of its
+topics, each event's JSON as Polygon sent it, in the order the service received them: per hand-over, the matching
+events in one message, built once per distinct set of topics, not once per client. Backfilled events are not sent
+(they come late and out of order); every hole is a `{"ev":"status","status":"gap",...}` message in order with the
+data, carrying the gap record's reason, times and counts.
+
+No client can slow anything else: the sink's own queue drops (counted) when full, each client has a bounded queue
+(GATEWAY_CLIENT_QUEUE) and its own thread; a full one means `disconnect` (the `slow_consumer` status, close 1008, as
+Polygon does) or `drop` (counted; one `gap` status once the client reads again). Strangers are bounded by wsserver.py
+(a client cap, a handshake and auth deadline, bounded messages) and by TOPICS_PER_CLIENT.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import queue
+import socket
+import ssl
+import threading
+import time
+
+import ujson
+
+from .. import logs, protocol
+from ..config import Config, format_addr
+from ..normalize import BACKFILL, GAP, IncludeFilter
+from ..wsserver import Closed, Listener, ServerConnection, ServerStats, status, topic_filter, ws_frame
+from . import Sink, SinkConfigError
+from .stdout import BACKFILLED, PAYLOAD_END, PAYLOAD_START
+
+HANDSHAKE_SECS = 10.0     # upgrade and auth within this long, or the connection is cut
+TOPICS_PER_CLIENT = 10_000
+SEND_BATCH = 64           # queued messages sent with one sendall
+KICK_GRACE_SECS = 1.0     # a disconnected slow client still blocked in a send this long is cut
+# The kernel's buffer for one client's unsent bytes: bounded (loopback autotuning would give each client megabytes,
+# 200 clients a gigabyte), so that a client that stops reading shows in its queue within a second at full rate.
+SEND_BUFFER_BYTES = 256 * 1024
+CLOSE_WAIT_SECS = 1.0
+
+_log = logs.get("polygon_gateway")
+
+_GOING_AWAY = (b"", 0)    # the queue's last item at a stop: close 1001 once what came before is sent
+
+
+def load_keys(path: str | None, service_key: str) -> dict[str, str]:
+    """name -> key from GATEWAY_KEYS_FILE (`NAME KEY` or a bare `KEY` a line, `#` comments), or the service's own key
+    as `default`. Errors name the line, never a key."""
+    if path is None:
+        return {"default": service_key}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeError) as exc:
+        raise SinkConfigError(f"GATEWAY_KEYS_FILE {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})")
+    keys: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) > 2:
+            raise SinkConfigError(f"GATEWAY_KEYS_FILE {path} line {number}: expected NAME KEY or KEY")
+        name, key = (words[0], words[1]) if len(words) == 2 else (f"key{number}", words[0])
+        if name in keys:
+            raise SinkConfigError(f"GATEWAY_KEYS_FILE {path} line {number}: the name {name!r} is used twice")
+        keys[name] = key
+    if not keys:
+        raise SinkConfigError(f"GATEWAY_KEYS_FILE {path}: no key in it")
+    return keys
+
+
+def covered(upstream: IncludeFilter, topic: str) -> bool:
+    """Whether the service's own subscription receives every event the client's topic names."""
+    code, _, ticker = topic.partition(".")
+    return upstream.covers(code, ticker) or upstream.covers("*", ticker)
+
+
+class GatewayStats(ServerStats):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames_sent = 0
+        self.events_sent = 0
+        self.dropped_events = 0         # GATEWAY_SLOW_CLIENT=drop: not sent to a client whose queue was full
+        self.slow_disconnects = 0
+        self.auth_failures = 0
+        self.removed_key_disconnects = 0
+
+
+class _Client(ServerConnection):
+    def __init__(self, gateway: "GatewaySink", sock: socket.socket):
+        super().__init__(sock, gateway.stopping, gateway.stats, protocol.CLUSTERS)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        self.gateway = gateway
+        self.name: str | None = None
+        self.topics: list[str] = []
+        self.outbox: queue.Queue = queue.Queue(gateway.client_queue)
+        self.kicked_at: float | None = None   # the monotonic time it was found too slow (disconnect)
+        self.kick_reason = ""
+        self.pending_drops = 0                # drop mode: events dropped since its last gap status
+
+    # -- the handshake ------------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        gateway = self.gateway
+        deadline = time.monotonic() + HANDSHAKE_SECS
+        if gateway.tls is not None:
+            self._start_tls(deadline)
+        self.upgrade(deadline)
+        if self.cluster != gateway.cluster:
+            self.send([status("error", f"this endpoint serves /{gateway.cluster} only")])
+            self.close(1008, "wrong cluster", CLOSE_WAIT_SECS)
+            return
+        self.send([status("connected", "Connected Successfully")])
+        while self.name is None:
+            message = self.next_message(max(0.0, deadline - time.monotonic()))
+            if message is None:
+                self.check_deadline(deadline)
+                if self.stopping.is_set():
+                    raise Closed()
+                continue
+            if message.get("action") == "auth":
+                self.name = gateway.authenticate(message.get("params"))
+                if self.name is None:
+                    gateway.stats.auth_failures += 1
+                    self.send([status("auth_failed", "authentication failed")])
+                    self.abort()
+                self.send([status("auth_success", "authenticated")])
+            elif message:
+                self.send([status("auth_required", "authentication required")])
+        gateway.add(self)
+        try:
+            self._stream()
+        finally:
+            gateway.remove(self)
+
+    def _start_tls(self, deadline: float) -> None:
+        tls = self.gateway.tls
+        assert tls is not None
+        self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            self.sock = tls.wrap_socket(self.sock, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.stats.handshake_timeouts += 1
+            raise Closed() from None
+        self.sock.settimeout(None)
+
+    # -- streaming ----------------------------------------------------------------------------------------------
+
+    def _stream(self) -> None:
+        outbox = self.outbox
+        while True:
+            if self.kicked_at is not None:
+                self._kick()
+                return
+            try:
+                first = outbox.get(timeout=0.05)
+            except queue.Empty:
+                first = None
+            if first is not None:
+                items = [first]
+                while len(items) < SEND_BATCH:
+                    try:
+                        items.append(outbox.get_nowait())
+                    except queue.Empty:
+                        break
+                if items[-1] is _GOING_AWAY:
+                    self._send_items(items[:-1])
+                    self.close(1001, "going away", CLOSE_WAIT_SECS)
+                    return
+                self._send_items(items)
+            self.pump(0)
+            while self.inbox:
+                self._handle(self.parse(self.inbox.pop(0)))
+
+    def _send_items(self, items: list[tuple[bytes, int]]) -> None:
+        if not items:
+            return
+        self.sock.sendall(b"".join(wire for wire, _ in items))
+        stats = self.gateway.stats
+        stats.frames_sent += len(items)
+        stats.events_sent += sum(events for _, events in items)
+
+    def _kick(self) -> None:
+        try:
+            self.sock.settimeout(0.2)
+            self.send([status(self.kick_reason, "client too slow: its queue was full")])
+            self.close(1008, self.kick_reason, CLOSE_WAIT_SECS)
+        except OSError:
+            pass
+
+    def _handle(self, message: dict) -> None:
+        action = message.get("action")
+        params = message.get("params")
+        topics = [topic.strip() for topic in params.split(",") if topic.strip()] if isinstance(params, str) else []
+        if action == "subscribe":
+            self.gateway.subscribe(self, topics)
+        elif action == "unsubscribe":
+            self.gateway.unsubscribe(self, topics)
+        elif action == "auth":
+            self.send([status("success", "already authenticated")])
+        elif message:
+            self.send([status("error", f"unknown action {str(action)[:40]!r}")])
+
+
+class GatewaySink(Sink):
+    name = "gateway"
+
+    @staticmethod
+    def queue_settings(config: Config) -> tuple[int, bool, float]:
+        # Never waits: clients are strangers, nothing they do may hold the dispatcher.
+        return config.gateway_channel_cap, True, config.bp_warn_interval_secs
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.cluster = config.cluster
+        self.addr = config.gateway_addr
+        self.client_queue = config.gateway_client_queue
+        self.drop_slow = config.gateway_slow_client == "drop"
+        self.max_clients = config.gateway_max_clients
+        self._keys_file = config.gateway_keys_file
+        self._service_key = config.api_key
+        self.upstream = topic_filter(config.subscription)
+        self._config = config
+        self.tls: ssl.SSLContext | None = None
+        self._keys: dict[str, str] = {}
+        self.stats = GatewayStats()
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._clients: list[_Client] = []
+        self._matchers: dict[tuple[str, ...], IncludeFilter] = {}
+        self._listener: Listener | None = None
+
+    def destination(self) -> str:
+        return f"{'wss' if self.tls else 'ws'}://{format_addr(self.addr)}/{self.cluster}"
+
+    def open(self) -> None:
+        config = self._config
+        if config.gateway_keys_file is None and not _loopback(config.gateway_addr[0]):
+            raise SinkConfigError(f"GATEWAY_ADDR {format_addr(config.gateway_addr)} is not a loopback address: set "
+                                  "GATEWAY_KEYS_FILE (the service's own key must not be handed to other hosts)")
+        if (config.gateway_tls_cert is None) != (config.gateway_tls_key is None):
+            raise SinkConfigError("GATEWAY_TLS_CERT and GATEWAY_TLS_KEY go together")
+        if config.gateway_tls_cert is not None:
+            self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                self.tls.load_cert_chain(config.gateway_tls_cert, config.gateway_tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise SinkConfigError(f"GATEWAY_TLS_CERT/GATEWAY_TLS_KEY: cannot load them ({exc})") from None
+        self._keys = load_keys(self._keys_file, self._service_key)
+        try:
+            self._listener = Listener(self.addr[0], self.addr[1], lambda sock: _Client(self, sock).serve(),
+                                      self.stats, lambda: self.max_clients, "gateway")
+        except OSError as exc:
+            raise SinkConfigError(f"GATEWAY_ADDR {format_addr(self.addr)}: cannot listen ({exc.strerror or exc})") \
+                from None
+        self.stopping = self._listener.stopping
+        self._listener.start()
+        _log.info("gateway: Polygon clients connect to %s", self.destination(),
+                  extra={"fields": {"address": self.destination(), "keys": sorted(self._keys)}})
+
+    # -- the clients (their threads) ----------------------------------------------------------------------------
+
+    def authenticate(self, key: object) -> str | None:
+        """The name of the key, compared in constant time with every known key; None if none matches."""
+        if not isinstance(key, str):
+            return None
+        given = key.encode("utf-8", "replace")
+        found = None
+        for name, known in self._keys.items():
+            if hmac.compare_digest(given, known.encode("utf-8", "replace")):
+                found = name
+        return found
+
+    def add(self, client: _Client) -> None:
+        with self._lock:
+            self._clients = self._clients + [client]
+        _log.info("gateway client %s connected", client.name, extra={"fields": {"client": client.name}})
+
+    def remove(self, client: _Client) -> None:
+        with self._lock:
+            self._clients = [other for other in self._clients if other is not client]
+        _log.info("gateway client %s left", client.name, extra={"fields": {"client": client.name}})
+
+    def subscribe(self, client: _Client, topics: list[str]) -> None:
+        acks, refused = [], []
+        for topic in topics:
+            code, dot, ticker = topic.partition(".")
+            if not dot or not code or not ticker:
+                refused.append(status("error", f"invalid topic {topic[:60]!r}: expected CODE.TICKER"))
+            elif not covered(self.upstream, topic):
+                refused.append(status("error", f"not subscribed upstream: {topic} (the service's subscription "
+                                               "does not cover it)"))
+            elif len(client.topics) >= TOPICS_PER_CLIENT:
+                refused.append(status("error", f"too many topics (at most {TOPICS_PER_CLIENT:,} a client)"))
+                break
+            else:
+                if topic not in client.topics:
+                    client.topics = client.topics + [topic]
+                acks.append(status("success", f"subscribed to: {topic}"))
+        if acks or refused:
+            client.send(acks + refused)
+
+    def unsubscribe(self, client: _Client, topics: list[str]) -> None:
+        gone = set(topics)
+        client.topics = [topic for topic in client.topics if topic not in gone]
+        if topics:
+            client.send([status("success", f"unsubscribed to: {topic}") for topic in topics])
+
+    # -- the sink thread ----------------------------------------------------------------------------------------
+
+    def write(self, records: list, ingest_ms: int) -> None:
+        clients = self._clients
+        if not clients:
+            return
+        groups: dict[tuple[str, ...], list[_Client]] = {}
+        for client in clients:
+            if client.topics and client.kicked_at is None:
+                groups.setdefault(tuple(client.topics), []).append(client)
+        if not groups:
+            return
+        gaps = [record for record in records if record[3] == GAP]
+        gap_wire = self._gap_statuses(gaps) if gaps else None
+        matchers = self._matchers
+        if len(matchers) > 4 * len(groups) + 64:
+            matchers.clear()
+        for topics, members in groups.items():
+            matcher = matchers.get(topics)
+            if matcher is None:
+                matcher = matchers[topics] = topic_filter(",".join(topics))
+            payloads = [self._payload(line) for _, code, symbol, kind, _, line in records
+                        if kind != GAP and kind != BACKFILL and matcher.matches(code, symbol)
+                        and not self._backfilled(line)]
+            if gap_wire is not None:
+                for client in members:
+                    self._offer(client, gap_wire, 0)
+            if payloads:
+                wire = _frame(("[" + ",".join(payloads) + "]").encode("utf-8"))
+                for client in members:
+                    self._offer(client, wire, len(payloads))
+        self.observe_written(ingest_ms, len(records))
+
+    @staticmethod
+    def _payload(line: str) -> str:
+        return line[line.index(PAYLOAD_START) + len(PAYLOAD_START):line.rindex(PAYLOAD_END)]
+
+    @staticmethod
+    def _backfilled(line: str) -> bool:
+        end = line.rindex(PAYLOAD_END)
+        return line.startswith(BACKFILLED, end - len(BACKFILLED))
+
+    @staticmethod
+    def _gap_statuses(gaps: list[tuple]) -> bytes:
+        messages = []
+        for record in gaps:
+            value = ujson.loads(record[5])
+            payload = value.get("payload") if isinstance(value.get("payload"), dict) else {}
+            message = {"ev": "status", "status": "gap",
+                       "message": payload.get("detail") or f"gap: {payload.get('reason')}"}
+            message.update((key, item) for key, item in payload.items() if key not in message)
+            message["seq"] = value.get("seq")
+            messages.append(message)
+        return _frame(ujson.dumps(messages, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8"))
+
+    def _offer(self, client: _Client, wire: bytes, events: int) -> None:
+        item = (wire, events)
+        outbox = client.outbox
+        if client.pending_drops:
+            note = status("gap", f"{client.pending_drops} event(s) dropped: this client read too slowly")
+            note.update(reason="slow_client", dropped_events=client.pending_drops)
+            try:
+                outbox.put_nowait((_frame(ujson.dumps([note]).encode("utf-8")), 0))
+                client.pending_drops = 0
+            except queue.Full:
+                client.pending_drops += item[1]
+                self.stats.dropped_events += item[1]
+                return
+        try:
+            outbox.put_nowait(item)
+        except queue.Full:
+            if self.drop_slow:
+                client.pending_drops += item[1]
+                self.stats.dropped_events += item[1]
+                return
+            client.kick_reason = "slow_consumer"
+            client.kicked_at = time.monotonic()
+            self.stats.slow_disconnects += 1
+            _log.warning("gateway client %s too slow (%d messages queued): disconnected", client.name,
+                         self.client_queue, extra={"fields": {"client": client.name}})
+
+    def tick(self, now: float) -> None:
+        """A disconnected slow client still blocked in a send (it reads nothing) is cut."""
+        for client in self._clients:
+            if client.kicked_at is not None and time.monotonic() - client.kicked_at > KICK_GRACE_SECS:
+                try:
+                    client.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def reopen(self) -> None:
+        """SIGHUP: the keys file again; the clients of a key that is gone are closed."""
+        try:
+            keys = load_keys(self._keys_file, self._service_key)
+        except SinkConfigError as exc:
+            _log.error("%s: the keys stay as they were", exc)
+            return
+        self._keys = keys
+        for client in self._clients:
+            if client.name not in keys:
+                client.kick_reason = "auth_failed"
+                client.kicked_at = time.monotonic()
+                self.stats.removed_key_disconnects += 1
+        _log.info("gateway: %d key(s) loaded", len(keys), extra={"fields": {"keys": sorted(keys)}})
+
+    def close(self, deadline: float | None = None) -> None:
+        """Each client gets what was queued for it, then a close 1001; by the deadline every connection is cut."""
+        listener = self._listener
+        if listener is None:
+            return
+        for client in self._clients:
+            try:
+                client.outbox.put(_GOING_AWAY, timeout=0.1)
+            except queue.Full:
+                client.kicked_at = 0.0
+                client.kick_reason = "going_away"
+        end = deadline if deadline is not None else time.monotonic() + 5.0
+        while self._clients and time.monotonic() < end:
+            time.sleep(0.05)
+        listener.stopping.set()
+        for client in self._clients:
+            try:
+                client.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        listener.stop(join_secs=1.0)
+        self._listener = None
+
+    def describe_metrics(self, queue_stats):
+        stats = self.stats
+        return [
+            ("polygon_gateway_clients", "Gateway clients connected and authenticated", len(self._clients)),
+            ("polygon_gateway_client_topics", "Topics the gateway's clients hold, summed over the clients",
+             sum(len(client.topics) for client in self._clients)),
+            ("polygon_gateway_connections_total", "Connections accepted by the gateway", stats.connections),
+            ("polygon_gateway_refused_clients_total", "Connections closed at accept: GATEWAY_MAX_CLIENTS served",
+             stats.refused_clients),
+            ("polygon_gateway_auth_failures_total", "Gateway clients that gave an unknown key", stats.auth_failures),
+            ("polygon_gateway_handshake_timeouts_total", "Gateway connections cut before their handshake was done",
+             stats.handshake_timeouts),
+            ("polygon_gateway_frames_sent_total", "Messages sent to gateway clients", stats.frames_sent),
+            ("polygon_gateway_events_sent_total", "Events sent to gateway clients (one per client it reached)",
+             stats.events_sent),
+            ("polygon_gateway_dropped_events_total",
+             "Events not sent to a gateway client whose queue was full (GATEWAY_SLOW_CLIENT=drop)",
+             stats.dropped_events),
+            ("polygon_gateway_slow_disconnects_total",
+             "Gateway clients disconnected with slow_consumer (GATEWAY_SLOW_CLIENT=disconnect)",
+             stats.slow_disconnects),
+            ("polygon_gateway_drops_total", "Batches' events dropped at the gateway's own queue (full)",
+             queue_stats.dropped),
+        ]
+
+
+def _frame(payload: bytes) -> bytes:
+    return ws_frame(1, payload)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

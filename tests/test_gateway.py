@@ -1,0 +1,202 @@
+"""SINK=gateway: unchanged Polygon clients share the service's connection (issue 36), over loopback with the real
+service, the local server, the official client and websocket-client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import websocket
+
+from helpers import ROOT, TEST_KEY, free_port, records_in, report, wait_for
+
+OFFICIAL = r"""
+import asyncio, sys
+from massive import WebSocketClient
+
+client = WebSocketClient(api_key=sys.argv[2], feed=sys.argv[1], market="stocks", secure=False, raw=True,
+                         subscriptions=sys.argv[3].split(","), max_reconnects=0)
+
+async def handle(message):
+    text = message.decode() if isinstance(message, bytes) else message
+    print(text, flush=True)
+
+asyncio.run(client.connect(handle))
+"""
+
+
+def start_official(port: int, topics: str, key: str = TEST_KEY) -> tuple[subprocess.Popen, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", OFFICIAL, f"127.0.0.1:{port}", key, topics], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    lines: list[str] = []
+
+    def collect():
+        for raw in iter(proc.stdout.readline, b""):
+            lines.append(raw.decode())
+    threading.Thread(target=collect, daemon=True).start()
+    return proc, lines
+
+
+class Client:
+    """A plain WebSocket client of the gateway (websocket-client), reading on a thread of its own."""
+
+    def __init__(self, port: int, key: str | None = TEST_KEY, cluster: str = "stocks", read: bool = True):
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}/{cluster}", timeout=10,
+                                              sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)] if not read
+                                              else [])
+        self.messages: list[dict] = []
+        self.closed: tuple | None = None
+        self.messages += json.loads(self.ws.recv())
+        if key is not None:
+            self.ws.send(json.dumps({"action": "auth", "params": key}))
+            self.messages += json.loads(self.ws.recv())
+        if read:
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                opcode, data = self.ws.recv_data(control_frame=True)
+            except (websocket.WebSocketException, OSError) as exc:
+                self.closed = ("error", str(exc))
+                return
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                self.closed = (int.from_bytes(data[:2], "big") if len(data) >= 2 else None, data[2:].decode())
+                return
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                self.messages += json.loads(data)
+
+    def send(self, action: str, params: str) -> None:
+        self.ws.send(json.dumps({"action": action, "params": params}))
+
+    def statuses(self) -> list[dict]:
+        return [message for message in list(self.messages) if message.get("ev") == "status"]
+
+    def events(self) -> list[dict]:
+        return [message for message in list(self.messages) if message.get("ev") != "status"]
+
+
+def listening(streamer) -> bool:
+    try:
+        return ("polygon_gateway_clients", ()) in streamer.metrics()
+    except OSError:
+        return False
+
+
+def gateway_env(tmp_path, port: int, **settings) -> dict:
+    return dict(SINK="ndjson,gateway", NDJSON_DEST=str(tmp_path / "out.ndjson"), GATEWAY_ADDR=f"127.0.0.1:{port}",
+                **settings)
+
+
+def test_the_official_client_gets_every_event_of_its_topics_as_polygon_sent_them_and_each_hole(
+        mock_server, spawn, tmp_path):
+    mock_server.options.count = 400
+    mock_server.options.drop_after = 200  # the first upstream connection is cut: a hole, then a reconnect
+    mock_server.streaming.clear()          # data waits for the client
+    port = free_port()
+    streamer = spawn(**gateway_env(tmp_path, port))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    official, lines = start_official(port, "T.*")
+    try:
+        wait_for(lambda: streamer.metric("polygon_gateway_client_topics") == 1, timeout=20,
+                 what="the official client subscribed")
+        mock_server.streaming.set()
+        out = tmp_path / "out.ndjson"
+        wait_for(lambda: sum(1 for r in records_in(out, writing=True) if r["kind"] != "gap") >= 600, timeout=30,
+                 what="both upstream sessions written")
+        records = records_in(out, writing=True)
+        trades = [r for r in records if r["type"] == "T"]
+        wait_for(lambda: sum(1 for line in list(lines) for m in json.loads(line) if m.get("ev") == "T")
+                 >= len(trades), timeout=20, what="every trade at the official client")
+    finally:
+        official.kill()
+        official.wait(5)
+    received = [m for line in lines for m in json.loads(line)]
+    events = [m for m in received if m.get("ev") != "status"]
+    assert events == [r["payload"] for r in trades], "every trade once, in order, as Polygon sent it; nothing else"
+    gaps = [index for index, m in enumerate(received) if m.get("status") == "gap"]
+    gap_records = [r for r in records if r["kind"] == "gap"]
+    assert gap_records and len(gaps) == len(gap_records), "each hole told once"
+    for index, record in zip(gaps, gap_records):
+        assert received[index]["reason"] == record["payload"]["reason"] == "disconnect"
+        before_hole = sum(1 for r in trades if r["seq"] < record["seq"])
+        assert sum(1 for m in received[:index] if m.get("ev") == "T") == before_hole, "in order with the data"
+    assert streamer.stop() == 0
+    report("gateway: official client", events=len(events), gap_statuses=len(gaps))
+
+
+def test_keys_by_name_topics_the_upstream_lacks_unsubscribe_and_bad_input(mock_server, spawn, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# the team's programs\nalice alice-key-123\n\nbob bob-key-456  # the notebook\n")
+    mock_server.options.rate = 1000
+    port = free_port()
+    streamer = spawn(**gateway_env(tmp_path, port, GATEWAY_KEYS_FILE=str(keys)))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    stranger = Client(port, key=TEST_KEY, read=False)  # the service's own key is not one of the file's
+    assert stranger.messages[-1]["status"] == "auth_failed"
+    with pytest.raises((websocket.WebSocketException, OSError)):
+        stranger.ws.recv()
+    alice = Client(port, key="alice-key-123")
+    assert alice.messages[-1] == {"ev": "status", "status": "auth_success", "message": "authenticated"}
+    alice.send("subscribe", "T.AAPL,Z.FOO,nonsense")
+    wait_for(lambda: len(alice.statuses()) >= 5, what="the acks and refusals")
+    texts = [m["message"] for m in alice.statuses()[2:5]]
+    assert texts[0] == "subscribed to: T.AAPL"
+    assert texts[1].startswith("not subscribed upstream: Z.FOO") and texts[2].startswith("invalid topic")
+    wait_for(lambda: len(alice.events()) >= 20, what="AAPL trades")
+    assert {(m["ev"], m["sym"]) for m in alice.events()} == {("T", "AAPL")}
+    alice.ws.send("this is not json {")
+    wait_for(lambda: any(m["message"] == "Invalid JSON" for m in alice.statuses()), what="the error status")
+    alice.send("unsubscribe", "T.AAPL")
+    wait_for(lambda: any(m["message"] == "unsubscribed to: T.AAPL" for m in alice.statuses()), what="the ack")
+    wait_for(lambda: streamer.metric("polygon_gateway_client_topics") == 0, what="no topic held")
+    assert streamer.metric("polygon_gateway_auth_failures_total") == 1
+    assert streamer.metric("polygon_gateway_clients") == 1
+    assert not any(key in streamer.all_output() for key in ("alice-key-123", "bob-key-456")), "keys never logged"
+    assert any("gateway client alice connected" in m for m in streamer.log_messages()), "known by name"
+    # SIGHUP with alice's key gone: she is closed; the file's errors keep the keys as they were
+    keys.write_text("bob bob-key-456\n")
+    streamer.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: alice.closed is not None, what="alice closed")
+    assert streamer.stop() == 0
+
+
+def test_a_client_that_reads_nothing_is_disconnected_and_no_one_else_loses_anything(mock_server, spawn, tmp_path):
+    mock_server.options.rate = 20_000
+    mock_server.options.batch = 50
+    mock_server.options.count = 60_000
+    mock_server.streaming.clear()
+    port = free_port()
+    streamer = spawn(**gateway_env(tmp_path, port, GATEWAY_CLIENT_QUEUE="256"))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    reader = Client(port)
+    reader.send("subscribe", "T.MSFT")
+    deaf = Client(port, read=False)
+    deaf.send("subscribe", "T.*")
+    wait_for(lambda: streamer.metric("polygon_gateway_client_topics") == 2, what="both subscribed")
+    mock_server.streaming.set()
+    out = tmp_path / "out.ndjson"
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 60_000, timeout=60, what="every event written")
+    wait_for(lambda: streamer.metric("polygon_gateway_slow_disconnects_total") >= 1, timeout=20,
+             what="the deaf client disconnected")
+    assert streamer.metric("polygon_gateway_slow_disconnects_total") == 1, "the reading client was not"
+    msft = [r["payload"] for r in records_in(out) if r["type"] == "T" and r["symbol"] == "MSFT"]
+    wait_for(lambda: len(reader.events()) >= len(msft), timeout=20, what="the reading client's trades")
+    assert reader.events() == msft and reader.closed is None
+    assert streamer.metric("polygon_gateway_clients") == 1
+    assert streamer.stop() == 0
+    wait_for(lambda: reader.closed is not None, what="the close at the stop")
+    assert reader.closed[0] == 1001
+    report("gateway: a deaf client", written=60_000, reader_events=len(msft), slow_disconnects=1)
+
+
+def test_a_non_loopback_address_needs_a_keys_file(mock_server, spawn, tmp_path):
+    streamer = spawn(SINK="gateway", GATEWAY_ADDR=f"0.0.0.0:{free_port()}")
+    assert streamer.proc.wait(20) == 2
+    errors = [line for line in streamer.stderr_lines if "GATEWAY" in line]
+    assert len(errors) == 1 and "GATEWAY_KEYS_FILE" in errors[0] and TEST_KEY not in streamer.all_output()
