@@ -268,12 +268,19 @@ def backfill_metrics(stats) -> Iterable:
 
 
 def sink_metrics(sink, queue_stats) -> Iterable:
-    """The metrics a sink declares for itself (polygon_ndjson_*, polygon_zmq_*)."""
+    """The metrics a sink declares for itself (polygon_ndjson_*, polygon_zmq_*): (name, help, value), or
+    (name, help, label names, {label values: value}) for a labelled family."""
     describe = getattr(sink, "describe_metrics", None)
     if describe is None:
         return ()
-    return [(_counter if name.endswith("_total") else _gauge)(name, documentation, value)
-            for name, documentation, value in describe(queue_stats)]
+    families = []
+    for name, documentation, *rest in describe(queue_stats):
+        make = _counter if name.endswith("_total") else _gauge
+        if len(rest) == 1:
+            families.append(make(name, documentation, rest[0]))
+        else:
+            families.append(make(name, documentation, labels=rest[0], samples=rest[1]))
+    return families
 
 
 class _Handler(MetricsHandler):

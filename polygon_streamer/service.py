@@ -100,7 +100,7 @@ class Service:
             try:
                 if network:
                     self.metrics_server = MetricsServer(self.config.metrics_addr, self.registry, self.status.health,
-                                                        self.status.ready, self.subscriptions.snapshot,
+                                                        self.status.ready, self._subscriptions_view,
                                                         self.config.redact)
             except OSError as exc:
                 running = None if threads else running_instance(self.config.metrics_addr)
@@ -204,6 +204,12 @@ class Service:
         affinity.confine_calling_thread(cpus)
         _log.info("threads confined to CPU %s of %s (CPU_AFFINITY=%s)", ",".join(map(str, sorted(cpus))),
                   ",".join(map(str, allowed)), shown, extra={"fields": {"cpus": sorted(cpus), "allowed": allowed}})
+
+    def _subscriptions_view(self) -> dict:
+        """GET /subscriptions: the upstream set and its states, and what each sink that serves clients says."""
+        view = self.subscriptions.snapshot()
+        sinks = {sink.name: shown for sink in self.sinks if (shown := sink.subscriptions_view()) is not None}
+        return {**view, "sinks": sinks} if sinks else view
 
     def install_signal_handlers(self) -> None:
         """Handlers only record; the main thread acts (run())."""

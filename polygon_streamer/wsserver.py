@@ -41,6 +41,7 @@ CLIENT_MESSAGE_CHARS = 64 * 1024
 # accept() failing (EMFILE, ENFILE, ENOBUFS): wait this long, doubling up to the ceiling, instead of spinning.
 ACCEPT_BACKOFF_SECS = (0.05, 1.0)
 ACCEPT_TICK_SECS = 0.2
+CLOSE_DRAIN_SECS = 1.0
 
 
 class Closed(Exception):
@@ -98,6 +99,7 @@ class ServerConnection:
         self.inbox: list[str] = []
         self._partial: list[str] = []  # a message arriving in pieces
         self._partial_chars = 0
+        self._closing = False  # our close frame is sent: what the client still sends is read and discarded
 
     @property
     def open(self) -> bool:
@@ -153,10 +155,14 @@ class ServerConnection:
         self.sock.sendall(response)
 
     def _message_piece(self, text: str, finished: bool) -> None:
+        if self._closing:
+            return
         self._partial.append(text)
         self._partial_chars += len(text)
         if self._partial_chars > CLIENT_MESSAGE_CHARS:
-            self.close(1009, "message too big", 0)
+            self._partial, self._partial_chars = [], 0
+            # read (and drop) what it still sends for a moment, so that the close frame reaches it instead of a reset
+            self.close(1009, "message too big", CLOSE_DRAIN_SECS)
             raise Closed()
         if not finished:
             return
@@ -193,6 +199,7 @@ class ServerConnection:
 
     def close(self, code: int, reason: str, wait_secs: float) -> None:
         """A close frame (a code wsproto cannot send, e.g. 1006, is not sent), then wait_secs for the client's."""
+        self._closing = True
         try:
             self.sock.sendall(self.ws.send(CloseConnection(code=code, reason=reason[:100])))
         except Exception:

@@ -93,7 +93,7 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 

@@ -83,9 +83,15 @@ class Client:
 
 def listening(streamer) -> bool:
     try:
-        return ("polygon_gateway_clients", ()) in streamer.metrics()
+        return ("polygon_gateway_connections_total", ()) in streamer.metrics()
     except OSError:
         return False
+
+
+def clients(streamer) -> dict[str, float]:
+    """polygon_gateway_clients by key name."""
+    return {dict(labels)["client"]: value for (name, labels), value in streamer.metrics().items()
+            if name == "polygon_gateway_clients"}
 
 
 def gateway_env(tmp_path, port: int, **settings) -> dict:
@@ -156,7 +162,9 @@ def test_keys_by_name_topics_the_upstream_lacks_unsubscribe_and_bad_input(mock_s
     wait_for(lambda: any(m["message"] == "unsubscribed to: T.AAPL" for m in alice.statuses()), what="the ack")
     wait_for(lambda: streamer.metric("polygon_gateway_client_topics") == 0, what="no topic held")
     assert streamer.metric("polygon_gateway_auth_failures_total") == 1
-    assert streamer.metric("polygon_gateway_clients") == 1
+    assert clients(streamer) == {"alice": 1, "bob": 0}
+    status, body = streamer.get("/subscriptions")
+    assert status == 200 and json.loads(body)["sinks"]["gateway"]["clients"] == {"alice": []}
     assert not any(key in streamer.all_output() for key in ("alice-key-123", "bob-key-456")), "keys never logged"
     assert any("gateway client alice connected" in m for m in streamer.log_messages()), "known by name"
     # SIGHUP with alice's key gone: she is closed; the file's errors keep the keys as they were
@@ -182,13 +190,14 @@ def test_a_client_that_reads_nothing_is_disconnected_and_no_one_else_loses_anyth
     mock_server.streaming.set()
     out = tmp_path / "out.ndjson"
     wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 60_000, timeout=60, what="every event written")
-    wait_for(lambda: streamer.metric("polygon_gateway_slow_disconnects_total") >= 1, timeout=20,
+    slow = {"reason": "slow_consumer"}
+    wait_for(lambda: streamer.metric("polygon_gateway_disconnects_total", **slow) >= 1, timeout=20,
              what="the deaf client disconnected")
-    assert streamer.metric("polygon_gateway_slow_disconnects_total") == 1, "the reading client was not"
+    assert streamer.metric("polygon_gateway_disconnects_total", **slow) == 1, "the reading client was not"
     msft = [r["payload"] for r in records_in(out) if r["type"] == "T" and r["symbol"] == "MSFT"]
     wait_for(lambda: len(reader.events()) >= len(msft), timeout=20, what="the reading client's trades")
     assert reader.events() == msft and reader.closed is None
-    assert streamer.metric("polygon_gateway_clients") == 1
+    assert clients(streamer) == {"default": 1}
     assert streamer.stop() == 0
     wait_for(lambda: reader.closed is not None, what="the close at the stop")
     assert reader.closed[0] == 1001
@@ -200,3 +209,109 @@ def test_a_non_loopback_address_needs_a_keys_file(mock_server, spawn, tmp_path):
     assert streamer.proc.wait(20) == 2
     errors = [line for line in streamer.stderr_lines if "GATEWAY" in line]
     assert len(errors) == 1 and "GATEWAY_KEYS_FILE" in errors[0] and TEST_KEY not in streamer.all_output()
+
+
+def test_with_drop_a_client_that_pauses_loses_only_what_it_is_told_of(mock_server, spawn, tmp_path):
+    mock_server.options.rate = 20_000
+    mock_server.options.batch = 50
+    mock_server.options.count = 80_000
+    mock_server.streaming.clear()
+    port = free_port()
+    streamer = spawn(**gateway_env(tmp_path, port, GATEWAY_CLIENT_QUEUE="64", GATEWAY_SLOW_CLIENT="drop"))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    paused = Client(port, read=False)
+    paused.send("subscribe", "T.*")
+    wait_for(lambda: streamer.metric("polygon_gateway_client_topics") == 1, what="subscribed")
+    mock_server.streaming.set()
+    wait_for(lambda: streamer.metric("polygon_gateway_dropped_events_total") > 0, timeout=20, what="drops")
+    threading.Thread(target=paused._read, daemon=True).start()  # it reads again
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 80_000, timeout=60, what="every event")
+    dropped = streamer.metric("polygon_gateway_dropped_events_total")
+
+    def told():
+        return sum(m["dropped_events"] for m in paused.statuses() if m["status"] == "gap")
+    wait_for(lambda: len(paused.events()) + told() >= 80_000, timeout=20,
+             what=lambda: f"received + told = every event ({len(paused.events())} + {told()}, dropped {dropped})")
+    assert len(paused.events()) + told() == 80_000 and told() == dropped and paused.closed is None
+    assert all(m["reason"] == "slow_client" for m in paused.statuses() if m["status"] == "gap")
+    assert streamer.metric("polygon_gateway_disconnects_total", reason="slow_consumer") == 0
+    assert streamer.stop() == 0
+    report("gateway: drop", received=len(paused.events()), dropped_and_told=int(dropped))
+
+
+def test_strangers_are_bounded_a_big_message_a_wrong_cluster_and_the_client_cap(mock_server, spawn, tmp_path):
+    port = free_port()
+    streamer = spawn(**gateway_env(tmp_path, port, GATEWAY_MAX_CLIENTS="3"))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    held = [Client(port) for _ in range(3)]
+    wait_for(lambda: sum(clients(streamer).values()) == 3, what="three clients")
+    with pytest.raises((websocket.WebSocketException, OSError)):
+        Client(port)
+    wait_for(lambda: streamer.metric("polygon_gateway_refused_clients_total") == 1, what="the fourth refused")
+    assert all(client.closed is None for client in held)
+    for client in held:
+        client.ws.close()
+
+    def connect(**options):
+        try:
+            return Client(port, read=False, **options)
+        except (websocket.WebSocketException, OSError):
+            return None  # (a slot frees when the closed connection's thread ends)
+    big = wait_for(connect, what="a free slot")
+    big.ws.send("x" * 1_000_000)
+    opcode, data = big.ws.recv_data(control_frame=True)
+    assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 1009
+    wrong = wait_for(lambda: connect(key=None, cluster="options"), what="a free slot")
+    assert wrong.messages[0]["status"] == "error" and "/stocks" in wrong.messages[0]["message"]
+    assert streamer.stop() == 0
+
+
+def test_two_hundred_clients_each_get_every_event_of_their_topic(mock_server, spawn, tmp_path):
+    mock_server.options.rate = 2000
+    mock_server.options.count = 4000
+    mock_server.streaming.clear()
+    port = free_port()
+    streamer = spawn(**gateway_env(tmp_path, port))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    symbols = ["AAPL", "MSFT", "NVDA", "AMZN"]
+    crowd = [Client(port) for _ in range(200)]
+    for index, client in enumerate(crowd):
+        client.send("subscribe", f"T.{symbols[index % 4]}")
+    wait_for(lambda: streamer.metric("polygon_gateway_client_topics") == 200, timeout=30, what="200 subscribed")
+    mock_server.streaming.set()
+    out = tmp_path / "out.ndjson"
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 4000, timeout=30, what="every event")
+    expected = {symbol: [r["payload"] for r in records_in(out) if r["type"] == "T" and r["symbol"] == symbol]
+                for symbol in symbols}
+    wait_for(lambda: all(len(c.events()) >= len(expected[symbols[i % 4]]) for i, c in enumerate(crowd)),
+             timeout=30, what="every client's events")
+    assert all(c.events() == expected[symbols[i % 4]] for i, c in enumerate(crowd))
+    assert streamer.stop() == 0
+    wait_for(lambda: all(c.closed is not None for c in crowd), what="every client closed at the stop")
+    assert {c.closed[0] for c in crowd} == {1001}
+    report("gateway: 200 clients", clients=200, events_each=len(expected["AAPL"]))
+
+
+def test_tls_serves_wss(mock_server, spawn, tmp_path):
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=gateway", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    mock_server.options.rate = 1000
+    port = free_port()
+    streamer = spawn(**gateway_env(tmp_path, port, GATEWAY_TLS_CERT=str(cert), GATEWAY_TLS_KEY=str(key)))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    ws = websocket.create_connection(f"wss://127.0.0.1:{port}/stocks", timeout=10,
+                                     sslopt={"ca_certs": str(cert), "cert_reqs": ssl.CERT_REQUIRED})
+    assert json.loads(ws.recv())[0]["status"] == "connected"
+    ws.send(json.dumps({"action": "auth", "params": TEST_KEY}))
+    assert json.loads(ws.recv())[0]["status"] == "auth_success"
+    ws.send(json.dumps({"action": "subscribe", "params": "T.*"}))
+    assert json.loads(ws.recv())[0]["message"] == "subscribed to: T.*"
+    assert json.loads(ws.recv())[0]["ev"] == "T"
+    with pytest.raises((websocket.WebSocketException, OSError)):  # plain ws:// on a TLS port: the handshake fails
+        websocket.create_connection(f"ws://127.0.0.1:{port}/stocks", timeout=5).recv()
+    ws.close()
+    assert streamer.stop() == 0

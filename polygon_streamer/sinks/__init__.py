@@ -112,6 +112,10 @@ class Sink:
         if self.thread is not None and self.thread.busy_since is not None:
             self.thread.busy_since = time.monotonic()
 
+    def subscriptions_view(self) -> dict | None:
+        """For GET /subscriptions: what the sink's own clients are subscribed to (the gateway's), or None."""
+        return None
+
     def close_report(self) -> str | None:
         """After close: what the shutdown line must add about this sink (e.g. nobody received it), or None."""
         return None

@@ -370,16 +370,10 @@ class GatewaySink(Sink):
     def _offer(self, client: _Client, wire: bytes, events: int) -> None:
         item = (wire, events)
         outbox = client.outbox
-        if client.pending_drops:
-            note = status("gap", f"{client.pending_drops} event(s) dropped: this client read too slowly")
-            note.update(reason="slow_client", dropped_events=client.pending_drops)
-            try:
-                outbox.put_nowait((_frame(ujson.dumps([note]).encode("utf-8")), 0))
-                client.pending_drops = 0
-            except queue.Full:
-                client.pending_drops += item[1]
-                self.stats.dropped_events += item[1]
-                return
+        if client.pending_drops and not self._tell_drops(client):
+            client.pending_drops += events
+            self.stats.dropped_events += events
+            return
         try:
             outbox.put_nowait(item)
         except queue.Full:
@@ -393,9 +387,24 @@ class GatewaySink(Sink):
             _log.warning("gateway client %s too slow (%d messages queued): disconnected", client.name,
                          self.client_queue, extra={"fields": {"client": client.name}})
 
+    @staticmethod
+    def _tell_drops(client: _Client) -> bool:
+        """The gap status of what a client (GATEWAY_SLOW_CLIENT=drop) missed, once its queue has room again."""
+        note = status("gap", f"{client.pending_drops} event(s) dropped: this client read too slowly")
+        note.update(reason="slow_client", dropped_events=client.pending_drops)
+        try:
+            client.outbox.put_nowait((_frame(ujson.dumps([note]).encode("utf-8")), 0))
+        except queue.Full:
+            return False
+        client.pending_drops = 0
+        return True
+
     def tick(self, now: float) -> None:
-        """A disconnected slow client still blocked in a send (it reads nothing) is cut."""
+        """Drops are told as soon as there is room, data or not; a disconnected slow client still blocked in a
+        send (it reads nothing) is cut."""
         for client in self._clients:
+            if client.pending_drops:
+                self._tell_drops(client)
             if client.kicked_at is not None and time.monotonic() - client.kicked_at > KICK_GRACE_SECS:
                 try:
                     client.sock.shutdown(socket.SHUT_RDWR)
@@ -440,10 +449,24 @@ class GatewaySink(Sink):
         listener.stop(join_secs=1.0)
         self._listener = None
 
+    def subscriptions_view(self) -> dict:
+        """Each client by name (never by key), with its topics; several clients of one key are numbered."""
+        clients: dict[str, list[str]] = {}
+        for client in self._clients:
+            name = str(client.name)
+            if name in clients:
+                name = f"{name}#{sum(1 for key in clients if key.split('#')[0] == client.name) + 1}"
+            clients[name] = list(client.topics)
+        return {"address": self.destination(), "clients": clients}
+
     def describe_metrics(self, queue_stats):
         stats = self.stats
+        by_name: dict[tuple[str], int] = {(name,): 0 for name in self._keys}
+        for client in self._clients:
+            by_name[(str(client.name),)] = by_name.get((str(client.name),), 0) + 1
         return [
-            ("polygon_gateway_clients", "Gateway clients connected and authenticated", len(self._clients)),
+            ("polygon_gateway_clients", "Gateway clients connected and authenticated, by key name", ["client"],
+             by_name),
             ("polygon_gateway_client_topics", "Topics the gateway's clients hold, summed over the clients",
              sum(len(client.topics) for client in self._clients)),
             ("polygon_gateway_connections_total", "Connections accepted by the gateway", stats.connections),
@@ -458,9 +481,10 @@ class GatewaySink(Sink):
             ("polygon_gateway_dropped_events_total",
              "Events not sent to a gateway client whose queue was full (GATEWAY_SLOW_CLIENT=drop)",
              stats.dropped_events),
-            ("polygon_gateway_slow_disconnects_total",
-             "Gateway clients disconnected with slow_consumer (GATEWAY_SLOW_CLIENT=disconnect)",
-             stats.slow_disconnects),
+            ("polygon_gateway_disconnects_total",
+             "Gateway clients the gateway closed, by reason: slow_consumer (its queue full), key_removed (SIGHUP)",
+             ["reason"], {("slow_consumer",): stats.slow_disconnects,
+                          ("key_removed",): stats.removed_key_disconnects}),
             ("polygon_gateway_drops_total", "Batches' events dropped at the gateway's own queue (full)",
              queue_stats.dropped),
         ]
