@@ -49,7 +49,10 @@ class Service:
         self.normalizer = FrameNormalizer(config.cluster, socket.gethostname(), __version__,
                                           config.ndjson_include, config.ndjson_sample_quotes, config.subscription)
         self.latency = LatencyHistogram()
-        built = build_sinks(config) if sinks is None else sinks
+        try:
+            built = build_sinks(config) if sinks is None else sinks
+        except SinkConfigError as exc:
+            raise ConfigError(str(exc)) from None
         self.sinks = [sink for sink, _ in built]
         self.sink_queues = [sink_queue for _, sink_queue in built]
         # The sink fed every message as received (the capture), if one is chosen: the reader and the dispatcher

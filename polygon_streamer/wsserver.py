@@ -31,8 +31,8 @@ try:
     from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, Request,
                                 TextMessage)
 except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise ImportError("serving the Polygon protocol needs wsproto: pip install 'polygon-streamer[mockserver]' "
-                      "or apt install python3-wsproto") from exc
+    raise ImportError("serving the Polygon protocol (SINK=gateway, demo, replay) needs wsproto: apt install "
+                      "python3-wsproto (or pip install 'polygon-streamer[gateway]')") from exc
 
 # What a client may have sent and we have not read yet: beyond it the oldest messages are discarded (counted), and a
 # single message longer than CLIENT_MESSAGE_CHARS ends the connection (1009): nothing a client sends grows memory.

@@ -238,8 +238,9 @@ def test_stopping_inside_a_hole_writes_a_shutdown_gap(mock_server, spawn, tmp_pa
 
 
 def test_every_metric_the_alert_rules_use_is_exported(mock_server, spawn):
-    # BACKFILL on (the local server's REST side): polygon_backfill_* exist only then.
-    streamer = spawn(SUBSCRIPTION="T.*", BACKFILL="on", POLYGON_REST_URL=mock_server.start_rest())
+    # BACKFILL on (the local server's REST side): polygon_backfill_* exist only then; the gateway's with it only.
+    streamer = spawn(SUBSCRIPTION="T.*", BACKFILL="on", POLYGON_REST_URL=mock_server.start_rest(),
+                     SINK="stdout,gateway", GATEWAY_ADDR=f"127.0.0.1:{free_port()}")
     streamer.wait_ready()
     exported = {name for name, _ in streamer.metrics()}
     used = set(re.findall(r"\b(polygon_[a-z_]+)", (ROOT / "polygon_streamer" / "ops" / "alerts.yml").read_text()))

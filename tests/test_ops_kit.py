@@ -59,6 +59,8 @@ tests:
         values: '1 1 1 0x10'
       - series: 'polygon_sink_write_errors_total{instance="a",sink="ndjson"}'
         values: '0 0 0 0 3 9 15 15x20'
+      - series: 'polygon_gateway_disconnects_total{instance="a",reason="slow_consumer"}'
+        values: '0 0 0 1x20'
     alert_rule_test:
       - {eval_time: 1m, alertname: PolygonFeedDown, exp_alerts: []}
       - eval_time: 5m
@@ -122,6 +124,13 @@ tests:
             exp_annotations:
               summary: "a: the ndjson sink's writes fail (a full disk?): /health says why"
       - {eval_time: 8m, alertname: PolygonSinkWriteFailing, exp_alerts: []}
+      - {eval_time: 2m, alertname: PolygonGatewaySlowClients, exp_alerts: []}
+      - eval_time: 5m
+        alertname: PolygonGatewaySlowClients
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: a, reason: slow_consumer}
+            exp_annotations: {summary: "a: gateway clients were disconnected for reading too slowly"}
+      - {eval_time: 20m, alertname: PolygonGatewaySlowClients, exp_alerts: []}
   - interval: 1m
     input_series:
       - series: 'polygon_connected{instance="a"}'
@@ -155,7 +164,8 @@ def test_the_rules_pass_promtool_check_and_test(tmp_path):
 @needs_prometheus
 def test_a_real_prometheus_finds_series_for_every_panel_and_rule(mock_server, spawn, tmp_path):
     # BACKFILL on (against the local server's REST side) so that its metrics, which the alerts use, exist.
-    streamer = spawn(SINK="ndjson,zmq", NDJSON_DEST=str(tmp_path / "out.ndjson"), SUBSCRIPTION="T.*,Q.*",
+    streamer = spawn(SINK="ndjson,zmq,gateway", NDJSON_DEST=str(tmp_path / "out.ndjson"), SUBSCRIPTION="T.*,Q.*",
+                     GATEWAY_ADDR=f"127.0.0.1:{free_port()}",
                      ZMQ_ENDPOINT=f"tcp://127.0.0.1:{free_port()}", ZMQ_BIND="true",
                      BACKFILL="on", POLYGON_REST_URL=mock_server.start_rest())
     streamer.wait_ready()

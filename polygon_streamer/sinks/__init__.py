@@ -141,7 +141,10 @@ class Sink:
 
 def sink_class(name: str) -> type[Sink]:
     module, _, cls = SINKS[name].partition(".")
-    return getattr(importlib.import_module(f".{module}", __name__), cls)
+    try:
+        return getattr(importlib.import_module(f".{module}", __name__), cls)
+    except ImportError as exc:  # a library only this sink needs (wsproto for the gateway)
+        raise SinkConfigError(f"SINK={name}: {exc}") from None
 
 
 def build_sinks(config) -> list[tuple[Sink, "SinkQueue"]]:
