@@ -46,7 +46,9 @@ CLOSE_WAIT_SECS = 1.0
 
 _log = logs.get("polygon_gateway")
 
-_GOING_AWAY = (b"", 0)    # the queue's last item at a stop: close 1001 once what came before is sent
+_GOING_AWAY = (b"", 0)
+_PAYLOAD_START_CHARS = len(PAYLOAD_START)
+_BACKFILLED_CHARS = len(BACKFILLED)    # the queue's last item at a stop: close 1001 once what came before is sent
 
 
 def load_keys(path: str | None, service_key: str) -> dict[str, str]:
@@ -226,6 +228,7 @@ class GatewaySink(Sink):
         self._keys_file = config.gateway_keys_file
         self._service_key = config.api_key
         self.upstream = topic_filter(config.subscription)
+        self._upstream_topics = [topic for topic in config.subscription.split(",") if topic]
         self._config = config
         self.tls: ssl.SSLContext | None = None
         self._keys: dict[str, str] = {}
@@ -233,7 +236,7 @@ class GatewaySink(Sink):
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._clients: list[_Client] = []
-        self._matchers: dict[tuple[str, ...], IncludeFilter] = {}
+        self._matchers: dict[tuple[str, ...], tuple[IncludeFilter, bool]] = {}
         self._listener: Listener | None = None
 
     def destination(self) -> str:
@@ -324,41 +327,59 @@ class GatewaySink(Sink):
                 groups.setdefault(tuple(client.topics), []).append(client)
         if not groups:
             return
-        gaps = [record for record in records if record[3] == GAP]
+        # Once per batch: each live event's JSON as received (the record's payload), and the gap records.
+        events: list[tuple[str, str, str]] = []
+        gaps = []
+        for _, code, symbol, kind, _, line in records:
+            if kind == GAP:
+                gaps.append(line)
+                continue
+            if kind == BACKFILL:
+                continue
+            end = line.rindex(PAYLOAD_END)
+            if line.startswith(BACKFILLED, end - _BACKFILLED_CHARS):
+                continue  # backfilled: late and out of order for a live client
+            events.append((code, symbol, line[line.index(PAYLOAD_START, 0, end) + _PAYLOAD_START_CHARS:end]))
         gap_wire = self._gap_statuses(gaps) if gaps else None
-        matchers = self._matchers
-        if len(matchers) > 4 * len(groups) + 64:
-            matchers.clear()
+        everything: tuple[bytes, int] | None = None  # the message of a group that takes every event
         for topics, members in groups.items():
-            matcher = matchers.get(topics)
-            if matcher is None:
-                matcher = matchers[topics] = topic_filter(",".join(topics))
-            payloads = [self._payload(line) for _, code, symbol, kind, _, line in records
-                        if kind != GAP and kind != BACKFILL and matcher.matches(code, symbol)
-                        and not self._backfilled(line)]
-            if gap_wire is not None:
-                for client in members:
+            matcher, takes_all = self._matcher(topics)
+            if takes_all:
+                if everything is None:
+                    everything = self._message([payload for _, _, payload in events])
+                wire, count = everything
+            else:
+                wire, count = self._message([payload for code, symbol, payload in events
+                                             if matcher.matches(code, symbol)])
+            for client in members:
+                if gap_wire is not None:
                     self._offer(client, gap_wire, 0)
-            if payloads:
-                wire = _frame(("[" + ",".join(payloads) + "]").encode("utf-8"))
-                for client in members:
-                    self._offer(client, wire, len(payloads))
+                if count:
+                    self._offer(client, wire, count)
         self.observe_written(ingest_ms, len(records))
 
-    @staticmethod
-    def _payload(line: str) -> str:
-        return line[line.index(PAYLOAD_START) + len(PAYLOAD_START):line.rindex(PAYLOAD_END)]
+    def _matcher(self, topics: tuple[str, ...]) -> tuple[IncludeFilter, bool]:
+        """A set of topics' filter, and whether it takes every event the upstream subscription brings."""
+        found = self._matchers.get(topics)
+        if found is None:
+            if len(self._matchers) > 4 * len(self._clients) + 64:
+                self._matchers.clear()
+            matcher = topic_filter(",".join(topics))
+            takes_all = all(covered(matcher, topic) for topic in self._upstream_topics)
+            found = self._matchers[topics] = (matcher, takes_all)
+        return found
 
     @staticmethod
-    def _backfilled(line: str) -> bool:
-        end = line.rindex(PAYLOAD_END)
-        return line.startswith(BACKFILLED, end - len(BACKFILLED))
+    def _message(payloads: list[str]) -> tuple[bytes, int]:
+        if not payloads:
+            return b"", 0
+        return _frame(("[" + ",".join(payloads) + "]").encode("utf-8")), len(payloads)
 
     @staticmethod
-    def _gap_statuses(gaps: list[tuple]) -> bytes:
+    def _gap_statuses(gaps: list[str]) -> bytes:
         messages = []
-        for record in gaps:
-            value = ujson.loads(record[5])
+        for line in gaps:
+            value = ujson.loads(line)
             payload = value.get("payload") if isinstance(value.get("payload"), dict) else {}
             message = {"ev": "status", "status": "gap",
                        "message": payload.get("detail") or f"gap: {payload.get('reason')}"}
