@@ -434,6 +434,15 @@ SETTINGS: tuple[Setting, ...] = (
             doc="the keys clients may authenticate with, `NAME KEY` (or a bare `KEY`) a line, `#` comments; a "
                 "client is known by its NAME, never its key; reread on SIGHUP (a removed key's clients are closed); "
                 "unset: the service's own `POLYGON_API_KEY`, named `default`"),
+    Setting("gateway_upstream", "GATEWAY_UPSTREAM", "union", _choice("union", "fixed"),
+            "a client topic the service's subscription lacks: union (added upstream while held) or fixed (refused)",
+            doc="a topic a client subscribes that `SUBSCRIPTION` does not cover: `union` adds it to the upstream "
+                "subscription (one subscribe message, no reconnect) while a client holds it, the other sinks never "
+                "seeing its events; `fixed` refuses it with an `error` status"),
+    Setting("gateway_linger_secs", "GATEWAY_LINGER_SECS", "10", _seconds(0, True),
+            "how long a topic added for clients stays upstream after the last client let it go",
+            doc="how long a topic added for clients stays subscribed upstream after the last client let it go (a "
+                "client that reconnects does not churn the upstream subscription)"),
     Setting("gateway_client_queue", "GATEWAY_CLIENT_QUEUE", "1024", _int(1),
             "messages queued per gateway client; full: GATEWAY_SLOW_CLIENT",
             doc="messages queued for one client (one a hand-over: up to a few thousand events); when it is full, "
@@ -581,6 +590,8 @@ class Config:
     state_dir: str | None = None
     gateway_addr: tuple[str, int] = ("127.0.0.1", 8765)
     gateway_keys_file: str | None = None
+    gateway_upstream: str = "union"
+    gateway_linger_secs: float = 10.0
     gateway_client_queue: int = 1024
     gateway_slow_client: str = "disconnect"
     gateway_max_clients: int = 256

@@ -15,8 +15,9 @@ from .backfill import Desk
 from .capture_format import Backfilled, BackfillSummary, CaptureBatch
 from .metrics import LatencyHistogram
 from .handover import FINISH, STOP, WAKE, gap_item_ms
-from .normalize import FrameError, FrameNormalizer, Gap
+from .normalize import EXTRA, FrameError, FrameNormalizer, Gap
 from .sinks import TICK_SECS, SinkQueue
+from .subscriptions import Subscriptions
 from .threads import ServiceThread
 
 CODE = operator.itemgetter(1)
@@ -45,6 +46,10 @@ class Dispatcher(ServiceThread):
         # code -> ingest ms of its last event delivered (polygon_last_event_timestamp_seconds)
         self.last_seen_ms: dict[str, int] = {}
         self.desk = desk  # BACKFILL: the dispatcher's side of gap healing
+        # A sink takes its clients' added topics (extra_topics): the subscriptions whose two sets the normalizer
+        # follows (set_union), checked once per hand-over.
+        self.union: Subscriptions | None = None
+        self._union_version = 0
         self._capture_session = 0  # the session of the last captured batch (backfill lines take it)
 
     def loop(self) -> None:
@@ -93,11 +98,21 @@ class Dispatcher(ServiceThread):
                     self.gap(frames[told], gap_item_ms(frames[told]))
                     told += 1
                 frames = frames[told:]
+            union = self.union
+            if union is not None and union.union_version != self._union_version:
+                self._union_version = union.union_version
+                normalizer.set_union(union.desired, union.extra, ingest_ms)
+            elif normalizer.retire_due is not None and ingest_ms >= normalizer.retire_due:
+                normalizer.expire_retired(ingest_ms)
             anomalies = normalizer.sequence_anomalies_total
             batch = None
+            extra = normalizer.extra
+            if extra:
+                extra.clear()
             # capturing: each frame's text, if strict JSON as received
             proven: list[str | None] | None = [] if len(item) > 2 else None
             for data in frames:  # the frames one socket read completed: one batch for each sink
+                diverted = len(extra)
                 try:
                     records, newest = normalize(data, ingest_ms)
                 except FrameError as exc:
@@ -108,6 +123,9 @@ class Dispatcher(ServiceThread):
                     continue
                 if proven is not None:
                     proven.append(normalizer.frame_text)
+                if len(extra) > diverted and batch:  # (the frame's positions: the batch holds the frames before it)
+                    extra[diverted:] = [(at + len(batch), code, symbol, text)
+                                        for at, code, symbol, text in extra[diverted:]]
                 if newest is not None:
                     observe((ingest_ms - newest) / 1000.0)
                 if records:
@@ -122,8 +140,11 @@ class Dispatcher(ServiceThread):
                     last_seen.update(dict.fromkeys(map(CODE, batch), ingest_ms))
                 if len(last_seen) > _LAST_SEEN_LIMIT:
                     last_seen.clear()
-                for sink_queue in sink_queues:
-                    sink_queue.offer(ingest_ms, batch)
+                if not extra:
+                    for sink_queue in sink_queues:
+                        sink_queue.offer(ingest_ms, batch)
+            if extra:
+                self._offer_with_extra(ingest_ms, batch or [], extra)
             if proven is not None:
                 self._capture(item[2], frames, proven)
             if normalizer.sequence_anomalies_total != anomalies:
@@ -132,6 +153,22 @@ class Dispatcher(ServiceThread):
                 self.desk.snapshot()
                 if self.desk.due(False):
                     self.desk.deliver(self.emit)
+
+    def _offer_with_extra(self, ingest_ms: int, batch: list, extra: list[tuple[int, str, str, str]]) -> None:
+        """GATEWAY_UPSTREAM=union: the records to every sink; to the one that asked (takes_extra) with the events of
+        its clients' added topics among them, in the order received (normalize left those out, with their place)."""
+        merged: list[tuple] = []
+        at = 0
+        for position, code, symbol, text in extra:
+            merged += batch[at:position]
+            at = position
+            merged.append((0, code, symbol, EXTRA, None, text))
+        merged += batch[at:]
+        for sink_queue in self.sink_queues:
+            if sink_queue.takes_extra:
+                sink_queue.offer(ingest_ms, merged)
+            elif batch:
+                sink_queue.offer(ingest_ms, batch)
 
     def _capture(self, batches: list, frames: list[bytes], proven: list[str | None]) -> None:
         """A hand-over's capture batch (sinks.capture.CaptureBatch: every message in order, data frames and statuses),

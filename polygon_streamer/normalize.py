@@ -39,6 +39,8 @@ SEQUENCED = {"stocks": ("T", "Q"), "options": ("T", "Q")}
 _NO_Q = -(1 << 64)
 
 GAP = "gap"
+RETIRE_MS = 30_000  # how long a topic the gateway's clients let go is still diverted (set_union)
+EXTRA = "extra"  # the kind of a gateway client's event that is not a record (set_union; sinks/gateway.py)
 BACKFILL = "backfill"  # the type, kind and topic of a backfill summary (backfill/)
 GAP_REASONS = ("disconnect", "read_timeout", "server_close", "status", "stale", "max_connections", "inbound_drop",
                "sink_drop", "shutdown", "restart")
@@ -166,6 +168,18 @@ def time_to_ms(value) -> int | None:
     return None
 
 
+def canonical_symbol(cluster: str, text: str) -> str:
+    """A ticker or symbol as compared across the ways Polygon writes it: crypto and forex pairs with or without
+    their X:/C: prefix and separator (X:BTC-USD, BTC-USD, BTCUSD; EUR/USD, EUR-USD, C:EURUSD) are one; a trailing
+    `*` stays."""
+    if cluster not in ("crypto", "forex"):
+        return text
+    upper = text.upper()
+    if upper.startswith(("X:", "C:")):
+        upper = upper[2:]
+    return upper.replace("-", "").replace("/", "")
+
+
 def _json_str(text: str) -> str:
     return ujson.dumps(text, ensure_ascii=False, escape_forward_slashes=False)
 
@@ -241,6 +255,13 @@ class FrameNormalizer:
         self._backfill_identities: dict[tuple[str, str], tuple] = {}
         # (code, symbol) -> its Watcher: the explicit topics BACKFILL fills (watch()); each sees its live events.
         self._watchers: Mapping[tuple[str, str], Watcher] = {}
+        # GATEWAY_UPSTREAM=union (set_union): the events of topics only the gateway's clients asked for are not records:
+        # they go to `extra`, (records before it, code, symbol, the event's JSON as received), for the gateway alone.
+        self._own: tuple[IncludeFilter, IncludeFilter] | None = None  # (the desired set, the topics diverted)
+        self._union: tuple[list[str], list[str]] = ([], [])  # (desired, extra) as last told
+        self._retired: dict[str, int] = {}  # a topic the clients let go -> until when (ms) it is still diverted
+        self.retire_due: int | None = None  # the first of those times
+        self.extra: list[tuple[int, str, str, str]] = []
         # code -> (symbol key, time key) for the inlined common case of _locate
         self._fast_keys = {code: (shape.symbol_keys[0], shape.time_keys[0]) for code, shape in self._shapes.items()}
         self.seq = 0
@@ -285,12 +306,16 @@ class FrameNormalizer:
                 text.encode("utf-8")
             except UnicodeEncodeError:
                 fragment = None
-        included = not self._include or self._include.matches(code, symbol)
+        included: bool | None = not self._include or self._include.matches(code, symbol)
+        if self._own is not None and not backfill and self._client_only(code, symbol):
+            included = None  # an event of a gateway client's topic alone: not a record (normalize)
         # Codes come from the network: the unknown ones share one label, so that they cannot grow the metrics.
         label = code if code in self._shapes else protocol.UNKNOWN_LABEL
         entry: tuple
         if backfill:
             entry = (fragment, kind, included, label, None, None)
+        elif included is None:  # no q checks, no backfill track: as if the service had never seen it
+            entry = (fragment, kind, None, label, None, None)
         else:
             entry = (fragment, kind, included, label, [_NO_Q] if code in self._sequenced else None,
                      self._watchers.get((code, symbol)))
@@ -369,6 +394,9 @@ class FrameNormalizer:
                 symbol, ts = self._locate(event, code)
             fragment, kind, included, label, last_q, track = (identities.get((code, symbol))
                                                               or self._identity(code, symbol, backfill))
+            if included is None:
+                self._divert(len(records), code, symbol, event, text)
+                continue
             if last_q is not None:
                 q = event.get("q")
                 if type(q) is int:
@@ -429,6 +457,56 @@ class FrameNormalizer:
         self.sequence_anomalies[key] = self.sequence_anomalies.get(key, 0) + 1
         self.sequence_anomalies_total += 1
         self.last_sequence_anomaly = (code, symbol, q, previous, reason)
+
+    def set_union(self, desired: list[str], extra: list[str], now_ms: int) -> None:
+        """GATEWAY_UPSTREAM=union: the service's own topics and those its gateway clients added. An event that only
+        the added ones name is diverted to `extra` (never a record, a seq, a count or a check); with no added
+        topic nothing is. A topic the clients let go stays diverted for RETIRE_MS, while the upstream's
+        unsubscribe and the events already on their way cross (they would otherwise land in the other sinks).
+        Symbols are compared in a canonical form (canonical_symbol), so that a topic's ticker and an event's symbol
+        written differently never send the service's own data away."""
+        own = set(desired)
+        for topic in self._union[1]:
+            if topic not in own and topic not in extra:
+                self._retired[topic] = now_ms + RETIRE_MS
+        for topic in (*desired, *extra):
+            self._retired.pop(topic, None)
+        self._union = (list(desired), list(extra))
+        self._apply_union()
+
+    def expire_retired(self, now_ms: int) -> None:
+        """The retired topics whose time is up are no longer diverted (the dispatcher calls it at retire_due)."""
+        self._retired = {topic: until for topic, until in self._retired.items() if until > now_ms}
+        self._apply_union()
+
+    def _apply_union(self) -> None:
+        desired, extra = self._union
+        diverted = [*extra, *self._retired]
+        self.retire_due = min(self._retired.values(), default=None)
+        if not diverted:
+            self._own = None
+        else:
+            self._own = (IncludeFilter(f"{code}:{canonical_symbol(self.cluster, ticker)}"
+                                       for code, _, ticker in (topic.partition(".") for topic in desired)),
+                         IncludeFilter(f"{code}:{canonical_symbol(self.cluster, ticker)}"
+                                       for code, _, ticker in (topic.partition(".") for topic in diverted)))
+        self._identities.clear()  # every (code, symbol) is judged again
+        self._identity_bytes = 0
+
+    def _client_only(self, code: str, symbol: str) -> bool:
+        assert self._own is not None
+        own, extra = self._own
+        canonical = canonical_symbol(self.cluster, symbol)
+        return not own.matches(code, canonical) and extra.matches(code, canonical)
+
+    def _divert(self, position: int, code: str, symbol: str, event: dict, text: str | None) -> None:
+        if text is None:
+            try:
+                text = ujson.dumps(event, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)[1:-1]
+                text.encode("utf-8")
+            except (OverflowError, ValueError, TypeError, UnicodeError, RecursionError):
+                return  # (not strict JSON: a client gets what a record would have got, nothing)
+        self.extra.append((position, code, symbol, "{" + text + "}"))
 
     def watch(self, watchers: Mapping[tuple[str, str], Watcher]) -> None:
         """BACKFILL's desk: the topics whose live events it follows, (code, symbol) -> the Watcher each live event of

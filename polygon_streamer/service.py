@@ -72,6 +72,10 @@ class Service:
         self.dispatcher = Dispatcher(self.inbound, self.normalizer, dispatched, self.latency,
                                      config.bp_warn_interval_secs, self.capture_queue, desk)
         self.sink_threads = [SinkThread(sink, sink_queue) for sink, sink_queue in built]
+        for sink in self.sinks:
+            sink.use_subscriptions(self.subscriptions)
+        if any(sink.extra_topics for sink in self.sinks):
+            self.dispatcher.union = self.subscriptions
         self.heartbeat = Heartbeat(self.reader, config.heartbeat_interval_secs) \
             if config.heartbeat_interval_secs > 0 else None
         self.status = Health(config, self.reader.state, self.subscriptions.active, self.sinks, self.sink_threads,

@@ -109,11 +109,20 @@ class Subscriptions:
         # subscription's acks each remove one).
         self._in_flight: dict[str, None] = {}
         self.version = 0  # +1 at every change of the desired set (backfill follows it: a plain int, read unlocked)
+        # Topics a sink's clients asked for beyond the desired set (the gateway's, GATEWAY_UPSTREAM=union): on the
+        # wire with it, never in what the other sinks get. union_version: +1 at every change of either set.
+        self._extra: list[str] = []
+        self.union_version = 0
 
     @property
     def desired(self) -> list[str]:
         with self._lock:
             return list(self._desired)
+
+    @property
+    def extra(self) -> list[str]:
+        with self._lock:
+            return list(self._extra)
 
     def set_desired(self, topics: list[str]) -> tuple[list[str], list[str]]:
         """The new desired set; returns (added, removed) against the current one."""
@@ -125,14 +134,31 @@ class Subscriptions:
             self.changed = self.changed or bool(added or removed)
             if added or removed:
                 self.version += 1
+                self.union_version += 1
         return added, removed
+
+    def set_extra(self, topics: list[str]) -> None:
+        """The topics a sink's clients hold beyond the desired set (any thread): subscribed upstream with it."""
+        with self._lock:
+            if topics == self._extra:
+                return
+            self._extra = list(topics)
+            self.changed = True
+            self.union_version += 1
+
+    def _wire(self) -> list[str]:
+        """What the connection subscribes: the desired set, then the extra topics it lacks (under the lock)."""
+        if not self._extra:
+            return list(self._desired)
+        desired = set(self._desired)
+        return self._desired + [topic for topic in self._extra if topic not in desired]
 
     # -- the reader's side ----------------------------------------------------------------------------------------
 
     def session_started(self) -> list[str]:
         """A new session subscribes to the whole desired set: every topic pending. Returns the messages' params."""
         with self._lock:
-            topics = list(self._desired)
+            topics = self._wire()
             self.changed = False
         self.states = {topic: (PENDING, "") for topic in topics}
         self._in_flight = dict.fromkeys(topics)
@@ -144,7 +170,7 @@ class Subscriptions:
             if not self.changed:
                 return None
             self.changed = False
-            desired = list(self._desired)
+            desired = self._wire()
         wanted = set(desired)
         added = [topic for topic in desired if topic not in self.states]
         removed = [topic for topic in self.states if topic not in wanted]
@@ -190,7 +216,13 @@ class Subscriptions:
         counts = {state: 0 for state in STATES}
         for entry in topics.values():
             counts[entry["state"]] += 1
-        return {"source": self.source, "counts": counts, "topics": topics}
+        view = {"source": self.source, "counts": counts, "topics": topics}
+        extra = [topic for topic in self.extra if topic not in topics]
+        if extra:
+            view["client_topics"] = {topic: {"state": states.get(topic, (PENDING, ""))[0],
+                                             **({"message": states[topic][1]} if states.get(topic, ("", ""))[1]
+                                                else {})} for topic in extra}
+        return view
 
     def describe(self) -> str:
         """The desired set for a log line or a gap record: the params, or how many topics from where."""

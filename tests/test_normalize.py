@@ -6,7 +6,8 @@ import ujson
 
 from helpers import FIXTURES, valid_record
 from polygon_streamer import protocol
-from polygon_streamer.normalize import FrameError, FrameNormalizer, Gap, IncludeFilter, parse_frame, time_to_ms
+from polygon_streamer.normalize import (RETIRE_MS, FrameError, FrameNormalizer, Gap, IncludeFilter, parse_frame,
+                                      time_to_ms)
 
 INGEST = 1700000000150
 
@@ -276,3 +277,26 @@ def test_every_fixture_record_and_a_gap_record_are_valid_against_the_shipped_jso
         valid_record(normalizer.gap_record(gap, INGEST)[5])
     with pytest.raises(jsonschema.ValidationError):  # the schema does refuse: a gap that hides how much is missing
         valid_record(FrameNormalizer("stocks", "h", "v").gap_record(Gap("sink_drop", "x", INGEST), INGEST)[5])
+
+
+def test_a_gateway_clients_topic_is_diverted_and_stays_so_while_its_unsubscribe_crosses_the_wire():
+    normalizer = FrameNormalizer("crypto", "host", "1.0")
+    frame = ujson.dumps([{"ev": "XT", "pair": "BTC-USD", "t": 1700000000000, "q": 1},
+                         {"ev": "XQ", "pair": "BTC-USD", "t": 1700000000001},
+                         {"ev": "XT", "pair": "ETH-USD", "t": 1700000000002}])
+
+    def run(now_ms):
+        normalizer.extra.clear()
+        records, _ = normalizer.normalize(frame, now_ms)
+        return [r[1] for r in records], [(at, code, symbol) for at, code, symbol, _ in normalizer.extra]
+
+    assert run(0) == (["XT", "XQ", "XT"], []), "without a union every event is a record"
+    normalizer.set_union(["XT.*"], ["XQ.X:BTCUSD"], 1_000)  # another spelling of the pair: canonical form
+    assert run(1_000) == (["XT", "XT"], [(1, "XQ", "BTC-USD")]), "the client's topic only, at its place"
+    normalizer.set_union(["XT.*"], [], 2_000)  # let go: the unsubscribe and the events on their way cross
+    assert run(2_000 + RETIRE_MS - 1) == (["XT", "XT"], [(1, "XQ", "BTC-USD")])
+    normalizer.expire_retired(2_000 + RETIRE_MS)
+    assert normalizer.retire_due is None
+    assert run(2_000 + RETIRE_MS) == (["XT", "XQ", "XT"], []), "then it is what the upstream sends, as without"
+    normalizer.set_union(["XT.*", "XQ.*"], ["XT.ETH-USD"], 3_000)
+    assert run(3_000) == (["XT", "XQ", "XT"], []), "a topic the service's own set covers is never diverted"

@@ -50,6 +50,9 @@ class Sink:
     # > 0: the thread hands every batch already queued, up to this many events, to one write_batches call (a sink
     # with a round trip per write, such as Redis, pays it once for all of them).
     coalesce_events = 0
+    # Whether its batches also hold the events of topics its own clients added upstream (the gateway's
+    # GATEWAY_UPSTREAM=union): records of kind normalize.EXTRA, with no seq; no other sink ever sees them.
+    extra_topics = False
     # An offline tool's (reprocess): a sink whose writes have failed this long gives up (SinkClosed) instead of
     # waiting for a disk that may never come back; the service rides such failures out (None).
     stall_limit_secs: float | None = None
@@ -112,6 +115,9 @@ class Sink:
         if self.thread is not None and self.thread.busy_since is not None:
             self.thread.busy_since = time.monotonic()
 
+    def use_subscriptions(self, subscriptions) -> None:
+        """The service's Subscriptions, for a sink whose clients may add topics upstream (set_extra)."""
+
     def subscriptions_view(self) -> dict | None:
         """For GET /subscriptions: what the sink's own clients are subscribed to (the gateway's), or None."""
         return None
@@ -153,7 +159,9 @@ def build_sinks(config) -> list[tuple[Sink, "SinkQueue"]]:
     for name in config.sinks:
         cls = sink_class(name)
         capacity, drop_when_full, warn_interval_secs = cls.queue_settings(config)
-        built.append((cls.from_config(config), SinkQueue(name, capacity, drop_when_full, warn_interval_secs)))
+        sink_queue = SinkQueue(name, capacity, drop_when_full, warn_interval_secs)
+        sink_queue.takes_extra = cls.extra_topics
+        built.append((cls.from_config(config), sink_queue))
     return built
 
 
@@ -203,6 +211,7 @@ class SinkQueue:
                                                          else "polygon_streamer"), warn_interval_secs)
         self.consumer: threading.Thread | None = None
         self.normalizer: FrameNormalizer | None = None  # set by the service: builds the sink_drop gap records
+        self.takes_extra = False  # its sink's extra_topics
         self._last_ingest_ms: int | None = None  # the last batch queued: what the gap record says came before
         self._last_ts: int | None = None
         self._pending_drops = 0  # events dropped since the last batch queued

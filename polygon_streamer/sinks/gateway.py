@@ -29,9 +29,10 @@ import time
 import ujson
 
 from .. import logs, protocol
+from ..subscriptions import REFUSED, Subscriptions
 from ..config import Config, format_addr
-from ..normalize import BACKFILL, GAP, IncludeFilter
-from ..wsserver import Closed, Listener, ServerConnection, ServerStats, status, topic_filter, ws_frame
+from ..normalize import BACKFILL, EXTRA, GAP, IncludeFilter, canonical_symbol
+from ..wsserver import Closed, Listener, ServerConnection, ServerStats, status, ws_frame
 from . import Sink, SinkConfigError
 from .stdout import BACKFILLED, PAYLOAD_END, PAYLOAD_START
 
@@ -77,9 +78,16 @@ def load_keys(path: str | None, service_key: str) -> dict[str, str]:
     return keys
 
 
-def covered(upstream: IncludeFilter, topic: str) -> bool:
-    """Whether the service's own subscription receives every event the client's topic names."""
+def client_filter(cluster: str, topics) -> IncludeFilter:
+    """Topics (CODE.TICKER) as a filter of (code, canonical symbol): what a topic names however Polygon writes it."""
+    return IncludeFilter(f"{code}:{canonical_symbol(cluster, ticker)}"
+                         for code, _, ticker in (topic.strip().partition(".") for topic in topics) if code)
+
+
+def covered(cluster: str, upstream: IncludeFilter, topic: str) -> bool:
+    """Whether a filter of topics (client_filter) receives every event the topic names."""
     code, _, ticker = topic.partition(".")
+    ticker = canonical_symbol(cluster, ticker)
     return upstream.covers(code, ticker) or upstream.covers("*", ticker)
 
 
@@ -212,6 +220,7 @@ class _Client(ServerConnection):
 
 class GatewaySink(Sink):
     name = "gateway"
+    extra_topics = True  # GATEWAY_UPSTREAM=union: its batches hold its clients' added topics too
 
     @staticmethod
     def queue_settings(config: Config) -> tuple[int, bool, float]:
@@ -227,8 +236,18 @@ class GatewaySink(Sink):
         self.max_clients = config.gateway_max_clients
         self._keys_file = config.gateway_keys_file
         self._service_key = config.api_key
-        self.upstream = topic_filter(config.subscription)
-        self._upstream_topics = [topic for topic in config.subscription.split(",") if topic]
+        self.union = config.gateway_upstream == "union"
+        self.linger_secs = config.gateway_linger_secs
+        self._subscriptions: Subscriptions | None = None
+        self._own_topics = [topic for topic in config.subscription.split(",") if topic]
+        self._own_version = -1
+        self.upstream = client_filter(self.cluster, self._own_topics)
+        # union: each topic added upstream for clients -> the clients holding it; a topic no one holds any more
+        # stays until its linger time (a client that reconnects does not churn the upstream)
+        self._holders: dict[str, set[int]] = {}
+        self._lingering: dict[str, float] = {}
+        self.topics_added = 0
+        self.topics_removed = 0
         self._config = config
         self.tls: ssl.SSLContext | None = None
         self._keys: dict[str, str] = {}
@@ -288,7 +307,49 @@ class GatewaySink(Sink):
     def remove(self, client: _Client) -> None:
         with self._lock:
             self._clients = [other for other in self._clients if other is not client]
+            self._release(client, client.topics)
         _log.info("gateway client %s left", client.name, extra={"fields": {"client": client.name}})
+
+    def use_subscriptions(self, subscriptions: Subscriptions) -> None:
+        self._subscriptions = subscriptions
+
+    def _own(self) -> IncludeFilter:
+        """The service's own subscription as a filter (it may change on SIGHUP)."""
+        subscriptions = self._subscriptions
+        if subscriptions is not None and subscriptions.version != self._own_version:
+            self._own_version = subscriptions.version
+            self._own_topics = subscriptions.desired
+            self.upstream = client_filter(self.cluster, self._own_topics)
+            self._matchers.clear()
+        return self.upstream
+
+    def _hold(self, client: _Client, topic: str) -> None:
+        """(under the lock) A client holds a topic added upstream for it."""
+        holders = self._holders.get(topic)
+        if holders is None:
+            holders = self._holders[topic] = set()
+            if self._lingering.pop(topic, None) is None:
+                self.topics_added += 1
+                _log.info("gateway: %s added upstream for client %s", topic, client.name,
+                          extra={"fields": {"topic": topic, "client": client.name}})
+        holders.add(id(client))
+        self._sync_upstream()
+
+    def _release(self, client: _Client, topics) -> None:
+        """(under the lock) The client no longer holds these topics: one no one holds lingers, then goes."""
+        for topic in topics:
+            holders = self._holders.get(topic)
+            if holders is None:
+                continue
+            holders.discard(id(client))
+            if not holders:
+                del self._holders[topic]
+                self._lingering[topic] = time.monotonic() + self.linger_secs
+
+    def _sync_upstream(self) -> None:
+        if self._subscriptions is not None:
+            self._subscriptions.set_extra(sorted({*self._holders, *self._lingering}))
+            self._matchers.clear()
 
     def subscribe(self, client: _Client, topics: list[str]) -> None:
         acks, refused = [], []
@@ -296,22 +357,30 @@ class GatewaySink(Sink):
             code, dot, ticker = topic.partition(".")
             if not dot or not code or not ticker:
                 refused.append(status("error", f"invalid topic {topic[:60]!r}: expected CODE.TICKER"))
-            elif not covered(self.upstream, topic):
-                refused.append(status("error", f"not subscribed upstream: {topic} (the service's subscription "
-                                               "does not cover it)"))
             elif len(client.topics) >= TOPICS_PER_CLIENT:
                 refused.append(status("error", f"too many topics (at most {TOPICS_PER_CLIENT:,} a client)"))
                 break
-            else:
+            elif covered(self.cluster, self._own(), topic):
                 if topic not in client.topics:
                     client.topics = client.topics + [topic]
+                acks.append(status("success", f"subscribed to: {topic}"))
+            elif not self.union or self._subscriptions is None:
+                refused.append(status("error", f"not subscribed upstream: {topic} (the service's subscription "
+                                               "does not cover it; GATEWAY_UPSTREAM=fixed)"))
+            else:
+                with self._lock:
+                    if topic not in client.topics:
+                        client.topics = client.topics + [topic]
+                        self._hold(client, topic)
                 acks.append(status("success", f"subscribed to: {topic}"))
         if acks or refused:
             client.send(acks + refused)
 
     def unsubscribe(self, client: _Client, topics: list[str]) -> None:
         gone = set(topics)
-        client.topics = [topic for topic in client.topics if topic not in gone]
+        with self._lock:
+            client.topics = [topic for topic in client.topics if topic not in gone]
+            self._release(client, [topic for topic in topics if topic in self._holders])
         if topics:
             client.send([status("success", f"unsubscribed to: {topic}") for topic in topics])
 
@@ -330,11 +399,16 @@ class GatewaySink(Sink):
         # Once per batch: each live event's JSON as received (the record's payload), and the gap records.
         events: list[tuple[str, str, str]] = []
         gaps = []
+        added = 0  # events of topics added upstream for clients (union): matched even for a group that takes all
         for _, code, symbol, kind, _, line in records:
             if kind == GAP:
                 gaps.append(line)
                 continue
             if kind == BACKFILL:
+                continue
+            if kind == EXTRA:
+                events.append((code, symbol, line))
+                added += 1
                 continue
             end = line.rindex(PAYLOAD_END)
             if line.startswith(BACKFILLED, end - _BACKFILLED_CHARS):
@@ -344,13 +418,14 @@ class GatewaySink(Sink):
         everything: tuple[bytes, int] | None = None  # the message of a group that takes every event
         for topics, members in groups.items():
             matcher, takes_all = self._matcher(topics)
-            if takes_all:
+            if takes_all and not added:
                 if everything is None:
                     everything = self._message([payload for _, _, payload in events])
                 wire, count = everything
             else:
+                cluster = self.cluster
                 wire, count = self._message([payload for code, symbol, payload in events
-                                             if matcher.matches(code, symbol)])
+                                             if matcher.matches(code, canonical_symbol(cluster, symbol))])
             for client in members:
                 if gap_wire is not None:
                     self._offer(client, gap_wire, 0)
@@ -364,8 +439,8 @@ class GatewaySink(Sink):
         if found is None:
             if len(self._matchers) > 4 * len(self._clients) + 64:
                 self._matchers.clear()
-            matcher = topic_filter(",".join(topics))
-            takes_all = all(covered(matcher, topic) for topic in self._upstream_topics)
+            matcher = client_filter(self.cluster, topics)
+            takes_all = all(covered(self.cluster, matcher, topic) for topic in self._own_topics)
             found = self._matchers[topics] = (matcher, takes_all)
         return found
 
@@ -422,7 +497,11 @@ class GatewaySink(Sink):
 
     def tick(self, now: float) -> None:
         """Drops are told as soon as there is room, data or not; a disconnected slow client still blocked in a
-        send (it reads nothing) is cut."""
+        send (it reads nothing) is cut; a topic added upstream that no one held for its linger time goes, and one
+        the server refused is refused to the clients that asked."""
+        self._own()
+        if self._lingering or self._holders:
+            self._upstream_housekeeping()
         for client in self._clients:
             if client.pending_drops:
                 self._tell_drops(client)
@@ -431,6 +510,37 @@ class GatewaySink(Sink):
                     client.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def _upstream_housekeeping(self) -> None:
+        subscriptions = self._subscriptions
+        if subscriptions is None:
+            return
+        now = time.monotonic()
+        refused = {topic: message for topic, (state, message) in list(subscriptions.states.items())
+                   if state == REFUSED and topic in self._holders}
+        with self._lock:
+            expired = [topic for topic, until in self._lingering.items() if until <= now]
+            for topic in expired:
+                del self._lingering[topic]
+                self.topics_removed += 1
+                _log.info("gateway: %s removed upstream (no client held it for %gs)", topic, self.linger_secs,
+                          extra={"fields": {"topic": topic}})
+            for topic, message in refused.items():
+                del self._holders[topic]
+                self.topics_removed += 1
+                _log.warning("gateway: the server refused %s (%s): refused to the clients that asked", topic, message,
+                             extra={"fields": {"topic": topic, "server_message": message}})
+                note = status("error", f"{message or 'not authorized'}: {topic}")
+                wire = _frame(ujson.dumps([note]).encode("utf-8"))
+                for client in self._clients:
+                    if topic in client.topics:
+                        client.topics = [held for held in client.topics if held != topic]
+                        try:
+                            client.outbox.put_nowait((wire, 0))
+                        except queue.Full:
+                            pass
+            if expired or refused:
+                self._sync_upstream()
 
     def reopen(self) -> None:
         """SIGHUP: the keys file again; the clients of a key that is gone are closed."""
@@ -480,7 +590,7 @@ class GatewaySink(Sink):
             clients[name] = list(client.topics)
         return {"address": self.destination(), "clients": clients}
 
-    def describe_metrics(self, queue_stats):
+    def describe_metrics(self, queue_stats) -> list:
         stats = self.stats
         by_name: dict[tuple[str], int] = {(name,): 0 for name in self._keys}
         for client in self._clients:
@@ -506,6 +616,12 @@ class GatewaySink(Sink):
              "Gateway clients the gateway closed, by reason: slow_consumer (its queue full), key_removed (SIGHUP)",
              ["reason"], {("slow_consumer",): stats.slow_disconnects,
                           ("key_removed",): stats.removed_key_disconnects}),
+            ("polygon_gateway_upstream_topics_added_total",
+             "Topics the gateway added to the upstream subscription for its clients (GATEWAY_UPSTREAM=union)",
+             self.topics_added),
+            ("polygon_gateway_upstream_topics_removed_total",
+             "Topics the gateway removed from the upstream subscription (unused past GATEWAY_LINGER_SECS, or refused)",
+             self.topics_removed),
             ("polygon_gateway_drops_total", "Batches' events dropped at the gateway's own queue (full)",
              queue_stats.dropped),
         ]
