@@ -464,20 +464,32 @@ def redis_sub(group: str, consumer: str, url: str, password_file: str | None, st
 @click.option("--backfill", is_flag=True,
               help="BACKFILL on with the same events as explicit topics (no gap: its cost on the hot path), then a "
                    "paced live feed while a backfill of 50,000 events runs")
+@click.option("--gateway", "gateway", default=None, metavar="N[,N...]",
+              help="then SINK=gateway beside the sinks with N client processes (e.g. 1,10,100), every client on all "
+                   "topics, then each on one symbol: rates, CPU, latency; and the most clients on a quiet feed")
 def bench(events: int, cluster: str, batch: int, sinks: str, as_json: bool, progress: bool, pinned: bool,
-          backfill: bool) -> int:
+          backfill: bool, gateway: str | None) -> int:
     """Measure ceilings and the service end to end on the local server; exit 1 if anything was lost."""
     from .tools import bench as benchmark
 
     from .sinks import SINKS
 
-    # Every sink of the table but stdout (the bench reads what the sinks wrote) and the capture alone.
-    measured = [name for name in SINKS if name != "stdout"]
+    # Every sink of the table but stdout (the bench reads what the sinks wrote), the gateway (--gateway: it needs
+    # clients) and the capture alone.
+    measured = [name for name in SINKS if name not in ("stdout", "gateway")]
     chosen = [name.strip() for name in sinks.split(",") if name.strip()]
     if not chosen or any(name not in measured for name in chosen) or chosen == ["capture"]:
         raise ConfigError(f"invalid --sink {sinks!r}: expected one or a comma list of {', '.join(measured)}, the "
                           "capture only beside another (e.g. ndjson,capture)")
-    result = benchmark.run(events, cluster, batch, chosen, progress, pinned, backfill)
+    counts: list[int] = []
+    for part in (gateway or "").split(","):
+        if part.strip():
+            if not part.strip().isdigit() or not 1 <= int(part) <= 250:
+                raise ConfigError(f"invalid --gateway {gateway!r}: expected client counts from 1 to 250, e.g. 1,10,100")
+            counts.append(int(part))
+    if counts and "ndjson" not in chosen:
+        raise ConfigError("--gateway needs the ndjson sink (the clients' events are checked against its file)")
+    result = benchmark.run(events, cluster, batch, chosen, progress, pinned, backfill, counts)
     click.echo(benchmark.to_json(result) if as_json else benchmark.format_table(result))
     return 0 if result.ok else 1
 

@@ -19,7 +19,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import ujson
@@ -50,7 +50,8 @@ class Closed(Exception):
 
 @dataclass
 class ServerStats:
-    """What a server counts across its connections (plain integers: one writer each, read at any time)."""
+    """What a server counts across its connections: plain integers read at any time, added to by every connection's
+    thread through add() (a bare `+=` from two threads can lose one)."""
 
     connections: int = 0
     refused_clients: int = 0        # closed at accept: max_clients were being served
@@ -58,6 +59,13 @@ class ServerStats:
     handshake_timeouts: int = 0     # cut: not through the handshake by its deadline
     discarded_messages: int = 0     # client messages beyond the unread bound, dropped
     pings: int = 0
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, count in counts.items():
+                setattr(self, name, getattr(self, name) + count)
 
 
 def ws_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
@@ -116,7 +124,7 @@ class ServerConnection:
     def check_deadline(self, deadline: float | None) -> None:
         """A client that is not through the handshake by the deadline holds a thread and a descriptor for nothing."""
         if deadline is not None and time.monotonic() >= deadline:
-            self.stats.handshake_timeouts += 1
+            self.stats.add(handshake_timeouts=1)
             self.abort()
 
     def pump(self, timeout: float | None) -> None:
@@ -141,7 +149,7 @@ class ServerConnection:
                 self._message_piece(event.data if isinstance(event, TextMessage) else
                                     bytes(event.data).decode("utf-8", "replace"), event.message_finished)
             elif isinstance(event, Ping):
-                self.stats.pings += 1
+                self.stats.add(pings=1)
                 self.sock.sendall(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 try:
@@ -170,7 +178,7 @@ class ServerConnection:
         self._partial, self._partial_chars = [], 0
         if len(self.inbox) > INBOX_MESSAGES:
             del self.inbox[0]
-            self.stats.discarded_messages += 1
+            self.stats.add(discarded_messages=1)
 
     def next_message(self, timeout: float) -> dict | None:
         """The next message the client sent, within timeout (None: none came, or the server stops); {} for one that
@@ -257,7 +265,7 @@ class Listener:
             except OSError:
                 # Out of descriptors (or buffers): the pending connection stays in the backlog, so accept() would fail
                 # again at once; wait instead of spinning.
-                self.stats.accept_errors += 1
+                self.stats.add(accept_errors=1)
                 self.stopping.wait(backoff)
                 backoff = min(ACCEPT_BACKOFF_SECS[1], backoff * 2)
                 continue
@@ -265,11 +273,11 @@ class Listener:
             self._connections = [thread for thread in self._connections if thread.is_alive()]
             cap = self._max_clients()
             if cap and len(self._connections) >= cap:
-                self.stats.refused_clients += 1
+                self.stats.add(refused_clients=1)
                 sock.close()
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.stats.connections += 1
+            self.stats.add(connections=1)
             thread = threading.Thread(target=self._run, args=(sock,), name=f"{self._name}-conn", daemon=True)
             self._connections.append(thread)
             thread.start()

@@ -373,7 +373,7 @@ class _Connection(ServerConnection):
         if market is not None and options.lose_on_reconnect and market.connected(self.cluster):
             # What happened while the client was away: in the history (REST has it), never sent.
             generator.take(options.lose_on_reconnect)
-            stats.lost_events += options.lose_on_reconnect
+            stats.add(lost_events=options.lose_on_reconnect)
         if options.frame_pool:
             self._stream_pool(generator)
         else:
@@ -469,8 +469,7 @@ class _Connection(ServerConnection):
                 events = limit - self.sent_events
             self.sock.sendall(b"".join(chunk))
             self.sent_events += events
-            stats.events_sent += events
-            stats.frames_sent += len(chunk)
+            stats.add(events_sent=events, frames_sent=len(chunk))
             self._pump(0)
 
     def _send_injected(self) -> None:
@@ -545,8 +544,7 @@ class _Connection(ServerConnection):
                 filler_text = ujson.dumps(filler)
                 copies = 10 * 1024 * 1024 // len(filler_text) + 1
                 self.sock.sendall(ws_frame(1, ("[" + ",".join([filler_text] * copies) + "]").encode()))
-                stats.frames_sent += 1
-                stats.huge_frame_events += copies
+                stats.add(frames_sent=1, huge_frame_events=copies)
             payload: list = events
             if options.duplicate_q_every and n % options.duplicate_q_every == 0:
                 payload = payload + [dict(events[0])]
@@ -561,8 +559,7 @@ class _Connection(ServerConnection):
                 payload = payload[:half] + [_status(options.status_in_data, "mixed with data")] + payload[half:]
             self.send(payload, binary=bool(options.binary_every and n % options.binary_every == 0))
             self.sent_events += len(events)
-            stats.events_sent += len(events)
-            stats.frames_sent += 1
+            stats.add(events_sent=len(events), frames_sent=1)
 
 
 class MockServer:

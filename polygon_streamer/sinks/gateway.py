@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+from dataclasses import dataclass
 
 import ujson
 
@@ -91,15 +92,14 @@ def covered(cluster: str, upstream: IncludeFilter, topic: str) -> bool:
     return upstream.covers(code, ticker) or upstream.covers("*", ticker)
 
 
+@dataclass
 class GatewayStats(ServerStats):
-    def __init__(self) -> None:
-        super().__init__()
-        self.frames_sent = 0
-        self.events_sent = 0
-        self.dropped_events = 0         # GATEWAY_SLOW_CLIENT=drop: not sent to a client whose queue was full
-        self.slow_disconnects = 0
-        self.auth_failures = 0
-        self.removed_key_disconnects = 0
+    frames_sent: int = 0
+    events_sent: int = 0
+    dropped_events: int = 0         # GATEWAY_SLOW_CLIENT=drop: not sent to a client whose queue was full
+    slow_disconnects: int = 0
+    auth_failures: int = 0
+    removed_key_disconnects: int = 0
 
 
 class _Client(ServerConnection):
@@ -137,7 +137,7 @@ class _Client(ServerConnection):
             if message.get("action") == "auth":
                 self.name = gateway.authenticate(message.get("params"))
                 if self.name is None:
-                    gateway.stats.auth_failures += 1
+                    gateway.stats.add(auth_failures=1)
                     self.send([status("auth_failed", "authentication failed")])
                     self.abort()
                 self.send([status("auth_success", "authenticated")])
@@ -156,7 +156,7 @@ class _Client(ServerConnection):
         try:
             self.sock = tls.wrap_socket(self.sock, server_side=True)
         except (ssl.SSLError, OSError):
-            self.stats.handshake_timeouts += 1
+            self.stats.add(handshake_timeouts=1)
             raise Closed() from None
         self.sock.settimeout(None)
 
@@ -193,8 +193,7 @@ class _Client(ServerConnection):
             return
         self.sock.sendall(b"".join(wire for wire, _ in items))
         stats = self.gateway.stats
-        stats.frames_sent += len(items)
-        stats.events_sent += sum(events for _, events in items)
+        stats.add(frames_sent=len(items), events_sent=sum(events for _, events in items))
 
     def _kick(self) -> None:
         try:
@@ -468,18 +467,18 @@ class GatewaySink(Sink):
         outbox = client.outbox
         if client.pending_drops and not self._tell_drops(client):
             client.pending_drops += events
-            self.stats.dropped_events += events
+            self.stats.add(dropped_events=events)
             return
         try:
             outbox.put_nowait(item)
         except queue.Full:
             if self.drop_slow:
                 client.pending_drops += item[1]
-                self.stats.dropped_events += item[1]
+                self.stats.add(dropped_events=item[1])
                 return
             client.kick_reason = "slow_consumer"
             client.kicked_at = time.monotonic()
-            self.stats.slow_disconnects += 1
+            self.stats.add(slow_disconnects=1)
             _log.warning("gateway client %s too slow (%d messages queued): disconnected", client.name,
                          self.client_queue, extra={"fields": {"client": client.name}})
 
@@ -554,7 +553,7 @@ class GatewaySink(Sink):
             if client.name not in keys:
                 client.kick_reason = "auth_failed"
                 client.kicked_at = time.monotonic()
-                self.stats.removed_key_disconnects += 1
+                self.stats.add(removed_key_disconnects=1)
         _log.info("gateway: %d key(s) loaded", len(keys), extra={"fields": {"keys": sorted(keys)}})
 
     def close(self, deadline: float | None = None) -> None:

@@ -140,6 +140,9 @@ class BenchResult:
     service_cpus: list = field(default_factory=list)  # where CPU_AFFINITY confined the service (empty: not confined)
     backfill: bool = False  # BACKFILL on, explicit topics (no gap happens in the throughput runs)
     backfill_load: dict = field(default_factory=dict)  # the live feed while a backfill of BACKFILL_LOAD_EVENTS runs
+    gateway_clients: dict = field(default_factory=dict)  # one _service run with gateway clients (_gateway_stop)
+    gateway: list = field(default_factory=list)  # bench --gateway: a row per client count and spread (_gateway_rows)
+    gateway_quiet: dict = field(default_factory=dict)  # bench --gateway: the most clients on a quiet feed, CPU
     notes: list = field(default_factory=list)
     ok: bool = False
     problems: list = field(default_factory=list)
@@ -272,6 +275,143 @@ def _official_peer(host_port: str, cluster: str, subscription: str, events: int)
 
     asyncio.run(client.connect(handle))
     sys.exit(1)
+
+
+def _gateway_peer(host_port: str, cluster: str, topics: str, times_path: str) -> None:
+    """Runs in a gateway client process (bench --gateway): a websocket-client recv loop, as a program reading the
+    gateway would, until the service closes the connection (1001 at its stop). Prints "done EVENTS FIRST LAST" (the
+    monotonic times of its first and last data message) and writes, per data message, its wall-clock receive time in
+    ms and its event count (array of doubles) to times_path, for the latency the bench computes against the NDJSON
+    file's ingest_ts."""
+    from array import array
+
+    ws = websocket.create_connection(f"ws://{host_port}/{cluster}", timeout=30, skip_utf8_validation=True)
+    ws.recv_data()
+    ws.send(protocol.auth_message(BENCH_KEY))
+    ws.recv_data()
+    ws.send(protocol.subscribe_message(topics))
+    ws.recv_data()  # the acks
+    print("ready", flush=True)
+    ws.settimeout(None)
+    times = array("d")
+    marker, status_marker = b'"ev":', b'"ev":"status"'
+    received = 0
+    first = last = 0.0
+    wall, monotonic = time.time, time.monotonic
+    while True:
+        try:
+            opcode, data = ws.recv_data()
+        except (websocket.WebSocketConnectionClosedException, OSError):
+            break
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            break
+        events = data.count(marker) - data.count(status_marker)
+        if events <= 0:
+            continue
+        last = monotonic()
+        if not received:
+            first = last
+        received += events
+        times.append(wall() * 1000.0)
+        times.append(events)
+    with open(times_path, "wb") as handle:
+        times.tofile(handle)
+    print(f"done {received} {first} {last}", flush=True)
+
+
+class _GatewayClients:
+    """N client processes on the gateway (bench --gateway): every client on the bench's whole subscription
+    (spread "all"), or each on one symbol of the local server's, in turn (spread "symbol": 1 of 16 stocks symbols,
+    about the 5% the issue asks for)."""
+
+    def __init__(self, count: int, spread: str, cluster: str, workdir: str):
+        from ..local.mockserver import SYMBOLS
+
+        self.count, self.spread, self.cluster, self.workdir = count, spread, cluster, workdir
+        codes = [topic.split(".")[0] for topic in SUBSCRIPTIONS[cluster].split(",")]
+        symbols = SYMBOLS[cluster]
+        self.symbols: list[str | None] = [None if spread == "all" else symbols[index % len(symbols)]
+                                          for index in range(count)]
+        self.topics = [SUBSCRIPTIONS[cluster] if symbol is None else ",".join(f"{code}.{symbol}" for code in codes)
+                       for symbol in self.symbols]
+        self.procs: list[subprocess.Popen] = []
+        self.results: list[tuple[int, float, float]] = []  # (events, first, last) per client
+        self.released = 0.0  # the monotonic time the local server let the data go
+        self.ingest: list[tuple[int, str]] = []  # the NDJSON file's data records (_ingest_order)
+
+    def start(self, host_port: str) -> None:
+        for index, topics in enumerate(self.topics):
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "polygon_streamer.tools.bench", "gateway-client", host_port, self.cluster,
+                 topics, self._times_path(index)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        for proc in self.procs:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready or proc.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"{self.count} gateway clients did not subscribe within 60 s")
+
+    def _times_path(self, index: int) -> str:
+        return os.path.join(self.workdir, f"gateway-client-{index}.times")
+
+    def finish(self, timeout: float = 120) -> None:
+        """After the service's stop (its 1001 ends each client's loop): each client's count and times."""
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                output, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+            done = [line.split() for line in output.decode().splitlines() if line.startswith("done ")]
+            self.results.append((int(done[-1][1]), float(done[-1][2]), float(done[-1][3])) if done else (0, 0, 0))
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+    def expected(self, ingest: list[tuple[int, str]]) -> list[int]:
+        """Events each client should have got: the NDJSON file's data records of its topics."""
+        by_symbol: dict[str, int] = {}
+        for _, symbol in ingest:
+            by_symbol[symbol] = by_symbol.get(symbol, 0) + 1
+        return [len(ingest) if symbol is None else by_symbol.get(symbol, 0) for symbol in self.symbols]
+
+    def latency(self, ingest: list[tuple[int, str]], clients: int = 10) -> tuple[float | None, float | None]:
+        """p50 and p99 (ms) of receive time minus ingest_ts over the first `clients` clients' events: the k-th event
+        a client received is the k-th record of its topics in the NDJSON file (the gateway keeps the order)."""
+        from array import array
+
+        lateness: list[float] = []
+        for index, symbol in enumerate(self.symbols[:clients]):
+            times = array("d")
+            with open(self._times_path(index), "rb") as handle:
+                times.frombytes(handle.read())
+            stamps = iter([ts for ts, sym in ingest if symbol is None or sym == symbol])
+            for at in range(0, len(times), 2):
+                received_ms = times[at]
+                for _ in range(int(times[at + 1])):
+                    ingest_ts = next(stamps, None)
+                    if ingest_ts is None:
+                        break
+                    lateness.append(received_ms - ingest_ts)
+        if not lateness:
+            return None, None
+        lateness.sort()
+        return (round(lateness[len(lateness) // 2], 1), round(lateness[min(len(lateness) - 1,
+                                                                          int(len(lateness) * 0.99))], 1))
+
+
+def _ingest_order(path: str) -> list[tuple[int, str]]:
+    """The NDJSON file's data records in order: (ingest_ts, symbol)."""
+    order = []
+    with open(path, "rb") as handle:
+        for line in handle:
+            record = ujson.loads(line)
+            if record.get("kind") not in ("gap", "backfill"):
+                order.append((record["ingest_ts"], record["symbol"]))
+    return order
 
 
 def _work_loop(ws: websocket.WebSocket, events: int, cluster: str, path: str) -> int:
@@ -463,10 +603,14 @@ def _missing_by_seq(lines, events: int) -> int:
 
 
 def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool, rate: float = 0,
-             pinned: bool = False) -> None:
+             pinned: bool = False, gateway: _GatewayClients | None = None) -> None:
     """At full speed (rate 0): throughput, CPU, RSS, loss. Paced: receive-to-write latency below saturation.
-    The service runs as the systemd unit starts it (defaults, metrics on, every core allowed) unless pinned."""
+    The service runs as the systemd unit starts it (defaults, metrics on, every core allowed) unless pinned.
+    gateway: SINK=gateway beside the others with these clients reading it (result.gateway_clients)."""
     events, batch, cluster = result.events, result.batch, result.cluster
+    if gateway is not None:
+        sinks = [*sinks, "gateway"]
+    gateway_port = _free_port()
     dest = os.path.join(workdir, "bench.ndjson")
     if os.path.exists(dest):  # a file from an earlier run in this bench
         os.unlink(dest)
@@ -500,7 +644,10 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
                # The same for the socket's pipe: the counting subscriber shares core 0 with the server and, on
                # pyzmq 24, receives at about 270k messages/s alone on a core, so it can fall behind the sink for a
                # while; it catches up after the run and the bench checks that it got every message.
-               ZMQ_SND_HWM=str(events + 16))
+               ZMQ_SND_HWM=str(events + 16),
+               GATEWAY_ADDR=f"127.0.0.1:{gateway_port}", GATEWAY_CHANNEL_CAP=str(events // batch + 16))
+    if gateway is not None and not rate:  # (at full speed the source outruns every client: no slow-client policy)
+        env.update(GATEWAY_CLIENT_QUEUE=str(events // batch + 16))
     service = subprocess.Popen(_python_command("run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     tailer = _Tailer(dest) if rate and "ndjson" in sinks else None
     if pinned:
@@ -522,10 +669,15 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             time.sleep(0.05)
         if subscriber is not None and not joined.wait(max(0.0, deadline - time.monotonic())):
             raise RuntimeError("the ZeroMQ subscriber did not join within 30 s")
+        if gateway is not None:
+            gateway.start(f"127.0.0.1:{gateway_port}")
         server.release()
         cpu_before = _cpu_seconds(service.pid)
         threads_before = _cpu_seconds_by_thread(service.pid)
         started = time.perf_counter()
+        started_monotonic = time.monotonic()
+        if gateway is not None:
+            gateway.released = started_monotonic
         done: float = 0
         while done < events:
             time.sleep(0.05)
@@ -545,6 +697,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
                 and time.monotonic() < flushed_by:
             time.sleep(0.05)
             samples = _scrape(metrics_url)
+        if gateway is not None:  # the CPU until the clients have it all (the time: _gateway_stop)
+            cpu = _gateway_sent(result, gateway, dest, metrics_url, service.pid, cpu_before)
         result.service_cpus = list(confined)
         if not pinned and SERVER_CPU in confined:
             result.notes.append(f"CPU_AFFINITY=auto put the service on CPU {SERVER_CPU}, the local server's: this run "
@@ -557,6 +711,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             if tailer is not None:
                 result.visible_latency_p50_ms, result.visible_latency_p99_ms = tailer.stop()
             result.cpu_seconds_per_million = round(cpu / events * 1_000_000, 2)
+            if gateway is not None:
+                _gateway_stop(result, gateway, service, dest)
             return
         result.cpu_seconds_per_million = round(cpu / events * 1_000_000, 2)
         by_thread = {name: round((seconds - threads_before.get(name, 0.0)) / events * 1_000_000, 2)
@@ -569,10 +725,13 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             result.written[sink] = int(_sink_written(samples, sink))
             result.dropped[sink] = int(samples.get((f"polygon_{sink}_drops_total", ()), 0))
         result.dropped["inbound"] = int(samples.get(("polygon_channel_drops_total", ()), 0))
-        service.send_signal(signal.SIGTERM)
-        code = service.wait(90)
-        if code != 0:
-            result.problems.append(f"the service exited {code} on SIGTERM")
+        if gateway is not None:
+            _gateway_stop(result, gateway, service, dest)
+        else:
+            service.send_signal(signal.SIGTERM)
+            code = service.wait(90)
+            if code != 0:
+                result.problems.append(f"the service exited {code} on SIGTERM")
         if "ndjson" in sinks:
             result.lost = _check_seq(dest, events)
         if local_redis is not None:
@@ -587,9 +746,54 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
         for proc in (service, subscriber):
             if proc is not None and proc.poll() is None:
                 proc.kill()
+        if gateway is not None:
+            gateway.kill()
         server.stop()
         if local_redis is not None:
             local_redis.stop(kill=True)
+
+
+def _gateway_sent(result: BenchResult, gateway: _GatewayClients, dest: str, metrics_url: str, pid: int,
+                  cpu_before: float) -> float:
+    """Waits until the gateway has sent each client every event of its topics (the NDJSON file says which);
+    returns the service's CPU seconds from the release to then."""
+    gateway.ingest = _ingest_order(dest)
+    expected = sum(gateway.expected(gateway.ingest))
+    deadline = time.monotonic() + 300
+    while _scrape(metrics_url).get(("polygon_gateway_events_sent_total", ()), 0) < expected:
+        if time.monotonic() > deadline:
+            result.problems.append(f"the gateway did not send its clients {expected:,} events within 300 s")
+            break
+        time.sleep(0.02)
+    return _cpu_seconds(pid) - cpu_before
+
+
+def _gateway_stop(result: BenchResult, gateway: _GatewayClients, service: subprocess.Popen, dest: str) -> None:
+    """SIGTERM: the clients get what is queued, then 1001; each client's count against what its topics had in the
+    NDJSON file, its receive rate, and the visible latency of the first ten."""
+    service.send_signal(signal.SIGTERM)
+    code = service.wait(90)
+    if code != 0:
+        result.problems.append(f"the service exited {code} on SIGTERM")
+    gateway.finish()
+    ingest = gateway.ingest or _ingest_order(dest)
+    expected = gateway.expected(ingest)
+    short = sum(max(0, want - got) for want, (got, _, _) in zip(expected, gateway.results))
+    extra = sum(max(0, got - want) for want, (got, _, _) in zip(expected, gateway.results))
+    if short or extra:
+        result.problems.append(f"gateway clients: {short:,} events missing, {extra:,} too many")
+    rates = [got / (last - gateway.released) for got, _, last in gateway.results if got and last > gateway.released]
+    if result.service_events_per_sec and gateway.results and not result.latency_rate:
+        # The service's rate: to the moment its sinks had every event and every client had all of its own.
+        last = max(last for _, _, last in gateway.results) - gateway.released
+        result.service_events_per_sec = round(result.events / max(result.events / result.service_events_per_sec,
+                                                                  last))
+    p50, p99 = gateway.latency(ingest)
+    result.gateway_clients = {"clients": gateway.count, "spread": gateway.spread,
+                              "client_events_per_sec_mean": round(sum(rates) / len(rates)) if rates else 0,
+                              "client_events_per_sec_min": round(min(rates)) if rates else 0,
+                              "events_received": sum(got for got, _, _ in gateway.results),
+                              "visible_latency_p50_ms": p50, "visible_latency_p99_ms": p99}
 
 
 def _write_latency(samples: dict, sink: str) -> LatencyHistogram:
@@ -657,7 +861,7 @@ def _zmq_received(subscriber: subprocess.Popen, sent: int) -> int:
 
 
 def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool, pinned: bool = True,
-        backfill: bool = False) -> BenchResult:
+        backfill: bool = False, gateway: list[int] | None = None) -> BenchResult:
     import prometheus_client
     import zmq
 
@@ -704,6 +908,8 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
             result.quiet_visible_latency_p99_ms = quiet.visible_latency_p99_ms
         if backfill:
             _backfill_load(result, workdir)
+        if gateway:
+            _gateway_rows(result, sinks, workdir, gateway)
     if result.official_events_per_sec:
         result.service_to_official_ratio = round(result.service_events_per_sec / result.official_events_per_sec, 3)
     result.service_to_parse_ratio = round(result.service_events_per_sec / result.parse_events_per_sec, 3)
@@ -711,6 +917,53 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
     dropped = sum(result.dropped.values())
     result.ok = not result.problems and result.lost == 0 and dropped == 0
     return result
+
+
+GATEWAY_QUIET_RATE = 1_000  # bench --gateway: the quiet feed the most clients read (events/s, one a frame)
+GATEWAY_QUIET_SECS = 10
+
+
+def _gateway_rows(result: BenchResult, sinks: list[str], workdir: str, counts: list[int]) -> None:
+    """bench --gateway N,...: the service with its sinks and N gateway clients (each its own process), every client
+    on the whole subscription, then each on one symbol: the service's rate to the moment every client had all of
+    its events, next to its rate without the gateway (result); the clients' receive rates; CPU; the latency a client
+    sees (receive time minus ingest_ts) beside the NDJSON file's at half that rate; then the most clients on a quiet
+    feed, with the CPU it costs."""
+    for count in counts:
+        for spread in ("all", "symbol"):
+            loaded = BenchResult(events=result.events, cluster=result.cluster, batch=result.batch,
+                                 sinks=result.sinks)
+            _service(loaded, sinks, workdir, False, gateway=_GatewayClients(count, spread, result.cluster, workdir))
+            rate = loaded.service_events_per_sec
+            paced = BenchResult(events=int(max(result.batch, min(result.events, rate * 2) // result.batch
+                                               * result.batch)),
+                                cluster=result.cluster, batch=result.batch, sinks=result.sinks)
+            _service(paced, sinks, workdir, False, rate=max(1.0, rate / 2),
+                     gateway=_GatewayClients(count, spread, result.cluster, workdir))
+            result.gateway.append({
+                "clients": count, "spread": spread, "service_events_per_sec": rate,
+                "to_without_gateway": round(rate / result.service_events_per_sec, 3),
+                "client_events_per_sec_mean": loaded.gateway_clients.get("client_events_per_sec_mean"),
+                "client_events_per_sec_min": loaded.gateway_clients.get("client_events_per_sec_min"),
+                "cpu_seconds_per_million": loaded.cpu_seconds_per_million,
+                "latency_rate": round(paced.latency_rate),
+                "client_visible_latency_p50_ms": paced.gateway_clients.get("visible_latency_p50_ms"),
+                "client_visible_latency_p99_ms": paced.gateway_clients.get("visible_latency_p99_ms"),
+                "ndjson_visible_latency_p50_ms": paced.visible_latency_p50_ms,
+                "ndjson_visible_latency_p99_ms": paced.visible_latency_p99_ms})
+            result.problems += [f"gateway {count} {spread}: {problem}" for problem in loaded.problems + paced.problems]
+            result.lost += loaded.lost + paced.lost
+    quiet_events = GATEWAY_QUIET_RATE * GATEWAY_QUIET_SECS
+    cpu_percent = {}
+    for clients in (0, max(counts)):
+        quiet = BenchResult(events=quiet_events, cluster=result.cluster, batch=1, sinks=result.sinks)
+        _service(quiet, sinks, workdir, False, rate=GATEWAY_QUIET_RATE,
+                 gateway=_GatewayClients(clients, "all", result.cluster, workdir) if clients else None)
+        cpu_percent[clients] = round(quiet.cpu_seconds_per_million * GATEWAY_QUIET_RATE / 10_000, 1)
+        result.problems += [f"gateway quiet, {clients} clients: {problem}" for problem in quiet.problems]
+        result.lost += quiet.lost
+    result.gateway_quiet = {"clients": max(counts), "rate": GATEWAY_QUIET_RATE,
+                            "cpu_percent_without": cpu_percent[0], "cpu_percent_with": cpu_percent[max(counts)]}
 
 
 def _backfill_load(result: BenchResult, workdir: str) -> None:
@@ -839,6 +1092,20 @@ def format_table(result: BenchResult) -> str:
                      f"{load['live_events_per_sec_during']:,} events/s during ({load['backfill_seconds']} s), "
                      f"{load['live_events_per_sec_after']:,} after; {load['recovered_events']:,} recovered, "
                      f"{load['drops']} dropped"))
+    for row in result.gateway:
+        spread = "all topics" if row["spread"] == "all" else "one symbol each"
+        rows.append((f"gateway, {row['clients']} client(s), {spread}",
+                     f"service {row['service_events_per_sec']:,} events/s ({row['to_without_gateway']:.2f} of it "
+                     f"without), a client {row['client_events_per_sec_mean']:,}/s (slowest "
+                     f"{row['client_events_per_sec_min']:,}), CPU per million {row['cpu_seconds_per_million']:.2f} s"))
+        rows.append((f"  visible latency p50 / p99 at {row['latency_rate']:,}/s",
+                     f"client {row['client_visible_latency_p50_ms']} / {row['client_visible_latency_p99_ms']} ms, "
+                     f"NDJSON file {row['ndjson_visible_latency_p50_ms']} / {row['ndjson_visible_latency_p99_ms']} ms"))
+    if result.gateway_quiet:
+        quiet = result.gateway_quiet
+        rows.append((f"gateway, {quiet['clients']} clients on a quiet feed ({quiet['rate']:,} events/s)",
+                     f"service CPU {quiet['cpu_percent_with']}% of a core ({quiet['cpu_percent_without']}% without "
+                     "the gateway)"))
     rows.append(("loss check", verdict))
     rows += [("note", note) for note in result.notes]
     versions = " ".join(f"{name}={version}" for name, version in result.versions.items())
@@ -856,4 +1123,8 @@ def to_json(result: BenchResult) -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "official":
         _official_peer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
-    sys.exit("usage: python -m polygon_streamer.tools.bench official HOST:PORT CLUSTER SUBSCRIPTION EVENTS")
+    if len(sys.argv) == 6 and sys.argv[1] == "gateway-client":
+        _gateway_peer(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+        sys.exit(0)
+    sys.exit("usage: python -m polygon_streamer.tools.bench official HOST:PORT CLUSTER SUBSCRIPTION EVENTS\n"
+             "       python -m polygon_streamer.tools.bench gateway-client HOST:PORT CLUSTER TOPICS TIMES_FILE")
