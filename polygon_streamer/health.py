@@ -77,7 +77,8 @@ class Health:
         notes = [f"not ready: {refused}"] if (refused := self._refused(reader)) else []
         if reader.subscribe_error is not None:
             notes.append(f"not subscribed: {reader.subscribe_error}")
-        return notes + [f"degraded: {why}" for why in (sink.degraded() for sink in self._sinks) if why]
+        notes += [f"degraded: {why}" for why in (sink.degraded() for sink in self._sinks) if why]
+        return notes + [note for note in (sink.health_note() for sink in self._sinks) if note]
 
     @staticmethod
     def _refused(reader: ReaderState) -> str | None:

@@ -203,6 +203,9 @@ def test_a_client_that_reads_nothing_is_disconnected_and_no_one_else_loses_anyth
     wait_for(lambda: len(reader.events()) >= len(msft), timeout=20, what="the reading client's trades")
     assert reader.events() == msft and reader.closed is None
     assert clients(streamer) == {"default": 1}
+    status, text = streamer.get("/health")
+    assert status == 200 and text.startswith("OK (") and \
+        f"gateway: 1 client on ws://127.0.0.1:{port}/stocks, 1 disconnected as slow" in text, text
     assert streamer.stop() == 0
     wait_for(lambda: reader.closed is not None, what="the close at the stop")
     assert reader.closed[0] == 1001

@@ -16,14 +16,18 @@ CONFIG = build_config({"api_key": KEY, "ready_min_messages": "3", "sink_stuck_se
 
 
 class SinkSays:
-    """A sink as health.py asks it: its name and why it is degraded."""
+    """A sink as health.py asks it: its name, why it is degraded and what it tells of its clients."""
 
-    def __init__(self, name: str, degraded: str | None = None):
+    def __init__(self, name: str, degraded: str | None = None, note: str | None = None):
         self.name = name
         self._degraded = degraded
+        self._note = note
 
     def degraded(self) -> str | None:
         return self._degraded
+
+    def health_note(self) -> str | None:
+        return self._note
 
 
 class ThreadSays:
@@ -97,11 +101,13 @@ def test_readiness_steps_are_named():
 def test_notes_of_a_healthy_service_reach_health_and_status():
     checked = health(state(subscribe_error="3 subscribe message(s) not taken by the server"),
                      sinks=[SinkSays("ndjson", "ndjson sink: writes to /x failing for 3s (No space left on device)"),
-                            SinkSays("zmq")])
+                            SinkSays("zmq"), SinkSays("gateway", note="gateway: 2 clients on ws://[::1]:8765/stocks")])
     healthy, text = checked.health()
     assert healthy and text == ("OK (not subscribed: 3 subscribe message(s) not taken by the server; degraded: ndjson "
-                                "sink: writes to /x failing for 3s (No space left on device))")
+                                "sink: writes to /x failing for 3s (No space left on device); gateway: 2 clients on "
+                                "ws://[::1]:8765/stocks)")
     assert checked.status_text().startswith("streaming 0 events/s; not subscribed: ")
+    assert checked.status_text().endswith("; gateway: 2 clients on ws://[::1]:8765/stocks")
 
 
 class Notes:

@@ -105,6 +105,10 @@ class Sink:
         """Why the sink cannot deliver right now while the process is fine (for /health), or None."""
         return None
 
+    def health_note(self) -> str | None:
+        """What /health and STATUS= tell of a healthy sink that serves clients (the gateway's count), or None."""
+        return None
+
     def failed_writes(self) -> int:
         """Writes (or reopens, reconnects) that failed and were retried: polygon_sink_write_errors_total."""
         return 0

@@ -579,6 +579,12 @@ class GatewaySink(Sink):
         listener.stop(join_secs=1.0)
         self._listener = None
 
+    def health_note(self) -> str:
+        clients = len(self._clients)
+        slow = self.stats.slow_disconnects
+        return (f"gateway: {clients} client{'s' if clients != 1 else ''} on {self.destination()}"
+                + (f", {slow} disconnected as slow (GATEWAY_CLIENT_QUEUE)" if slow else ""))
+
     def subscriptions_view(self) -> dict:
         """Each client by name (never by key), with its topics; several clients of one key are numbered."""
         clients: dict[str, list[str]] = {}
