@@ -109,6 +109,14 @@ class ServerConnection:
         self._partial_chars = 0
         self._closing = False  # our close frame is sent: what the client still sends is read and discarded
 
+    def serve(self) -> None:
+        """The connection's whole life, on its own thread: the subclass's side of the protocol."""
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        """Every byte this class sends goes through here (a subclass that also sends from another thread locks)."""
+        self.sock.sendall(data)
+
     @property
     def open(self) -> bool:
         return self.ws.state.name == "OPEN"
@@ -141,7 +149,7 @@ class ServerConnection:
             if isinstance(event, Request):
                 path = event.target.split("?", 1)[0].strip("/").split("/")[0]
                 if path not in self.paths:
-                    self.sock.sendall(self.ws.send(RejectConnection(status_code=404)))
+                    self.write(self.ws.send(RejectConnection(status_code=404)))
                     raise Closed()
                 self.cluster = path
                 self.send_upgrade(self.ws.send(AcceptConnection()))
@@ -150,17 +158,17 @@ class ServerConnection:
                                     bytes(event.data).decode("utf-8", "replace"), event.message_finished)
             elif isinstance(event, Ping):
                 self.stats.add(pings=1)
-                self.sock.sendall(self.ws.send(event.response()))
+                self.write(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 try:
-                    self.sock.sendall(self.ws.send(event.response()))
+                    self.write(self.ws.send(event.response()))
                 except Exception:
                     pass
                 raise Closed()
 
     def send_upgrade(self, response: bytes) -> None:
         """The upgrade's answer (a subclass may send it otherwise: the local server's trickle)."""
-        self.sock.sendall(response)
+        self.write(response)
 
     def _message_piece(self, text: str, finished: bool) -> None:
         if self._closing:
@@ -200,16 +208,16 @@ class ServerConnection:
         return message if isinstance(message, dict) else {}
 
     def send(self, events: list, binary: bool = False) -> None:
-        self.sock.sendall(ws_frame(2 if binary else 1, ujson.dumps(events).encode("utf-8")))
+        self.write(ws_frame(2 if binary else 1, ujson.dumps(events).encode("utf-8")))
 
     def send_raw(self, payload: bytes, binary: bool = False) -> None:
-        self.sock.sendall(ws_frame(2 if binary else 1, payload))
+        self.write(ws_frame(2 if binary else 1, payload))
 
     def close(self, code: int, reason: str, wait_secs: float) -> None:
         """A close frame (a code wsproto cannot send, e.g. 1006, is not sent), then wait_secs for the client's."""
         self._closing = True
         try:
-            self.sock.sendall(self.ws.send(CloseConnection(code=code, reason=reason[:100])))
+            self.write(self.ws.send(CloseConnection(code=code, reason=reason[:100])))
         except Exception:
             return
         deadline = time.monotonic() + wait_secs
@@ -229,12 +237,14 @@ class ServerConnection:
 
 
 class Listener:
-    """Accepts on host:port (0: a free port) until stop(); serve(sock) runs on a thread of its own per connection,
-    the socket closed after it. max_clients() is asked at each accept (0: no cap)."""
+    """Accepts on host:port (0: a free port) until stop(). connection(sock) is built on the accepting thread, before
+    the connection is counted (so whoever sees the count also sees the connection take the settings of that moment);
+    its serve() then runs on a thread of its own, the socket closed after it. max_clients() is asked at each accept
+    (0: no cap)."""
 
-    def __init__(self, host: str, port: int, serve: Callable[[socket.socket], None], stats: ServerStats,
-                 max_clients: Callable[[], int], name: str):
-        self._serve = serve
+    def __init__(self, host: str, port: int, connection: Callable[[socket.socket], "ServerConnection"],
+                 stats: ServerStats, max_clients: Callable[[], int], name: str):
+        self._connection = connection
         self.stats = stats
         self._max_clients = max_clients
         self._name = name
@@ -276,15 +286,22 @@ class Listener:
                 self.stats.add(refused_clients=1)
                 sock.close()
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                connection = self._connection(sock)
+            except OSError:  # reset before it was served
+                sock.close()
+                continue
             self.stats.add(connections=1)
-            thread = threading.Thread(target=self._run, args=(sock,), name=f"{self._name}-conn", daemon=True)
+            thread = threading.Thread(target=self._run, args=(connection, sock), name=f"{self._name}-conn",
+                                      daemon=True)
             self._connections.append(thread)
             thread.start()
 
-    def _run(self, sock: socket.socket) -> None:
+    @staticmethod
+    def _run(connection: "ServerConnection", sock: socket.socket) -> None:
         try:
-            self._serve(sock)
+            connection.serve()
         except (Closed, OSError):
             pass
         finally:

@@ -64,14 +64,18 @@ def test_two_lossy_cuts_are_healed_every_event_exactly_once_backfilled_ones_mark
     streamer = backfilling(spawn, rest_url, dest)
     wait_for(lambda: mock_server.stats.connections >= 2, timeout=30, what="the first cut")
     # The third connection (after the second cut) streams 1,500 events and falls silent.
+    mock_server.options.count = 1500  # first: a connection taking the settings in between is silent at 1,500 too
     mock_server.options.drop_after = 0
-    mock_server.options.count = 1500
     total = 2000 + (400 + 2000) + (400 + 1500)
 
     def data_records():
         return sum(1 for r in so_far(dest) if r["kind"] not in ("gap", "backfill"))
+    def progress():
+        return (f"every event and both summaries: the market made {sum(map(len, history_of(mock_server).values()))} "
+                f"of {total} in {mock_server.stats.connections} connections, the file has {data_records()} and "
+                f"{len(summaries(so_far(dest)))} summaries")
     wait_for(lambda: sum(map(len, history_of(mock_server).values())) == total and data_records() >= total
-             and len(summaries(so_far(dest))) >= 2, timeout=60, what="every event and both summaries")
+             and len(summaries(so_far(dest))) >= 2, timeout=60, what=progress)
     metrics = streamer.metrics()
 
     def metric(name, **labels):
@@ -128,8 +132,8 @@ def test_crypto_trades_are_healed_by_id_and_bars_are_asked_as_the_aggregates_end
     subscription = "XT.BTC-USD,XT.ETH-USD,XA.BTC-USD"
     streamer = backfilling(spawn, rest_url, dest, subscription, cluster="crypto")
     wait_for(lambda: mock_server.stats.connections >= 2, timeout=30, what="the cut")
+    mock_server.options.count = 1000  # first, as above
     mock_server.options.drop_after = 0
-    mock_server.options.count = 1000
     wait_for(lambda: summaries(so_far(dest)) and sum(
         len(mock_server.market.history.events("XT", pair)) for pair in ("BTC-USD", "ETH-USD")) == sum(
         1 for r in so_far(dest) if r["type"] == "XT"), timeout=60, what="the summary and every trade")

@@ -576,7 +576,7 @@ class MockServer:
         self.streaming.set()
         self.primed = threading.Event()  # a subscribed connection has its data ready (frame pool rendered)
         self.injected: queue.Queue = queue.Queue()  # raw wire bytes for the streaming connection (tests)
-        self._listener = Listener(host, port, lambda sock: _Connection(self, sock).serve(), self.stats,
+        self._listener = Listener(host, port, lambda sock: _Connection(self, sock), self.stats,
                                   lambda: self.options.max_clients, "mock-polygon")
         self.stopping = self._listener.stopping
         self.host, self.port = self._listener.host, self._listener.port

@@ -10,10 +10,13 @@ events in one message, built once per distinct set of topics, not once per clien
 (they come late and out of order); every hole is a `{"ev":"status","status":"gap",...}` message in order with the
 data, carrying the gap record's reason, times and counts.
 
-No client can slow anything else: the sink's own queue drops (counted) when full, each client has a bounded queue
-(GATEWAY_CLIENT_QUEUE) and its own thread; a full one means `disconnect` (the `slow_consumer` status, close 1008, as
-Polygon does) or `drop` (counted; one `gap` status once the client reads again). Strangers are bounded by wsserver.py
-(a client cap, a handshake and auth deadline, bounded messages) and by TOPICS_PER_CLIENT.
+No client can slow anything else: the sink's own queue drops (counted) when full. The sink thread writes a message
+into a client's socket itself while nothing is waiting for that client (a send that never blocks: no thread wake-up
+per message and client); what the socket does not take at once goes to the client's bounded queue
+(GATEWAY_CLIENT_QUEUE), which the client's own thread sends, in order. A full queue means `disconnect` (the
+`slow_consumer` status, close 1008, as Polygon does) or `drop` (counted; one `gap` status once the client reads
+again). Strangers are bounded by wsserver.py (a client cap, a handshake and auth deadline, bounded messages) and by
+TOPICS_PER_CLIENT.
 """
 
 from __future__ import annotations
@@ -113,6 +116,14 @@ class _Client(ServerConnection):
         self.kicked_at: float | None = None   # the monotonic time it was found too slow (disconnect)
         self.kick_reason = ""
         self.pending_drops = 0                # drop mode: events dropped since its last gap status
+        # The sink thread sends to a client itself (never waiting: MSG_DONTWAIT) while nothing is queued for it;
+        # what the socket does not take goes through the client's thread, in order. Every write holds send_lock;
+        # `leftover` is the unsent end of a message the socket took in part, sent before anything else.
+        self.send_lock = threading.Lock()
+        self.leftover = b""
+        self.queued = 0                       # messages put in the outbox (the sink thread counts)
+        self.sent = 0                         # ...and sent by the client's thread (it counts): equal when idle
+        self.direct = False                   # plain sockets only: an SSL socket takes no send flags
 
     # -- the handshake ------------------------------------------------------------------------------------------
 
@@ -143,6 +154,7 @@ class _Client(ServerConnection):
                 self.send([status("auth_success", "authenticated")])
             elif message:
                 self.send([status("auth_required", "authentication required")])
+        self.direct = gateway.tls is None
         gateway.add(self)
         try:
             self._stream()
@@ -188,12 +200,25 @@ class _Client(ServerConnection):
             while self.inbox:
                 self._handle(self.parse(self.inbox.pop(0)))
 
+    def write(self, data: bytes) -> None:
+        with self.send_lock:
+            if self.leftover:
+                data, self.leftover = self.leftover + data, b""
+            self.sock.sendall(data)
+
     def _send_items(self, items: list[tuple[bytes, int]]) -> None:
         if not items:
             return
-        self.sock.sendall(b"".join(wire for wire, _ in items))
-        stats = self.gateway.stats
-        stats.add(frames_sent=len(items), events_sent=sum(events for _, events in items))
+        with self.send_lock:
+            data = b"".join(wire for wire, _ in items)
+            if self.leftover:
+                data, self.leftover = self.leftover + data, b""
+            try:
+                self.sock.sendall(data)
+            finally:
+                self.sent += len(items)
+        self.gateway.stats.add(frames_sent=sum(1 for wire, _ in items if wire),
+                               events_sent=sum(events for _, events in items))
 
     def _kick(self) -> None:
         try:
@@ -255,6 +280,8 @@ class GatewaySink(Sink):
         self._lock = threading.Lock()
         self._clients: list[_Client] = []
         self._matchers: dict[tuple[str, ...], tuple[IncludeFilter, bool]] = {}
+        self._sent_frames = 0  # sent by the sink thread in the current write (added to stats once a write)
+        self._sent_events = 0
         self._listener: Listener | None = None
 
     def destination(self) -> str:
@@ -275,7 +302,7 @@ class GatewaySink(Sink):
                 raise SinkConfigError(f"GATEWAY_TLS_CERT/GATEWAY_TLS_KEY: cannot load them ({exc})") from None
         self._keys = load_keys(self._keys_file, self._service_key)
         try:
-            self._listener = Listener(self.addr[0], self.addr[1], lambda sock: _Client(self, sock).serve(),
+            self._listener = Listener(self.addr[0], self.addr[1], lambda sock: _Client(self, sock),
                                       self.stats, lambda: self.max_clients, "gateway")
         except OSError as exc:
             raise SinkConfigError(f"GATEWAY_ADDR {format_addr(self.addr)}: cannot listen ({exc.strerror or exc})") \
@@ -332,7 +359,6 @@ class GatewaySink(Sink):
                 _log.info("gateway: %s added upstream for client %s", topic, client.name,
                           extra={"fields": {"topic": topic, "client": client.name}})
         holders.add(id(client))
-        self._sync_upstream()
 
     def _release(self, client: _Client, topics) -> None:
         """(under the lock) The client no longer holds these topics: one no one holds lingers, then goes."""
@@ -352,6 +378,7 @@ class GatewaySink(Sink):
 
     def subscribe(self, client: _Client, topics: list[str]) -> None:
         acks, refused = [], []
+        held = 0  # topics added upstream for it: the upstream gets them in one subscribe message
         for topic in topics:
             code, dot, ticker = topic.partition(".")
             if not dot or not code or not ticker:
@@ -371,7 +398,11 @@ class GatewaySink(Sink):
                     if topic not in client.topics:
                         client.topics = client.topics + [topic]
                         self._hold(client, topic)
+                        held += 1
                 acks.append(status("success", f"subscribed to: {topic}"))
+        if held:
+            with self._lock:
+                self._sync_upstream()
         if acks or refused:
             client.send(acks + refused)
 
@@ -414,6 +445,7 @@ class GatewaySink(Sink):
                 continue  # backfilled: late and out of order for a live client
             events.append((code, symbol, line[line.index(PAYLOAD_START, 0, end) + _PAYLOAD_START_CHARS:end]))
         gap_wire = self._gap_statuses(gaps) if gaps else None
+        self._sent_frames = self._sent_events = 0
         everything: tuple[bytes, int] | None = None  # the message of a group that takes every event
         for topics, members in groups.items():
             matcher, takes_all = self._matcher(topics)
@@ -430,6 +462,8 @@ class GatewaySink(Sink):
                     self._offer(client, gap_wire, 0)
                 if count:
                     self._offer(client, wire, count)
+        if self._sent_frames:
+            self.stats.add(frames_sent=self._sent_frames, events_sent=self._sent_events)
         self.observe_written(ingest_ms, len(records))
 
     def _matcher(self, topics: tuple[str, ...]) -> tuple[IncludeFilter, bool]:
@@ -463,18 +497,41 @@ class GatewaySink(Sink):
         return _frame(ujson.dumps(messages, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8"))
 
     def _offer(self, client: _Client, wire: bytes, events: int) -> None:
-        item = (wire, events)
-        outbox = client.outbox
         if client.pending_drops and not self._tell_drops(client):
             client.pending_drops += events
             self.stats.add(dropped_events=events)
             return
+        if client.direct and client.queued == client.sent and client.send_lock.acquire(blocking=False):
+            # Nothing queued or being sent for it: straight into its socket, as much as it takes now.
+            try:
+                if not client.leftover:
+                    try:
+                        taken = client.sock.send(wire, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        taken = 0
+                    except OSError:
+                        return  # gone: its thread sees it and leaves
+                    if taken == len(wire):
+                        self._sent_frames += 1
+                        self._sent_events += events
+                        return
+                    if taken:  # the rest is sent first by its thread, woken by an empty message counting it
+                        client.leftover = wire[taken:]
+                        self._sent_frames += 1
+                        wire = b""
+                # Queued while the lock is held: its thread cannot write between the part sent and the rest.
+                self._queue(client, (wire, events))
+                return
+            except queue.Full:  # only its going-away mark in a one-message outbox: the stop is under way
+                pass
+            finally:
+                client.send_lock.release()
         try:
-            outbox.put_nowait(item)
+            self._queue(client, (wire, events))
         except queue.Full:
             if self.drop_slow:
-                client.pending_drops += item[1]
-                self.stats.add(dropped_events=item[1])
+                client.pending_drops += events
+                self.stats.add(dropped_events=events)
                 return
             client.kick_reason = "slow_consumer"
             client.kicked_at = time.monotonic()
@@ -483,12 +540,17 @@ class GatewaySink(Sink):
                          self.client_queue, extra={"fields": {"client": client.name}})
 
     @staticmethod
-    def _tell_drops(client: _Client) -> bool:
+    def _queue(client: _Client, item: tuple[bytes, int]) -> None:
+        """(the sink thread) A message for the client's thread to send; queue.Full if its outbox is."""
+        client.outbox.put_nowait(item)
+        client.queued += 1
+
+    def _tell_drops(self, client: _Client) -> bool:
         """The gap status of what a client (GATEWAY_SLOW_CLIENT=drop) missed, once its queue has room again."""
         note = status("gap", f"{client.pending_drops} event(s) dropped: this client read too slowly")
         note.update(reason="slow_client", dropped_events=client.pending_drops)
         try:
-            client.outbox.put_nowait((_frame(ujson.dumps([note]).encode("utf-8")), 0))
+            self._queue(client, (_frame(ujson.dumps([note]).encode("utf-8")), 0))
         except queue.Full:
             return False
         client.pending_drops = 0
@@ -535,7 +597,7 @@ class GatewaySink(Sink):
                     if topic in client.topics:
                         client.topics = [held for held in client.topics if held != topic]
                         try:
-                            client.outbox.put_nowait((wire, 0))
+                            self._queue(client, (wire, 0))
                         except queue.Full:
                             pass
             if expired or refused:

@@ -279,8 +279,9 @@ def _official_peer(host_port: str, cluster: str, subscription: str, events: int)
 
 def _gateway_peer(host_port: str, cluster: str, topics: str, times_path: str) -> None:
     """Runs in a gateway client process (bench --gateway): a websocket-client recv loop, as a program reading the
-    gateway would, until the service closes the connection (1001 at its stop). Prints "done EVENTS FIRST LAST" (the
-    monotonic times of its first and last data message) and writes, per data message, its wall-clock receive time in
+    gateway would, until the service closes the connection (1001 at its stop). Prints "done EVENTS FIRST LAST CPU"
+    (the monotonic times of its first and last data message, and the CPU seconds it used from its subscription on:
+    the clients share the machine with the service) and writes, per data message, its wall-clock receive time in
     ms and its event count (array of doubles) to times_path, for the latency the bench computes against the NDJSON
     file's ingest_ts."""
     from array import array
@@ -292,6 +293,7 @@ def _gateway_peer(host_port: str, cluster: str, topics: str, times_path: str) ->
     ws.send(protocol.subscribe_message(topics))
     ws.recv_data()  # the acks
     print("ready", flush=True)
+    cpu = time.process_time()
     ws.settimeout(None)
     times = array("d")
     marker, status_marker = b'"ev":', b'"ev":"status"'
@@ -316,7 +318,7 @@ def _gateway_peer(host_port: str, cluster: str, topics: str, times_path: str) ->
         times.append(events)
     with open(times_path, "wb") as handle:
         times.tofile(handle)
-    print(f"done {received} {first} {last}", flush=True)
+    print(f"done {received} {first} {last} {time.process_time() - cpu}", flush=True)
 
 
 class _GatewayClients:
@@ -336,6 +338,7 @@ class _GatewayClients:
                        for symbol in self.symbols]
         self.procs: list[subprocess.Popen] = []
         self.results: list[tuple[int, float, float]] = []  # (events, first, last) per client
+        self.cpu_seconds = 0.0  # the clients' CPU, summed, from their subscription to their end
         self.released = 0.0  # the monotonic time the local server let the data go
         self.ingest: list[tuple[int, str]] = []  # the NDJSON file's data records (_ingest_order)
 
@@ -365,6 +368,7 @@ class _GatewayClients:
                 output, _ = proc.communicate()
             done = [line.split() for line in output.decode().splitlines() if line.startswith("done ")]
             self.results.append((int(done[-1][1]), float(done[-1][2]), float(done[-1][3])) if done else (0, 0, 0))
+            self.cpu_seconds += float(done[-1][4]) if done else 0.0
 
     def kill(self) -> None:
         for proc in self.procs:
@@ -793,6 +797,10 @@ def _gateway_stop(result: BenchResult, gateway: _GatewayClients, service: subpro
                               "client_events_per_sec_mean": round(sum(rates) / len(rates)) if rates else 0,
                               "client_events_per_sec_min": round(min(rates)) if rates else 0,
                               "events_received": sum(got for got, _, _ in gateway.results),
+                              # the clients' CPU over the service's streaming time, in cores of the machine's
+                              "clients_cpu_cores": round(gateway.cpu_seconds / max(
+                                  1e-9, max((last for _, _, last in gateway.results), default=0.0)
+                                  - gateway.released), 2) if gateway.results else 0.0,
                               "visible_latency_p50_ms": p50, "visible_latency_p99_ms": p99}
 
 
@@ -946,6 +954,7 @@ def _gateway_rows(result: BenchResult, sinks: list[str], workdir: str, counts: l
                 "client_events_per_sec_mean": loaded.gateway_clients.get("client_events_per_sec_mean"),
                 "client_events_per_sec_min": loaded.gateway_clients.get("client_events_per_sec_min"),
                 "cpu_seconds_per_million": loaded.cpu_seconds_per_million,
+                "clients_cpu_cores": loaded.gateway_clients.get("clients_cpu_cores"),
                 "latency_rate": round(paced.latency_rate),
                 "client_visible_latency_p50_ms": paced.gateway_clients.get("visible_latency_p50_ms"),
                 "client_visible_latency_p99_ms": paced.gateway_clients.get("visible_latency_p99_ms"),
@@ -1097,7 +1106,8 @@ def format_table(result: BenchResult) -> str:
         rows.append((f"gateway, {row['clients']} client(s), {spread}",
                      f"service {row['service_events_per_sec']:,} events/s ({row['to_without_gateway']:.2f} of it "
                      f"without), a client {row['client_events_per_sec_mean']:,}/s (slowest "
-                     f"{row['client_events_per_sec_min']:,}), CPU per million {row['cpu_seconds_per_million']:.2f} s"))
+                     f"{row['client_events_per_sec_min']:,}), CPU per million {row['cpu_seconds_per_million']:.2f} s, "
+                     f"the clients {row['clients_cpu_cores']} core(s) of {os.cpu_count()}"))
         rows.append((f"  visible latency p50 / p99 at {row['latency_rate']:,}/s",
                      f"client {row['client_visible_latency_p50_ms']} / {row['client_visible_latency_p99_ms']} ms, "
                      f"NDJSON file {row['ndjson_visible_latency_p50_ms']} / {row['ndjson_visible_latency_p99_ms']} ms"))
