@@ -449,6 +449,37 @@ def redis_sub(group: str, consumer: str, url: str, password_file: str | None, st
         raise
 
 
+@cli.command("kafka-sub")
+@click.option("--group", required=True, help="consumer group (a new one starts at the end; see --from-start)")
+@click.option("--bootstrap", default=None, envvar="KAFKA_BOOTSTRAP", show_envvar=True, help="as KAFKA_BOOTSTRAP")
+@click.option("--topic", default="polygon.{cluster}", show_default=True, envvar="KAFKA_TOPIC",
+              help="the topic template the sink writes (KAFKA_TOPIC); with {type} every topic it can give is read")
+@click.option("--config-file", default=None, envvar="KAFKA_CONFIG_FILE", help="as KAFKA_CONFIG_FILE")
+@click.option("--cluster", "market", default=None, envvar="POLYGON_CLUSTER", show_envvar=True,
+              help="the market cluster in {cluster} [default: from POLYGON_WS_URL's path, else futures]")
+@click.option("--ws-url", default=None, envvar="POLYGON_WS_URL", show_envvar=True,
+              help="the service's POLYGON_WS_URL, whose path names the cluster when --cluster is not given")
+@click.option("--from-start", is_flag=True, help="a new group starts at the earliest offset, not the end")
+@click.option("--count", "count_only", is_flag=True, help="print a count per second instead of the records")
+@click.option("--max-records", type=click.IntRange(min=0), default=0, help="exit after this many (0: never)")
+def kafka_sub(group: str, bootstrap: str | None, topic: str, config_file: str | None, market: str | None,
+              ws_url: str | None, from_start: bool, count_only: bool, max_records: int) -> int:
+    """A Kafka consumer-group reader: prints (or counts) the records of the kafka sink, committing each offset
+    after its record is printed; says where each partition starts. Several readers in one group share the
+    partitions."""
+    from .sinks import SinkConfigError
+    from .tools import kafka_sub as reader
+
+    if bootstrap is None:
+        raise ConfigError("kafka-sub: missing KAFKA_BOOTSTRAP (--bootstrap): give HOST:PORT of your Kafka brokers")
+    config = build_config({"kafka_bootstrap": bootstrap, "kafka_topic": topic, "kafka_config_file": config_file,
+                           "cluster": market, "ws_url": ws_url}, require_key=False)
+    try:
+        return reader.run(config, group, from_start, count_only, max_records)
+    except SinkConfigError as exc:
+        raise ConfigError(f"kafka-sub: {exc}") from None
+
+
 @cli.command()
 @click.option("--events", type=click.IntRange(min=1), default=1_000_000, show_default=True)
 @click.option("--cluster", type=click.Choice(["stocks", "options", "futures", "crypto", "forex", "indices"]),

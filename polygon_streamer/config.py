@@ -189,6 +189,29 @@ def _redis_stream(raw: str) -> str:
     return template
 
 
+KAFKA_TOPIC_FIELDS = ("cluster", "type")
+
+
+def _kafka_bootstrap(raw: str) -> str:
+    servers = [part.strip() for part in raw.split(",") if part.strip()]
+    if not servers or not all(re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}", server)
+                              and 0 < int(server.rsplit(":", 1)[1]) < 65536 for server in servers):
+        raise ValueError("expected HOST:PORT of one or more Kafka brokers, comma separated, e.g. "
+                         "kafka1.example.com:9092,kafka2.example.com:9092")
+    return ",".join(servers)
+
+
+def _kafka_topic(raw: str) -> str:
+    template = raw.strip()
+    names = re.findall(r"\{([A-Za-z_]+)\}", template)
+    rest = re.sub(r"\{(cluster|type)\}", "", template)
+    if not template or any(name not in KAFKA_TOPIC_FIELDS for name in names) or not re.fullmatch(
+            r"[A-Za-z0-9._-]*", rest) or len(template) > 200:
+        raise ValueError("expected a topic name template of letters, digits, '.', '_' and '-' using {cluster} and "
+                         "{type}, e.g. polygon.{cluster} or polygon.{cluster}.{type}")
+    return template
+
+
 def _include(raw: str) -> tuple[str, ...]:
     patterns = tuple(part.strip() for part in raw.split(",") if part.strip())
     for pattern in patterns:
@@ -337,11 +360,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bp_warn_interval_secs", "BP_WARN_INTERVAL_SECS", "5", _seconds(0, True),
             "at most one inbound backpressure warning per interval",
             doc="at most one inbound backpressure warning per N s"),
-    Setting("sink", "SINK", None, _sinks, "stdout, ndjson, zmq, capture, redis or a comma list; stdout prints each "
-            "event as a log record of the polygon_events target, so LOG_LEVEL must keep that target at info",
+    Setting("sink", "SINK", None, _sinks, "stdout, ndjson, zmq, capture, redis, gateway, kafka or a comma list; "
+            "stdout prints each event as a log record of the polygon_events target, so LOG_LEVEL must keep that "
+            "target at info",
             default_text="stdout (ndjson with EMIT_NDJSON=true)",
-            doc="`stdout`, `ndjson`, `zmq`, `capture`, `redis` or a comma list; each sink has its own queue and "
-                "thread"),
+            doc="`stdout`, `ndjson`, `zmq`, `capture`, `redis`, `gateway`, `kafka` or a comma list; each sink has its "
+                "own queue and thread"),
     Setting("emit_ndjson", "EMIT_NDJSON", "false", _bool, "legacy: SINK=ndjson when SINK is unset",
             doc="legacy: `SINK=ndjson` when `SINK` is unset"),
     Setting("ndjson_dest", "NDJSON_DEST", "stdout", _nonempty, "stdout or a file path",
@@ -425,6 +449,28 @@ SETTINGS: tuple[Setting, ...] = (
                 "wait here, then drop, counted"),
     Setting("redis_cluster", "REDIS_CLUSTER", "false", _bool, "REDIS_URL names a node of a Redis Cluster",
             doc="`REDIS_URL` names a node of a Redis Cluster"),
+    Setting("kafka_bootstrap", "KAFKA_BOOTSTRAP", None, _kafka_bootstrap,
+            "SINK=kafka: HOST:PORT of the Kafka brokers, comma separated (required with the sink)",
+            doc="with `SINK=...,kafka` (required): `HOST:PORT` of one or more brokers, comma separated "
+                "(librdkafka's bootstrap.servers)"),
+    Setting("kafka_topic", "KAFKA_TOPIC", "polygon.{cluster}", _kafka_topic,
+            "topic template: {cluster}, {type} (a topic per event code)",
+            doc="topic name template: `{cluster}`, and `{type}` for a topic per event code (`polygon.stocks.T`); the "
+                "topics must exist or the cluster create them (docs/sinks.md)"),
+    Setting("kafka_config_file", "KAFKA_CONFIG_FILE", None, _nonempty,
+            "librdkafka properties for your cluster (security.protocol, sasl.*, ssl.*): KEY=VALUE a line",
+            doc="librdkafka properties for your cluster, `KEY=VALUE` a line, `#` comments: `security.protocol`, "
+                "`sasl.*`, `ssl.*`, buffer sizes; they win over the sink's defaults. A password or secret in it "
+                "never appears in logs, errors or metrics"),
+    Setting("kafka_compression", "KAFKA_COMPRESSION", "lz4", _choice("none", "gzip", "snappy", "lz4", "zstd"),
+            "compression of the produced batches"),
+    Setting("kafka_channel_cap", "KAFKA_CHANNEL_CAP", "4096", _int(1),
+            "Kafka queue capacity in batches; full (brokers away past librdkafka's buffer): drop, counted",
+            doc="Kafka queue capacity in batches (the events of one hand-over): while the brokers are away records "
+                "fill librdkafka's buffer, then wait here, then drop, counted (a `sink_drop` gap record)"),
+    Setting("kafka_warn_interval_secs", "KAFKA_WARN_INTERVAL_SECS", None, _seconds(0, True),
+            "at most one Kafka drop warning per interval", same_as="bp_warn_interval_secs",
+            default_text="BP_WARN_INTERVAL_SECS's"),
     Setting("gateway_addr", "GATEWAY_ADDR", "127.0.0.1:8765", _addr,
             "SINK=gateway: host:port where Polygon clients connect (ws://HOST:PORT/CLUSTER)",
             doc="with `SINK=...,gateway`: where unchanged Polygon clients connect, `ws://HOST:PORT/CLUSTER` "
@@ -588,6 +634,13 @@ class Config:
     backfill_max_rps: float = 10.0
     backfill_max_secs: float = 900.0
     state_dir: str | None = None
+    kafka_bootstrap: str | None = None
+    kafka_topic: str = "polygon.{cluster}"
+    kafka_config_file: str | None = None
+    kafka_properties: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+    kafka_compression: str = "lz4"
+    kafka_channel_cap: int = 4096
+    kafka_warn_interval_secs: float = 5.0
     gateway_addr: tuple[str, int] = ("127.0.0.1", 8765)
     gateway_keys_file: str | None = None
     gateway_upstream: str = "union"
@@ -608,7 +661,9 @@ class Config:
             if item.name in hidden:
                 continue
             value = getattr(self, item.name)
-            if item.name in ("api_key", "redis_password"):
+            if item.name == "kafka_properties":
+                value = {key: "<redacted>" if kafka_secret(key) else item_value for key, item_value in value}
+            elif item.name in ("api_key", "redis_password"):
                 value = "<redacted>" if value else "<unset>"
             elif item.name in ("url", "redis_url", "rest_url"):
                 value = redact_url(value)
@@ -628,7 +683,9 @@ class Config:
     def secrets(self) -> list[str]:
         """Every value that must never reach a log line: the key and any credential in the URL."""
         return [secret for secret in [self.api_key, *url_secrets(self.url), self.redis_password,
-                                      *url_secrets(self.redis_url), *url_secrets(self.rest_url)] if secret]
+                                      *url_secrets(self.redis_url), *url_secrets(self.rest_url),
+                                      *(value for key, value in self.kafka_properties if kafka_secret(key))]
+                if secret]
 
 
 def format_addr(addr: tuple[str, int]) -> str:
@@ -699,6 +756,12 @@ def build_config(raw: Mapping[str, str | None], *, require_key: bool = True,
     if values["redis_password_file"] is not None:
         values["redis_password"] = _read_secret_file(values["redis_password_file"],
                                                      "REDIS_PASSWORD_FILE (--redis-password-file)")
+
+    if "kafka" in sinks and values["kafka_bootstrap"] is None:
+        raise ConfigError("missing KAFKA_BOOTSTRAP (--kafka-bootstrap) with SINK=kafka: give HOST:PORT of your "
+                          "Kafka brokers")
+    if values["kafka_config_file"] is not None:
+        values["kafka_properties"] = read_kafka_properties(values["kafka_config_file"])
 
     values["cluster"] = _cluster(raw, overrides, values)
     url = values["ws_url"] or protocol.feed_url(values["feed"], values["cluster"])
@@ -796,6 +859,34 @@ def _cluster(raw: Mapping[str, str | None], overrides: Mapping[str, str], values
 
 def _read_key_file(path: str) -> str:
     return _read_secret_file(path, "POLYGON_API_KEY_FILE (--api-key-file)")
+
+
+def kafka_secret(name: str) -> bool:
+    """Whether a librdkafka property holds a credential (its value is redacted everywhere)."""
+    return bool(re.search(r"password|secret|jaas|\.pem$|token|oauthbearer\.config|\.key$", name))
+
+
+def read_kafka_properties(path: str) -> tuple[tuple[str, str], ...]:
+    """KAFKA_CONFIG_FILE: librdkafka properties, KEY=VALUE a line (Java properties style, `#` and `!` comments).
+    Errors name the line, never a value."""
+    what = "KAFKA_CONFIG_FILE (--kafka-config-file)"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"invalid {what} {path!r}: cannot read it ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    properties: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        name, equals, value = line.partition("=")
+        name = name.strip()
+        if not equals or not re.fullmatch(r"[a-z][a-z0-9._-]*", name):
+            raise ConfigError(f"invalid {what} {path!r}: line {number} is not a librdkafka property KEY=VALUE")
+        properties[name] = value.strip()
+    return tuple(properties.items())
 
 
 def _read_secret_file(path: str, what: str) -> str:

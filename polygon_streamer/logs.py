@@ -11,7 +11,7 @@ from typing import Any, Iterable, TextIO
 import ujson
 
 TARGETS = ("polygon_events", "polygon_gaps", "polygon_stats", "polygon_config", "polygon_conn", "polygon_ndjson",
-           "polygon_zmq", "polygon_redis", "polygon_streamer")
+           "polygon_zmq", "polygon_redis", "polygon_kafka", "polygon_gateway", "polygon_streamer")
 
 OFF = logging.CRITICAL + 10
 TRACE = 5

@@ -120,6 +120,7 @@ class Service:
                                         f"running polygon-streamer ({running}): not bound again")
             if not threads:
                 self._cpus()
+                self.check_notes += [note for sink in self.sinks if (note := sink.check())]
                 return
             self._confine()
         except SinkConfigError as exc:

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 STOP = None
 TICK_SECS = 0.1
 
-# The sink table: each SINK name and the module.class that builds it (imported only when chosen: pyzmq and redis-py
-# are needed only by their sinks). A new sink is its module, its settings in config.py and one row here.
+# The sink table: each SINK name and the module.class that builds it (imported only when chosen: pyzmq, redis-py and
+# confluent-kafka are needed only by their sinks). A new sink is its module, its settings in config.py and one row here.
 SINKS = {
     "stdout": "stdout.StdoutSink",
     "ndjson": "ndjson.NdjsonSink",
@@ -33,6 +33,7 @@ SINKS = {
     "capture": "capture.CaptureSink",
     "redis": "redis.RedisSink",
     "gateway": "gateway.GatewaySink",
+    "kafka": "kafka.KafkaSink",
 }
 SINK_NAMES = tuple(SINKS)
 
@@ -90,6 +91,11 @@ class Sink:
 
     def open(self) -> None:
         """Acquire files/sockets. Raise SinkConfigError for a problem the operator must fix (exit 2)."""
+
+    def check(self) -> str | None:
+        """config --check, after open: what it learned of a remote destination (one line), or None; SinkConfigError
+        when that destination cannot be reached (run would start and wait for it)."""
+        return None
 
     def write(self, records: list, ingest_ms: int) -> None:
         """records: one batch of what the sink takes (`takes`): normalized records (tuples), or for "wire" one
@@ -211,8 +217,9 @@ class SinkQueue:
         self.queue: queue.Queue = queue.Queue(capacity)
         self.drop_when_full = drop_when_full
         self.stats = SinkStats()
-        self._warning = logs.RateLimitedWarning(logs.get(f"polygon_{name}" if name in ("ndjson", "zmq", "redis")
-                                                         else "polygon_streamer"), warn_interval_secs)
+        own_log = name in ("ndjson", "zmq", "redis", "kafka")
+        self._warning = logs.RateLimitedWarning(logs.get(f"polygon_{name}" if own_log else "polygon_streamer"),
+                                                warn_interval_secs)
         self.consumer: threading.Thread | None = None
         self.normalizer: FrameNormalizer | None = None  # set by the service: builds the sink_drop gap records
         self.takes_extra = False  # its sink's extra_topics
