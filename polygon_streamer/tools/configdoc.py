@@ -26,6 +26,8 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "capture_flush_interval_ms", "capture_max_bytes", "capture_rotate_secs", "capture_gzip")),
     ("Redis Streams", ("redis_url", "redis_password_file", "redis_stream", "redis_shards", "redis_maxlen",
                        "redis_channel_cap", "redis_warn_interval_secs", "redis_cluster")),
+    ("Kafka", ("kafka_bootstrap", "kafka_topic", "kafka_config_file", "kafka_compression", "kafka_channel_cap",
+               "kafka_warn_interval_secs")),
     ("Gateway", ("gateway_addr", "gateway_keys_file", "gateway_upstream", "gateway_linger_secs",
                  "gateway_client_queue", "gateway_slow_client", "gateway_max_clients", "gateway_channel_cap",
                  "gateway_tls_cert", "gateway_tls_key")),
@@ -54,11 +56,15 @@ UNIT_NOTES = {
                    "NDJSON_MAX_BYTES/NDJSON_ROTATE_SECS, not both).",
     "capture_dest": "The unit's log directory is writable: e.g. /var/log/polygon-streamer/INSTANCE.capture.",
     "redis_url": "Redis over its unix socket: add SupplementaryGroups=redis in a drop-in.",
+    "kafka_config_file": "Keep it beside the instance's env file, mode 0640 root:polygon-streamer: it may hold a "
+                         "SASL password.",
 }
 # Commented example values where the default is empty and an example says more.
 EXAMPLES = {"subscription_file": "/etc/polygon-streamer/stocks.topics",
             "capture_dest": "/var/log/polygon-streamer/stocks.capture",
-            "redis_password_file": "/etc/polygon-streamer/redis.password"}
+            "redis_password_file": "/etc/polygon-streamer/redis.password",
+            "kafka_bootstrap": "kafka1.example.com:9092,kafka2.example.com:9092",
+            "kafka_config_file": "/etc/polygon-streamer/kafka.properties"}
 ENV_HEADER = """\
 # polygon-streamer instance configuration: copy to /etc/polygon-streamer/INSTANCE.env (chmod 0600),
 # INSTANCE being the cluster (stocks, options, futures, crypto, forex, indices), then

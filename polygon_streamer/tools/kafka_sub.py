@@ -5,6 +5,7 @@ printed. Says on stderr where each partition it is given starts."""
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import sys
@@ -34,9 +35,11 @@ def run(config: Config, group: str, from_start: bool, count_only: bool, max_reco
     except ImportError:
         raise SinkConfigError("kafka-sub needs the Python module confluent_kafka: apt install python3-confluent-kafka "
                               "(or pip install confluent-kafka)") from None
+    errors = _Errors(config)
     properties = {"bootstrap.servers": config.kafka_bootstrap, "group.id": group, "enable.auto.commit": "false",
                   "auto.offset.reset": "earliest" if from_start else "latest",
-                  "client.id": f"polygon-streamer-kafka-sub-{config.cluster}", "logger": _quiet(config)}
+                  "client.id": f"polygon-streamer-kafka-sub-{config.cluster}", "logger": _Quiet("librdkafka"),
+                  "error_cb": errors}
     properties.update(config.kafka_properties)
     try:
         consumer = confluent_kafka.Consumer(properties)
@@ -48,6 +51,7 @@ def run(config: Config, group: str, from_start: bool, count_only: bool, max_reco
         consumer.close()
         raise SinkConfigError(f"cannot reach Kafka at {config.kafka_bootstrap} within {CHECK_SECS:g}s "
                               f"({config.redact(str(exc))})") from None
+    errors.quiet = False
     topics = topics_of(config)
     start = "the earliest offset" if from_start else "the end (new records only; --from-start for all)"
 
@@ -110,14 +114,25 @@ def run(config: Config, group: str, from_start: bool, count_only: bool, max_reco
     return 0
 
 
-def _quiet(config: Config):
-    """librdkafka's log lines, redacted, on stderr only when they are warnings or worse."""
-    import logging
+class _Quiet(logging.Logger):
+    """librdkafka's own log lines are not shown (they repeat at every reconnect); its errors are (_Errors)."""
 
-    class Log(logging.Logger):
-        def log(self, level, msg, *args, **kwargs):
-            if level >= logging.WARNING:
-                print(f"kafka-sub: librdkafka: {config.redact(msg % args if args else str(msg))}", file=sys.stderr,
-                      flush=True)
+    def log(self, level, msg, *args, **kwargs):
+        pass
 
-    return Log("librdkafka")
+
+class _Errors:
+    """Client errors (the cluster unreachable, authentication) on stderr, redacted, each kind at most every 10 s."""
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._last: dict[str, float] = {}
+        self.quiet = True  # until the cluster answered once: not reaching it at all is the one line of exit 2
+
+    def __call__(self, error) -> None:
+        now = time.monotonic()
+        if self.quiet:
+            return
+        if now - self._last.get(error.name(), -1e9) >= 10.0:
+            self._last[error.name()] = now
+            print(f"kafka-sub: {error.name()}: {self._config.redact(error.str())}", file=sys.stderr, flush=True)
