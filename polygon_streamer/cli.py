@@ -486,7 +486,8 @@ def kafka_sub(group: str, bootstrap: str | None, topic: str, config_file: str | 
               default="stocks", show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=100, show_default=True, help="events per frame")
 @click.option("--sink", "sinks", default="ndjson", show_default=True,
-              help="ndjson, zmq, redis (starts a local redis-server) or a comma list; add capture to measure its "
+              help="ndjson, zmq, redis (starts a local redis-server), kafka (starts a local Tansu broker) or a comma "
+                   "list; add capture to measure its "
                    "cost (ndjson,capture)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object instead of the table")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="a progress bar on stderr")

@@ -61,6 +61,12 @@ tests:
         values: '0 0 0 0 3 9 15 15x20'
       - series: 'polygon_gateway_disconnects_total{instance="a",reason="slow_consumer"}'
         values: '0 0 0 1x20'
+      - series: 'polygon_kafka_delivery_errors_total{instance="a",reason="MSG_SIZE_TOO_LARGE"}'
+        values: '0 0 0 2x20'
+      - series: 'polygon_kafka_buffered_messages{instance="a"}'
+        values: '0 0 600000x10 0x10'
+      - series: 'polygon_kafka_buffer_limit_messages{instance="a"}'
+        values: '1000000x30'
     alert_rule_test:
       - {eval_time: 1m, alertname: PolygonFeedDown, exp_alerts: []}
       - eval_time: 5m
@@ -131,6 +137,23 @@ tests:
           - exp_labels: {severity: warning, instance: a, reason: slow_consumer}
             exp_annotations: {summary: "a: gateway clients were disconnected for reading too slowly"}
       - {eval_time: 20m, alertname: PolygonGatewaySlowClients, exp_alerts: []}
+      - {eval_time: 2m, alertname: PolygonKafkaDeliveryErrors, exp_alerts: []}
+      - eval_time: 4m
+        alertname: PolygonKafkaDeliveryErrors
+        exp_alerts:
+          - exp_labels: {severity: critical, instance: a, reason: MSG_SIZE_TOO_LARGE}
+            exp_annotations:
+              summary: "a: Kafka did not take records (MSG_SIZE_TOO_LARGE): they are lost to Kafka"
+      - {eval_time: 3m, alertname: PolygonKafkaBufferFilling, exp_alerts: []}
+      - eval_time: 5m
+        alertname: PolygonKafkaBufferFilling
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: a}
+            exp_annotations:
+              summary: >-
+                a: librdkafka's buffer is 60% full: the Kafka cluster is away or slower than the feed; past it, the
+                sink's queue fills and drops
+      - {eval_time: 20m, alertname: PolygonKafkaBufferFilling, exp_alerts: []}
   - interval: 1m
     input_series:
       - series: 'polygon_connected{instance="a"}'
@@ -164,8 +187,12 @@ def test_the_rules_pass_promtool_check_and_test(tmp_path):
 @needs_prometheus
 def test_a_real_prometheus_finds_series_for_every_panel_and_rule(mock_server, spawn, tmp_path):
     # BACKFILL on (against the local server's REST side) so that its metrics, which the alerts use, exist.
-    streamer = spawn(SINK="ndjson,zmq,gateway", NDJSON_DEST=str(tmp_path / "out.ndjson"), SUBSCRIPTION="T.*,Q.*",
-                     GATEWAY_ADDR=f"127.0.0.1:{free_port()}",
+    # A Kafka broker (tests/test_kafka.py's) so that the Kafka sink's metrics exist too.
+    from polygon_streamer.tools.bench import LocalKafka
+
+    kafka = LocalKafka(str(tmp_path / "tansu")).start()
+    streamer = spawn(SINK="ndjson,zmq,gateway,kafka", NDJSON_DEST=str(tmp_path / "out.ndjson"),
+                     SUBSCRIPTION="T.*,Q.*", GATEWAY_ADDR=f"127.0.0.1:{free_port()}", KAFKA_BOOTSTRAP=kafka.bootstrap,
                      ZMQ_ENDPOINT=f"tcp://127.0.0.1:{free_port()}", ZMQ_BIND="true",
                      BACKFILL="on", POLYGON_REST_URL=mock_server.start_rest())
     streamer.wait_ready()
@@ -214,4 +241,5 @@ def test_a_real_prometheus_finds_series_for_every_panel_and_rule(mock_server, sp
     finally:
         prometheus.terminate()
         prometheus.wait(20)
-    assert streamer.stop() == 0
+        assert streamer.stop() == 0
+        kafka.stop(kill=True)

@@ -52,6 +52,7 @@ DEFAULTS = {
     "statistics.interval.ms": "1000",      # brokers' states and in-flight counts for /health and the metrics
     "queue.buffering.max.messages": "1000000",
 }
+USUAL_ERRORS = ("MSG_SIZE_TOO_LARGE", "TOPIC_AUTHORIZATION_FAILED", "UNKNOWN_TOPIC_OR_PART", "_FATAL")
 _SAFE = {"acks": ("all", "-1"), "enable.idempotence": ("true",)}
 
 
@@ -73,7 +74,8 @@ class KafkaSink(Sink):
         self._producer: Any = None
         self._error_warning = logs.RateLimitedWarning(_log, config.kafka_warn_interval_secs)
         self.delivered = 0
-        self.delivery_errors: dict[str, int] = {}  # by librdkafka's error name
+        # by librdkafka's error name; the usual ones exported at 0 from the start (a series to alert and graph on)
+        self.delivery_errors: dict[str, int] = dict.fromkeys(USUAL_ERRORS, 0)
         self.client_errors = 0                     # connection and authentication errors (error_cb)
         self.in_flight = 0                         # sent to a broker, no answer yet (librdkafka's statistics)
         self.buffer_limit = 0

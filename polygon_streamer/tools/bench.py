@@ -143,6 +143,10 @@ class BenchResult:
     gateway_clients: dict = field(default_factory=dict)  # one _service run with gateway clients (_gateway_stop)
     gateway: list = field(default_factory=list)  # bench --gateway: a row per client count and spread (_gateway_rows)
     gateway_quiet: dict = field(default_factory=dict)  # bench --gateway: the most clients on a quiet feed, CPU
+    # --sink kafka: ingest -> delivery report at half rate (ms), and the broker's own rate with a bare producer
+    kafka_delivery_latency_p50_ms: float | None = None
+    kafka_delivery_latency_p99_ms: float | None = None
+    kafka_bare_producer_events_per_sec: int | None = None
     notes: list = field(default_factory=list)
     ok: bool = False
     problems: list = field(default_factory=list)
@@ -693,6 +697,7 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
     metrics_port = _free_port()
     local_redis = LocalRedis(os.path.join(workdir, f"redis-{time.monotonic_ns()}")).start() if "redis" in sinks \
         else None
+    local_kafka = _start_kafka(workdir, cluster) if "kafka" in sinks else None
     # Every setting at its default (as in the unit) but the destination, the local server and the queue sizes.
     env = {key: value for key, value in os.environ.items() if key not in SETTING_VARIABLES}
     env.update(POLYGON_API_KEY=BENCH_KEY, POLYGON_WS_URL=f"{server.base_url}/{cluster}", POLYGON_CLUSTER=cluster,
@@ -708,6 +713,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
                CHANNEL_CAP=str(events // batch + 16), NDJSON_CHANNEL_CAP=str(events // batch + 16),
                ZMQ_CHANNEL_CAP=str(events // batch + 16), REDIS_CHANNEL_CAP=str(events // batch + 16),
                REDIS_URL=local_redis.url if local_redis else "redis://127.0.0.1:6379/0",
+               KAFKA_CHANNEL_CAP=str(events // batch + 16),
+               **({"KAFKA_BOOTSTRAP": local_kafka.bootstrap} if local_kafka else {}),
                CAPTURE_DEST=os.path.join(workdir, "bench.capture"), CAPTURE_CHANNEL_CAP=str(events // batch + 16),
                # The same for the socket's pipe: the counting subscriber shares core 0 with the server and, on
                # pyzmq 24, receives at about 270k messages/s alone on a core, so it can fall behind the sink for a
@@ -778,6 +785,10 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             result.latency_rate = rate
             if tailer is not None:
                 result.visible_latency_p50_ms, result.visible_latency_p99_ms = tailer.stop()
+            if local_kafka is not None:
+                delivery = _write_latency(samples, "kafka")
+                result.kafka_delivery_latency_p50_ms = delivery.quantile(0.5) * 1000
+                result.kafka_delivery_latency_p99_ms = delivery.quantile(0.99) * 1000
             result.cpu_seconds_per_million = round(cpu / events * 1_000_000, 2)
             if gateway is not None:
                 _gateway_stop(result, gateway, service, dest)
@@ -804,6 +815,8 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
             result.lost = _check_seq(dest, events)
         if local_redis is not None:
             result.lost = max(result.lost, _check_redis_seq(local_redis.url, f"polygon:{cluster}", events))
+        if local_kafka is not None:
+            result.lost = max(result.lost, _check_kafka_seq(local_kafka, f"polygon.{cluster}", events))
         if subscriber is not None:
             received = _zmq_received(subscriber, result.written.get("zmq", 0))
             if received != result.written.get("zmq", 0):
@@ -819,6 +832,81 @@ def _service(result: BenchResult, sinks: list[str], workdir: str, progress: bool
         server.stop()
         if local_redis is not None:
             local_redis.stop(kill=True)
+        if local_kafka is not None:
+            local_kafka.stop(kill=True)
+
+
+KAFKA_PARTITIONS = 4
+
+
+def _start_kafka(workdir: str, cluster: str) -> LocalKafka:
+    kafka = LocalKafka(os.path.join(workdir, f"kafka-{time.monotonic_ns()}")).start()
+    kafka.create_topic(f"polygon.{cluster}", KAFKA_PARTITIONS)
+    return kafka
+
+
+def _kafka_consumer(kafka: LocalKafka, topic: str):
+    import confluent_kafka
+
+    consumer = confluent_kafka.Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": "bench",
+                                         "enable.auto.commit": False})
+    consumer.assign([confluent_kafka.TopicPartition(topic, partition, confluent_kafka.OFFSET_BEGINNING)
+                     for partition in range(KAFKA_PARTITIONS)])
+    return consumer
+
+
+def _check_kafka_seq(kafka: LocalKafka, topic: str, events: int) -> int:
+    """Events missing from (or repeated in) the topic, by the records' seq header."""
+    consumer = _kafka_consumer(kafka, topic)
+    seqs: list[int] = []
+    deadline = time.monotonic() + 120
+    try:
+        while len(seqs) < events and time.monotonic() < deadline:
+            for message in consumer.consume(10_000, 0.5):
+                if message.error() is None:
+                    seqs.append(int(dict(message.headers() or [])["seq"]))
+    finally:
+        consumer.close()
+    return events - len(set(seqs) & set(range(1, events + 1))) + (len(seqs) - len(set(seqs)))
+
+
+def _kafka_bare_producer(events: int, cluster: str, workdir: str) -> float:
+    """The broker's own rate: a bare confluent-kafka producer (the sink's settings: acks=all, idempotence, lz4,
+    keys and headers) producing `events` record-sized messages from one loop, to every delivery report."""
+    import confluent_kafka
+
+    kafka = _start_kafka(workdir, cluster)
+    try:
+        delivered = [0]
+
+        def report(error, _message) -> None:
+            if error is None:
+                delivered[0] += 1
+        producer = confluent_kafka.Producer({"bootstrap.servers": kafka.bootstrap, "acks": "all",
+                                             "enable.idempotence": True, "compression.type": "lz4",
+                                             "linger.ms": 5, "queue.buffering.max.messages": 1_000_000,
+                                             "partitioner": "murmur2_random", "on_delivery": report})
+        symbols = [symbol.encode() for symbol in ("AAPL", "MSFT", "AMD", "NVDA", "TSLA", "AMZN", "META", "SPY")]
+        value = (b'{"ingest_ts":1796573844842,"type":"T","kind":"trade","symbol":"AAPL","topic":"T:AAPL",'
+                 b'"feed":"stocks","ts":1796573844990,"payload":{"ev":"T","sym":"AAPL","x":4,"p":189.91,"s":100,'
+                 b'"c":[12,37],"i":"52983525029461","t":1796573844990,"q":3102,"z":3},"hostname":"vm",'
+                 b'"app_version":"0.2.0","schema_version":1,"seq":1}')
+        topic = f"polygon.{cluster}"
+        started = time.perf_counter()
+        for index in range(events):
+            while True:
+                try:
+                    producer.produce(topic, value, symbols[index % len(symbols)],
+                                     headers=[("type", b"T"), ("kind", b"trade"), ("seq", b"%d" % index)])
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+            if index % 1000 == 0:
+                producer.poll(0)
+        producer.flush(120)
+        return delivered[0] / (time.perf_counter() - started)
+    finally:
+        kafka.stop(kill=True)
 
 
 def _gateway_sent(result: BenchResult, gateway: _GatewayClients, dest: str, metrics_url: str, pid: int,
@@ -907,6 +995,8 @@ def _watch_log(proc: subprocess.Popen, needle: bytes, confined: list | None = No
 def _sink_written(samples: dict, sink: str) -> float:
     if sink in ("zmq", "redis"):
         return samples.get((f"polygon_{sink}_sent_total", ()), 0)
+    if sink == "kafka":  # delivered: acknowledged by the broker
+        return samples.get(("polygon_kafka_delivered_total", ()), 0)
     return samples.get((f"polygon_{sink}_written_total", ()),
                        samples.get(("polygon_sink_written_total", (("sink", sink),)), 0))
 
@@ -945,6 +1035,12 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
         import redis
 
         result.versions["redis"] = redis.__version__
+    if "kafka" in sinks:
+        import confluent_kafka
+
+        version = confluent_kafka.version()  # a (text, int) tuple before 2.x, the text since
+        result.versions["confluent_kafka"] = version[0] if isinstance(version, tuple) else version
+        result.versions["librdkafka"] = confluent_kafka.libversion()[0]
     with tempfile.TemporaryDirectory(prefix="polygon-bench-") as workdir:
         result.transport_events_per_sec = round(_ceiling(events, batch, cluster, "transport", workdir))
         result.parse_events_per_sec = round(_ceiling(events, batch, cluster, "parse", workdir))
@@ -970,7 +1066,11 @@ def run(events: int, cluster: str, batch: int, sinks: list[str], progress: bool,
         result.cpu_seconds_per_million_paced = paced.cpu_seconds_per_million
         result.visible_latency_p50_ms = paced.visible_latency_p50_ms
         result.visible_latency_p99_ms = paced.visible_latency_p99_ms
+        result.kafka_delivery_latency_p50_ms = paced.kafka_delivery_latency_p50_ms
+        result.kafka_delivery_latency_p99_ms = paced.kafka_delivery_latency_p99_ms
         result.notes += [f"paced run: {note}" for note in paced.notes]
+        if "kafka" in sinks:
+            result.kafka_bare_producer_events_per_sec = round(_kafka_bare_producer(events, cluster, workdir))
         if "ndjson" in sinks:
             # A quiet feed: what a consumer waits for each event when nothing fills the buffers.
             quiet = BenchResult(events=QUIET_RATE * QUIET_SECS, cluster=cluster, batch=1, sinks=result.sinks,
@@ -1144,6 +1244,11 @@ def format_table(result: BenchResult) -> str:
         ("peak RSS", f"{result.peak_rss_mb:.1f} MB"),
         (f"receive -> write latency p50 / p99 at {result.latency_rate:,.0f}/s",
          f"<= {result.write_latency_p50_ms:g} ms / <= {result.write_latency_p99_ms:g} ms"),
+        *([(f"Kafka delivery latency p50 / p99 at {result.latency_rate:,.0f}/s (ingest to delivery report)",
+            f"<= {result.kafka_delivery_latency_p50_ms:g} ms / <= {result.kafka_delivery_latency_p99_ms:g} ms"),
+           ("the broker with a bare producer (one loop, the sink's settings)",
+            f"{result.kafka_bare_producer_events_per_sec:,} events/s")]
+          if result.kafka_bare_producer_events_per_sec is not None else []),
         (f"visible latency p50 / p99 at {result.latency_rate:,.0f}/s (a consumer tailing the file)",
          f"{result.visible_latency_p50_ms} ms / {result.visible_latency_p99_ms} ms"
          if result.visible_latency_p50_ms is not None else "- (no NDJSON sink)"),
