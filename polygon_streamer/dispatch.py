@@ -16,7 +16,7 @@ from .capture_format import Backfilled, BackfillSummary, CaptureBatch
 from .metrics import LatencyHistogram
 from .handover import FINISH, STOP, WAKE, gap_item_ms
 from .normalize import EXTRA, FrameError, FrameNormalizer, Gap
-from .sinks import TICK_SECS, SinkQueue
+from .sinks import TICK_SECS, FramedBatch, SinkQueue
 from .subscriptions import Subscriptions
 from .threads import ServiceThread
 
@@ -39,6 +39,9 @@ class Dispatcher(ServiceThread):
         self.inbound = inbound
         self.normalizer = normalizer
         self.sink_queues = sink_queues
+        # The gateway's queue takes each hand-over as a FramedBatch; the other sinks, the records.
+        self._framed = [sink_queue for sink_queue in sink_queues if sink_queue.takes_frames]
+        self._plain = [sink_queue for sink_queue in sink_queues if not sink_queue.takes_frames]
         self.capture_queue = capture_queue
         self.latency = latency
         self._parse_warning = logs.RateLimitedWarning(_log, warn_interval_secs)
@@ -58,6 +61,8 @@ class Dispatcher(ServiceThread):
         normalize = normalizer.normalize
         observe = self.latency.observe
         sink_queues = self.sink_queues
+        plain_queues = self._plain
+        framed_queues = self._framed
         last_seen = self.last_seen_ms
         while True:
             try:
@@ -109,6 +114,7 @@ class Dispatcher(ServiceThread):
             extra = normalizer.extra
             if extra:
                 extra.clear()
+            framed = FramedBatch() if framed_queues else None
             # capturing: each frame's text, if strict JSON as received
             proven: list[str | None] | None = [] if len(item) > 2 else None
             for data in frames:  # the frames one socket read completed: one batch for each sink
@@ -123,9 +129,8 @@ class Dispatcher(ServiceThread):
                     continue
                 if proven is not None:
                     proven.append(normalizer.frame_text)
-                if len(extra) > diverted and batch:  # (the frame's positions: the batch holds the frames before it)
-                    extra[diverted:] = [(at + len(batch), code, symbol, text)
-                                        for at, code, symbol, text in extra[diverted:]]
+                if framed is not None:
+                    self._frame(framed, data, records, extra, diverted)
                 if newest is not None:
                     observe((ingest_ms - newest) / 1000.0)
                 if records:
@@ -140,11 +145,11 @@ class Dispatcher(ServiceThread):
                     last_seen.update(dict.fromkeys(map(CODE, batch), ingest_ms))
                 if len(last_seen) > _LAST_SEEN_LIMIT:
                     last_seen.clear()
-                if not extra:
-                    for sink_queue in sink_queues:
-                        sink_queue.offer(ingest_ms, batch)
-            if extra:
-                self._offer_with_extra(ingest_ms, batch or [], extra)
+                for sink_queue in plain_queues:
+                    sink_queue.offer(ingest_ms, batch)
+            if framed:
+                for sink_queue in framed_queues:
+                    sink_queue.offer(ingest_ms, framed)
             if proven is not None:
                 self._capture(item[2], frames, proven)
             if normalizer.sequence_anomalies_total != anomalies:
@@ -154,21 +159,28 @@ class Dispatcher(ServiceThread):
                 if self.desk.due(False):
                     self.desk.deliver(self.emit)
 
-    def _offer_with_extra(self, ingest_ms: int, batch: list, extra: list[tuple[int, str, str, str]]) -> None:
-        """GATEWAY_UPSTREAM=union: the records to every sink; to the one that asked (takes_extra) with the events of
-        its clients' added topics among them, in the order received (normalize left those out, with their place)."""
-        merged: list[tuple] = []
-        at = 0
-        for position, code, symbol, text in extra:
-            merged += batch[at:position]
-            at = position
-            merged.append((0, code, symbol, EXTRA, None, text))
-        merged += batch[at:]
-        for sink_queue in self.sink_queues:
-            if sink_queue.takes_extra:
-                sink_queue.offer(ingest_ms, merged)
-            elif batch:
-                sink_queue.offer(ingest_ms, batch)
+    def _frame(self, framed: FramedBatch, data: bytes | str, records: list, extra: list, diverted: int) -> None:
+        """A frame's records into the gateway's batch, with the events of topics only its clients asked for
+        (extra[diverted:], diverted by normalize, each with its place among the frame's records) where they were;
+        the frame's bytes go with them when every element of the frame is among them and it is strict JSON."""
+        count = len(records) + len(extra) - diverted
+        if not count:
+            return
+        start = len(framed)
+        if count > len(records):
+            at = 0
+            for position, code, symbol, text in extra[diverted:]:
+                framed += records[at:position]
+                at = position
+                framed.append((0, code, symbol, EXTRA, None, text))
+            framed += records[at:]
+        else:
+            framed += records
+        normalizer = self.normalizer
+        raw = None
+        if count == normalizer.frame_events and normalizer.frame_text is not None:
+            raw = data if data.__class__ is bytes else normalizer.frame_text.encode("utf-8")
+        framed.frames.append((start, len(framed), raw, count - len(records)))
 
     def _capture(self, batches: list, frames: list[bytes], proven: list[str | None]) -> None:
         """A hand-over's capture batch (sinks.capture.CaptureBatch: every message in order, data frames and statuses),

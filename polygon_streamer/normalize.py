@@ -266,6 +266,7 @@ class FrameNormalizer:
         self._fast_keys = {code: (shape.symbol_keys[0], shape.time_keys[0]) for code, shape in self._shapes.items()}
         self.seq = 0
         self.frame_text: str | None = None  # see normalize
+        self.frame_events = 0  # the elements of the last frame normalized (events, statuses, anything else)
         # Counters exported by metrics.py.
         self.events_by_type: dict[str, int] = {}
         self.bad_events: dict[str, int] = {}
@@ -359,6 +360,7 @@ class FrameNormalizer:
         except FrameError:
             self.parse_errors += 1
             raise
+        self.frame_events = len(events)
         split = compact_split(data, len(events))
         if split is None:
             self.frame_text = texts = None

@@ -15,6 +15,8 @@ import websocket
 
 from helpers import ROOT, TEST_KEY, free_port, records_in, report, wait_for
 
+from polygon_streamer.capture_format import CAPTURE_LINE
+
 OFFICIAL = r"""
 import asyncio, sys
 from massive import WebSocketClient
@@ -96,8 +98,8 @@ def clients(streamer) -> dict[str, float]:
 
 
 def gateway_env(tmp_path, port: int, **settings) -> dict:
-    return dict(SINK="ndjson,gateway", NDJSON_DEST=str(tmp_path / "out.ndjson"), GATEWAY_ADDR=f"127.0.0.1:{port}",
-                **settings)
+    return {"SINK": "ndjson,gateway", "NDJSON_DEST": str(tmp_path / "out.ndjson"), "GATEWAY_ADDR": f"127.0.0.1:{port}",
+            **settings}
 
 
 def test_the_official_client_gets_every_event_of_its_topics_as_polygon_sent_them_and_each_hole(
@@ -139,6 +141,69 @@ def test_the_official_client_gets_every_event_of_its_topics_as_polygon_sent_them
         before_hole = sum(1 for r in trades if r["seq"] < record["seq"])
         assert sum(1 for m in received[:index] if m.get("ev") == "T") == before_hole, "in order with the data"
     report("gateway: official client", events=len(events), gap_statuses=len(gaps))
+
+
+class RawClient:
+    """A gateway client that keeps each message's text as it came (websocket-client, a thread reading)."""
+
+    def __init__(self, port: int, topics: str):
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}/stocks", timeout=10)
+        self.ws.recv()
+        self.ws.send(json.dumps({"action": "auth", "params": TEST_KEY}))
+        self.ws.recv()
+        self.ws.send(json.dumps({"action": "subscribe", "params": topics}))
+        self.texts: list[str] = []
+        self.ws.settimeout(None)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                self.texts.append(self.ws.recv())
+            except (websocket.WebSocketException, OSError):
+                return
+
+    def data(self) -> list[str]:
+        return [text for text in list(self.texts) if text and '"ev":"status"' not in text]  # ('': the close)
+
+
+def test_each_frame_goes_out_as_it_came_or_as_its_matching_events(mock_server, spawn, tmp_path):
+    # Frames of 5 events, every 4th with a status object in its middle (not every element an event of the topics)
+    mock_server.options.count = 1000
+    mock_server.options.status_in_data_every = 4
+    mock_server.streaming.clear()
+    port = free_port()
+    capture = tmp_path / "wire.capture"
+    streamer = spawn(**gateway_env(tmp_path, port, SINK="ndjson,gateway,capture", CAPTURE_DEST=str(capture),
+                                   SUBSCRIPTION="T.*,Q.*"))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    everything, trades = RawClient(port, "T.*,Q.*"), RawClient(port, "T.*")
+    wait_for(lambda: streamer.metric("polygon_gateway_client_topics") == 3, what="both subscribed")
+    mock_server.streaming.set()
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 1000, timeout=30, what="every event")
+    assert streamer.stop() == 0
+    frames = []  # each data frame's bytes, as the capture kept them (byte for byte)
+    for line in capture.read_bytes().split(b"\n")[:-1]:
+        match = CAPTURE_LINE.match(line)
+        assert match
+        if match.group(4) == b"frame" and any(e["ev"] != "status" for e in json.loads(line)["frame"]):
+            frames.append(line[match.end():-1])
+    assert len(frames) == 200, len(frames)
+    whole = [frame for frame in frames if b'"ev":"status"' not in frame]
+    mixed = [frame for frame in frames if b'"ev":"status"' in frame]
+    assert len(mixed) == 50
+    got = everything.data()
+    assert len(got) == len(frames), "one message per frame"
+    for frame, text in zip(frames, got):
+        if frame in whole:
+            assert text.encode() == frame, "a frame whose events all match: the same bytes"
+        else:  # the events' JSON as received, without the status object
+            events = [part for part in frame[2:-2].split(b"},{") if not part.startswith(b'"ev":"status"')]
+            assert text.encode() == b"[{" + b"},{".join(events) + b"}]"
+    expected = [[e for e in json.loads(frame) if e["ev"] == "T"] for frame in frames]
+    expected = [events for events in expected if events]
+    assert [json.loads(text) for text in trades.data()] == expected, "the matching events of each frame, one message"
+    report("gateway: frames as received", frames=len(frames), same_bytes=len(whole), matching_events=len(mixed))
 
 
 def test_keys_by_name_topics_the_upstream_lacks_unsubscribe_and_bad_input(mock_server, spawn, tmp_path):

@@ -12,7 +12,7 @@ import queue
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .. import logs
 from ..metrics import WRITE_LATENCY_BUCKETS, LatencyHistogram
@@ -44,9 +44,10 @@ class Sink:
     """What a sink does; all methods run on the sink's own thread."""
 
     name = "sink"
-    # What the sink is fed: the records of every event ("records"), or every message as received ("wire": the
-    # capture's batches, sinks.capture; the dispatcher passes them on, the reader holds them while the inbound queue
-    # is full).
+    # What the sink is fed: the records of every event ("records"); the same as FramedBatch, which says which frame
+    # each live record came from ("frames": the gateway, which sends what Polygon sent frame by frame); or every
+    # message as received ("wire": the capture's batches, sinks.capture; the dispatcher passes them on, the reader
+    # holds them while the inbound queue is full).
     takes = "records"
     # > 0: the thread hands every batch already queued, up to this many events, to one write_batches call (a sink
     # with a round trip per write, such as Redis, pays it once for all of them).
@@ -170,7 +171,7 @@ def build_sinks(config) -> list[tuple[Sink, "SinkQueue"]]:
         cls = sink_class(name)
         capacity, drop_when_full, warn_interval_secs = cls.queue_settings(config)
         sink_queue = SinkQueue(name, capacity, drop_when_full, warn_interval_secs)
-        sink_queue.takes_extra = cls.extra_topics
+        sink_queue.takes_frames = cls.takes == "frames"
         built.append((cls.from_config(config), sink_queue))
     return built
 
@@ -204,6 +205,26 @@ class SinkStats:
         self.dropped = 0
 
 
+class FramedBatch(list):
+    """A hand-over's records for a sink that takes "frames" (the gateway), in order, with where each live frame's
+    records are. The list also holds the events of topics only the gateway's clients asked for (kind
+    normalize.EXTRA), in place. `frames` holds (start, end, raw, added) for records[start:end]: raw is the frame's
+    bytes as received when every element of the frame is among them and the frame is strict compact JSON
+    (normalize.compact_split), else None; added, how many of them are EXTRA."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, records: Iterable[tuple] = ()):
+        super().__init__(records)
+        self.frames: list[tuple[int, int, bytes | None, int]] = []
+
+    def after(self, record: tuple) -> "FramedBatch":
+        """The same batch behind one more record (a sink_drop gap record), its frames where they were."""
+        batch = FramedBatch([record, *self])
+        batch.frames = [(start + 1, end + 1, raw, added) for start, end, raw, added in self.frames]
+        return batch
+
+
 class SinkQueue:
     """The dispatcher's side of one sink's queue. drop_when_full: the user chose a bounded queue, so a full queue
     drops the batch and counts every event in it; otherwise the dispatcher waits (backpressure upstream).
@@ -222,7 +243,7 @@ class SinkQueue:
                                                 warn_interval_secs)
         self.consumer: threading.Thread | None = None
         self.normalizer: FrameNormalizer | None = None  # set by the service: builds the sink_drop gap records
-        self.takes_extra = False  # its sink's extra_topics
+        self.takes_frames = False  # its sink takes FramedBatch (Sink.takes)
         self._last_ingest_ms: int | None = None  # the last batch queued: what the gap record says came before
         self._last_ts: int | None = None
         self._pending_drops = 0  # events dropped since the last batch queued
@@ -283,7 +304,10 @@ class SinkQueue:
         record = self.normalizer.gap_record(gap, self._first_drop_ms, seq=self._last_dropped_seq,
                                             last_ingest_ms=last_ingest_ms, last_ts=last_ts, count=False)
         gap_ms = self.normalizer.last_gap_ms
-        put((resumed_ms, [record, *records]) if records else (self._first_drop_ms, [record]))
+        if records.__class__ is FramedBatch:
+            put((resumed_ms, records.after(record)))
+        else:
+            put((resumed_ms, [record, *records]) if records else (self._first_drop_ms, [record]))
         self.normalizer.count_gap(gap.reason, gap_ms)
         self._pending_drops = 0
 

@@ -4,9 +4,11 @@ wss://socket.massive.com/CLUSTER and shares the service's one upstream connectio
 
 The protocol is Polygon's (protocol.md 2.1-2.4, served by wsserver.py): `connected`, `auth` -> `auth_success` or
 `auth_failed` and a close, subscribe / unsubscribe with an ack per topic. A topic the service's own subscription does
-not cover gets an `error` status naming why (the upstream set is SUBSCRIPTION's). Each client gets the events of its
-topics, each event's JSON as Polygon sent it, in the order the service received them: per hand-over, the matching
-events in one message, built once per distinct set of topics, not once per client. Backfilled events are not sent
+not cover is added upstream (GATEWAY_UPSTREAM=union) or refused with an `error` status naming why (fixed). Each client
+gets the events of its topics, each event's JSON as Polygon sent it, in the order the service received them, frame by
+frame (the dispatcher's FramedBatch says where each frame's records are): a frame the client takes all of is sent as
+the same bytes, otherwise its matching events in one message; built once per batch and distinct set of topics, not
+once per client, and what leaves for a client at once is one write. Backfilled events are not sent
 (they come late and out of order); every hole is a `{"ev":"status","status":"gap",...}` message in order with the
 data, carrying the gap record's reason, times and counts.
 
@@ -51,7 +53,7 @@ CLOSE_WAIT_SECS = 1.0
 
 _log = logs.get("polygon_gateway")
 
-_GOING_AWAY = (b"", 0)
+_GOING_AWAY = (b"", 0, 0)
 _PAYLOAD_START_CHARS = len(PAYLOAD_START)
 _BACKFILLED_CHARS = len(BACKFILLED)    # the queue's last item at a stop: close 1001 once what came before is sent
 
@@ -206,19 +208,19 @@ class _Client(ServerConnection):
                 data, self.leftover = self.leftover + data, b""
             self.sock.sendall(data)
 
-    def _send_items(self, items: list[tuple[bytes, int]]) -> None:
+    def _send_items(self, items: list[tuple[bytes, int, int]]) -> None:
         if not items:
             return
         with self.send_lock:
-            data = b"".join(wire for wire, _ in items)
+            data = b"".join(wire for wire, _, _ in items)
             if self.leftover:
                 data, self.leftover = self.leftover + data, b""
             try:
                 self.sock.sendall(data)
             finally:
                 self.sent += len(items)
-        self.gateway.stats.add(frames_sent=sum(1 for wire, _ in items if wire),
-                               events_sent=sum(events for _, events in items))
+        self.gateway.stats.add(frames_sent=sum(messages for _, _, messages in items),
+                               events_sent=sum(events for _, events, _ in items))
 
     def _kick(self) -> None:
         try:
@@ -244,6 +246,7 @@ class _Client(ServerConnection):
 
 class GatewaySink(Sink):
     name = "gateway"
+    takes = "frames"  # FramedBatch: a frame whose events a client takes all of is sent as it came
     extra_topics = True  # GATEWAY_UPSTREAM=union: its batches hold its clients' added topics too
 
     @staticmethod
@@ -426,45 +429,51 @@ class GatewaySink(Sink):
                 groups.setdefault(tuple(client.topics), []).append(client)
         if not groups:
             return
-        # Once per batch: each live event's JSON as received (the record's payload), and the gap records.
-        events: list[tuple[str, str, str]] = []
-        gaps = []
-        added = 0  # events of topics added upstream for clients (union): matched even for a group that takes all
-        for _, code, symbol, kind, _, line in records:
-            if kind == GAP:
-                gaps.append(line)
-                continue
-            if kind == BACKFILL:
-                continue
-            if kind == EXTRA:
-                events.append((code, symbol, line))
-                added += 1
-                continue
-            end = line.rindex(PAYLOAD_END)
-            if line.startswith(BACKFILLED, end - _BACKFILLED_CHARS):
-                continue  # backfilled: late and out of order for a live client
-            events.append((code, symbol, line[line.index(PAYLOAD_START, 0, end) + _PAYLOAD_START_CHARS:end]))
-        gap_wire = self._gap_statuses(gaps) if gaps else None
+        segments = _segments(records)
         self._sent_frames = self._sent_events = 0
-        everything: tuple[bytes, int] | None = None  # the message of a group that takes every event
+        everything: tuple[bytes, int, int, bool] | None = None  # what a group that takes every event gets
         for topics, members in groups.items():
             matcher, takes_all = self._matcher(topics)
-            if takes_all and not added:
-                if everything is None:
-                    everything = self._message([payload for _, _, payload in events])
-                wire, count = everything
+            if takes_all:
+                if everything is None or everything[3]:
+                    everything = self._build(segments, matcher, True)
+                wire, count, messages, _ = everything
             else:
-                cluster = self.cluster
-                wire, count = self._message([payload for code, symbol, payload in events
-                                             if matcher.matches(code, canonical_symbol(cluster, symbol))])
-            for client in members:
-                if gap_wire is not None:
-                    self._offer(client, gap_wire, 0)
-                if count:
-                    self._offer(client, wire, count)
+                wire, count, messages, _ = self._build(segments, matcher, False)
+            if messages:
+                for client in members:
+                    self._offer(client, wire, count, messages)
         if self._sent_frames:
             self.stats.add(frames_sent=self._sent_frames, events_sent=self._sent_events)
         self.observe_written(ingest_ms, len(records))
+
+    def _build(self, segments: list["_Segment"], matcher: IncludeFilter, takes_all: bool
+               ) -> tuple[bytes, int, int, bool]:
+        """A group's messages for one batch, in order: each gap as a status message; each frame's bytes when the
+        group takes all of it, else its matching events in one message. Returns (wire, events, messages, whether
+        it depended on the matcher beyond takes_all: events of topics added upstream)."""
+        parts: list[bytes] = []
+        count = 0
+        matched = False
+        cluster = self.cluster
+        for segment in segments:
+            if segment.gaps:
+                parts.append(segment.gap_wire())
+            if segment.raw is not None and takes_all and not segment.added:
+                parts.append(_frame(segment.raw))
+                count += segment.size
+                continue
+            events = segment.events()
+            if takes_all and not segment.added:
+                payloads = [payload for _, _, payload, _ in events]
+            else:
+                matched = matched or segment.added > 0
+                payloads = [payload for code, symbol, payload, extra in events
+                            if (takes_all and not extra) or matcher.matches(code, canonical_symbol(cluster, symbol))]
+            if payloads:
+                parts.append(_frame(("[" + ",".join(payloads) + "]").encode("utf-8")))
+                count += len(payloads)
+        return b"".join(parts), count, len(parts), matched
 
     def _matcher(self, topics: tuple[str, ...]) -> tuple[IncludeFilter, bool]:
         """A set of topics' filter, and whether it takes every event the upstream subscription brings."""
@@ -477,26 +486,9 @@ class GatewaySink(Sink):
             found = self._matchers[topics] = (matcher, takes_all)
         return found
 
-    @staticmethod
-    def _message(payloads: list[str]) -> tuple[bytes, int]:
-        if not payloads:
-            return b"", 0
-        return _frame(("[" + ",".join(payloads) + "]").encode("utf-8")), len(payloads)
-
-    @staticmethod
-    def _gap_statuses(gaps: list[str]) -> bytes:
-        messages = []
-        for line in gaps:
-            value = ujson.loads(line)
-            payload = value.get("payload") if isinstance(value.get("payload"), dict) else {}
-            message = {"ev": "status", "status": "gap",
-                       "message": payload.get("detail") or f"gap: {payload.get('reason')}"}
-            message.update((key, item) for key, item in payload.items() if key not in message)
-            message["seq"] = value.get("seq")
-            messages.append(message)
-        return _frame(ujson.dumps(messages, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8"))
-
-    def _offer(self, client: _Client, wire: bytes, events: int) -> None:
+    def _offer(self, client: _Client, wire: bytes, events: int, messages: int) -> None:
+        """Messages (`wire`: `messages` WebSocket messages holding `events` events) for a client: into its socket now
+        if nothing waits for it, else into its queue; a full queue is its drop or its disconnect."""
         if client.pending_drops and not self._tell_drops(client):
             client.pending_drops += events
             self.stats.add(dropped_events=events)
@@ -512,22 +504,23 @@ class GatewaySink(Sink):
                     except OSError:
                         return  # gone: its thread sees it and leaves
                     if taken == len(wire):
-                        self._sent_frames += 1
+                        self._sent_frames += messages
                         self._sent_events += events
                         return
                     if taken:  # the rest is sent first by its thread, woken by an empty message counting it
                         client.leftover = wire[taken:]
-                        self._sent_frames += 1
+                        self._sent_frames += messages
                         wire = b""
+                        messages = 0
                 # Queued while the lock is held: its thread cannot write between the part sent and the rest.
-                self._queue(client, (wire, events))
+                self._queue(client, (wire, events, messages))
                 return
             except queue.Full:  # only its going-away mark in a one-message outbox: the stop is under way
                 pass
             finally:
                 client.send_lock.release()
         try:
-            self._queue(client, (wire, events))
+            self._queue(client, (wire, events, messages))
         except queue.Full:
             if self.drop_slow:
                 client.pending_drops += events
@@ -540,7 +533,7 @@ class GatewaySink(Sink):
                          self.client_queue, extra={"fields": {"client": client.name}})
 
     @staticmethod
-    def _queue(client: _Client, item: tuple[bytes, int]) -> None:
+    def _queue(client: _Client, item: tuple[bytes, int, int]) -> None:
         """(the sink thread) A message for the client's thread to send; queue.Full if its outbox is."""
         client.outbox.put_nowait(item)
         client.queued += 1
@@ -550,7 +543,7 @@ class GatewaySink(Sink):
         note = status("gap", f"{client.pending_drops} event(s) dropped: this client read too slowly")
         note.update(reason="slow_client", dropped_events=client.pending_drops)
         try:
-            self._queue(client, (_frame(ujson.dumps([note]).encode("utf-8")), 0))
+            self._queue(client, (_frame(ujson.dumps([note]).encode("utf-8")), 0, 1))
         except queue.Full:
             return False
         client.pending_drops = 0
@@ -597,7 +590,7 @@ class GatewaySink(Sink):
                     if topic in client.topics:
                         client.topics = [held for held in client.topics if held != topic]
                         try:
-                            self._queue(client, (wire, 0))
+                            self._queue(client, (wire, 0, 1))
                         except queue.Full:
                             pass
             if expired or refused:
@@ -692,6 +685,81 @@ class GatewaySink(Sink):
             ("polygon_gateway_drops_total", "Batches' events dropped at the gateway's own queue (full)",
              queue_stats.dropped),
         ]
+
+
+class _Segment:
+    """Part of a batch, shared by every group of clients: a live frame's records (raw: its bytes when whole), or
+    records with no frame (gap records, backfill, a batch that is not a FramedBatch)."""
+
+    __slots__ = ("items", "raw", "added", "gaps", "_events", "_gap_wire")
+
+    def __init__(self, items: list, raw: bytes | None, added: int | None):
+        self.items = items
+        self.raw = raw
+        self._events: list[tuple[str, str, str, bool]] | None = None
+        self._gap_wire: bytes | None = None
+        if added is None:  # not a frame: what is in it is found out
+            self.gaps = [item[5] for item in items if item[3] == GAP]
+            self.added = sum(1 for item in items if item[3] == EXTRA)
+        else:
+            self.gaps = []
+            self.added = added
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+    def events(self) -> list[tuple[str, str, str, bool]]:
+        """(code, symbol, the event's JSON as received, whether it is of a topic added upstream), live ones only."""
+        if self._events is None:
+            events = self._events = []
+            for _, code, symbol, kind, _, line in self.items:
+                if kind == EXTRA:
+                    events.append((code, symbol, line, True))
+                    continue
+                if kind == GAP or kind == BACKFILL:
+                    continue
+                end = line.rindex(PAYLOAD_END)
+                if line.startswith(BACKFILLED, end - _BACKFILLED_CHARS):
+                    continue  # backfilled: late and out of order for a live client
+                events.append((code, symbol, line[line.index(PAYLOAD_START, 0, end) + _PAYLOAD_START_CHARS:end],
+                               False))
+        return self._events
+
+    def gap_wire(self) -> bytes:
+        if self._gap_wire is None:
+            self._gap_wire = _gap_statuses(self.gaps)
+        return self._gap_wire
+
+
+def _segments(records: list) -> list[_Segment]:
+    """A batch in segments, in order: each live frame of a FramedBatch, and the records between them."""
+    frames = getattr(records, "frames", None)
+    if not frames:
+        return [_Segment(records, None, None)]
+    segments = []
+    at = 0
+    for start, end, raw, added in frames:
+        if start > at:
+            segments.append(_Segment(records[at:start], None, None))
+        segments.append(_Segment(records[start:end], raw, added))
+        at = end
+    if at < len(records):
+        segments.append(_Segment(records[at:], None, None))
+    return segments
+
+
+def _gap_statuses(gaps: list[str]) -> bytes:
+    messages = []
+    for line in gaps:
+        value = ujson.loads(line)
+        payload = value.get("payload") if isinstance(value.get("payload"), dict) else {}
+        message = {"ev": "status", "status": "gap",
+                   "message": payload.get("detail") or f"gap: {payload.get('reason')}"}
+        message.update((key, item) for key, item in payload.items() if key not in message)
+        message["seq"] = value.get("seq")
+        messages.append(message)
+    return _frame(ujson.dumps(messages, ensure_ascii=False, escape_forward_slashes=False).encode("utf-8"))
 
 
 def _frame(payload: bytes) -> bytes:
