@@ -20,14 +20,17 @@ class ConfigError(ValueError):
 # Parsers: raw string -> typed value, or ValueError with the "expected ..." part of the message.
 
 
-def _int(minimum: int) -> Callable[[str], int]:
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    expected = f"expected an integer >= {minimum}" if maximum is None else \
+        f"expected an integer from {minimum} to {maximum}"
+
     def parse(raw: str) -> int:
         try:
             value = int(raw.strip().replace("_", ""))
         except ValueError:
-            raise ValueError(f"expected an integer >= {minimum}") from None
-        if value < minimum:
-            raise ValueError(f"expected an integer >= {minimum}")
+            raise ValueError(expected) from None
+        if value < minimum or maximum is not None and value > maximum:
+            raise ValueError(expected)
         return value
 
     return parse
@@ -493,6 +496,11 @@ SETTINGS: tuple[Setting, ...] = (
             "messages queued per gateway client; full: GATEWAY_SLOW_CLIENT",
             doc="messages queued for one client (one a hand-over: up to a few thousand events); when it is full, "
                 "`GATEWAY_SLOW_CLIENT` says what happens"),
+    Setting("gateway_send_interval_ms", "GATEWAY_SEND_INTERVAL_MS", "5", _int(0, 1000),
+            "the least time between two writes to one gateway client: what comes sooner waits (0: at once)",
+            doc="the least time between two writes to a client's socket: messages that come sooner wait, at most this "
+                "long, and go with those after them in one write (many clients on a busy feed cost a write per "
+                "interval, not per hand-over; a lone message goes at once); `0`: every hand-over at once"),
     Setting("gateway_slow_client", "GATEWAY_SLOW_CLIENT", "disconnect", _choice("disconnect", "drop"),
             "a client whose queue is full: disconnect (slow_consumer, close 1008) or drop (counted, a gap status)",
             doc="a client whose queue is full: `disconnect` (the `slow_consumer` status and close 1008, as Polygon "
@@ -646,6 +654,7 @@ class Config:
     gateway_upstream: str = "union"
     gateway_linger_secs: float = 10.0
     gateway_client_queue: int = 1024
+    gateway_send_interval_ms: int = 5
     gateway_slow_client: str = "disconnect"
     gateway_max_clients: int = 256
     gateway_channel_cap: int = 4096

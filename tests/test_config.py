@@ -42,6 +42,7 @@ def run_cli(*args, env=None, timeout=30):
     ("KAFKA_TOPIC", "polygon.{market}", "expected a topic name template"),
     ("KAFKA_COMPRESSION", "brotli", "expected one of none, gzip, snappy, lz4, zstd"),
     ("KAFKA_CONFIG_FILE", "/nonexistent/kafka.properties", "cannot read it"),
+    ("GATEWAY_SEND_INTERVAL_MS", "5000", "expected an integer from 0 to 1000"),
     ("METRICS_ADDR", ":9898", "an empty host would listen on every interface"),
     ("SUBSCRIPTION", "T.*;Q.*", "';' does not separate topics"),
     ("SUBSCRIPTION", "T.AA\x01PL", "a control character"),

@@ -206,6 +206,54 @@ def test_each_frame_goes_out_as_it_came_or_as_its_matching_events(mock_server, s
     report("gateway: frames as received", frames=len(frames), same_bytes=len(whole), matching_events=len(mixed))
 
 
+def test_a_busy_feed_is_one_write_an_interval_a_lone_message_goes_at_once_and_order_holds(mock_server, spawn,
+                                                                                           tmp_path):
+    # A busy feed (200 frames/s) with GATEWAY_SEND_INTERVAL_MS=200: a client gets about 5 writes a second, not 200;
+    # the client that adds Q.* while its trades wait still gets everything in the order received.
+    mock_server.options.rate = 1000
+    mock_server.options.count = 2000
+    mock_server.streaming.clear()
+    port = free_port()
+    streamer = spawn(**gateway_env(tmp_path, port, GATEWAY_SEND_INTERVAL_MS="200", SUBSCRIPTION="T.*,Q.*"))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    full, mover = Client(port), Client(port)
+    full.send("subscribe", "T.*,Q.*")
+    mover.send("subscribe", "T.*")
+    wait_for(lambda: streamer.metric("polygon_gateway_client_topics") == 3, what="subscribed")
+    mock_server.streaming.set()
+    out = tmp_path / "out.ndjson"
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 1000, timeout=30, what="half the events")
+    mover.send("subscribe", "Q.*")
+    wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 2000, timeout=30, what="every event")
+    wait_for(lambda: len(full.events()) >= 2000, timeout=10, what="the full client's events")
+    records = [r for r in records_in(out, writing=True) if r["kind"] != "gap"]
+    assert full.events() == [r["payload"] for r in records]
+    moved = mover.events()
+    quotes = {(m["sym"], m["q"]) for m in moved if m["ev"] == "Q"}
+    assert moved == [r["payload"] for r in records
+                     if r["type"] == "T" or (r["payload"]["sym"], r["payload"]["q"]) in quotes], \
+        "in the order received, across the change of topics"
+    assert moved[-1] == records[-1]["payload"] and any(m["ev"] == "Q" for m in moved)
+    writes, messages = streamer.metric("polygon_gateway_writes_total"), streamer.metric(
+        "polygon_gateway_frames_sent_total")
+    assert writes <= 2 * (2 / 0.2 + 4), (writes, messages)  # two clients, a write each 200 ms (+ acks' edges)
+    assert messages >= 2 * 300
+    assert streamer.stop() == 0
+    # A quiet feed (an event every 500 ms): every message goes at once, a write each.
+    mock_server.options.rate = 2
+    mock_server.options.count = 5
+    mock_server.options.batch = 1
+    port = free_port()
+    quiet = spawn(**gateway_env(tmp_path, port, GATEWAY_SEND_INTERVAL_MS="200", NDJSON_DEST=str(tmp_path / "q")))
+    wait_for(lambda: listening(quiet), what="the gateway to listen")
+    lone = Client(port)
+    lone.send("subscribe", "T.*,Q.*")
+    wait_for(lambda: len(lone.events()) >= 5, timeout=20, what="five lone events, 500 ms apart")
+    assert quiet.metric("polygon_gateway_writes_total") == quiet.metric("polygon_gateway_frames_sent_total") == 5
+    assert quiet.stop() == 0
+    report("gateway: send interval", busy_writes=writes, busy_messages=messages)
+
+
 def test_keys_by_name_topics_the_upstream_lacks_unsubscribe_and_bad_input(mock_server, spawn, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# the team's programs\nalice alice-key-123\n\nbob bob-key-456  # the notebook\n")

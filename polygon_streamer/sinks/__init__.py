@@ -144,6 +144,12 @@ class Sink:
         """The queue is empty after a write: make what is buffered visible now (natural batching: under load the
         queue is rarely empty and writes stay large; when quiet every batch is visible at once)."""
 
+    # When (time.monotonic) the sink wants release() called for what it holds back, or None: its thread wakes then.
+    due: float | None = None
+
+    def release(self, now: float) -> None:
+        """`due` has come: send what was held back for it."""
+
     def reopen(self) -> None:
         """SIGHUP: reopen files by path."""
 
@@ -381,8 +387,9 @@ class SinkThread(ServiceThread):
         coalesce = sink.coalesce_events
         next_tick = time.monotonic() + TICK_SECS
         while True:
+            due = sink.due
             try:
-                batch = get(timeout=TICK_SECS)
+                batch = get(timeout=TICK_SECS if due is None else min(TICK_SECS, max(0.0, due - time.monotonic())))
             except queue.Empty:
                 batch = ()
             if batch is STOP:
@@ -408,6 +415,9 @@ class SinkThread(ServiceThread):
             if batch and empty():
                 sink.idle()
             now = time.monotonic()
+            due = sink.due
+            if due is not None and now >= due:
+                sink.release(now)
             if now >= next_tick:
                 sink.tick(now)
                 next_tick = now + TICK_SECS

@@ -100,6 +100,7 @@ def covered(cluster: str, upstream: IncludeFilter, topic: str) -> bool:
 @dataclass
 class GatewayStats(ServerStats):
     frames_sent: int = 0
+    writes: int = 0                 # messages handed to a client's socket together (GATEWAY_SEND_INTERVAL_MS)
     events_sent: int = 0
     dropped_events: int = 0         # GATEWAY_SLOW_CLIENT=drop: not sent to a client whose queue was full
     slow_disconnects: int = 0
@@ -126,6 +127,7 @@ class _Client(ServerConnection):
         self.queued = 0                       # messages put in the outbox (the sink thread counts)
         self.sent = 0                         # ...and sent by the client's thread (it counts): equal when idle
         self.direct = False                   # plain sockets only: an SSL socket takes no send flags
+        self.held_in: tuple[str, ...] | None = None  # the group whose held messages include this client's
 
     # -- the handshake ------------------------------------------------------------------------------------------
 
@@ -284,6 +286,11 @@ class GatewaySink(Sink):
         self._clients: list[_Client] = []
         self._matchers: dict[tuple[str, ...], tuple[IncludeFilter, bool]] = {}
         self._sent_frames = 0  # sent by the sink thread in the current write (added to stats once a write)
+        # GATEWAY_SEND_INTERVAL_MS: a group of clients (by topics) gets at most one write an interval; what comes
+        # sooner waits in _held (for the same clients; other clients: what waits goes first) until `due`.
+        self.send_interval = config.gateway_send_interval_ms / 1000.0
+        self._sent_at: dict[tuple[str, ...], float] = {}
+        self._held: dict[tuple[str, ...], _Held] = {}
         self._sent_events = 0
         self._listener: Listener | None = None
 
@@ -432,6 +439,9 @@ class GatewaySink(Sink):
         segments = _segments(records)
         self._sent_frames = self._sent_events = 0
         everything: tuple[bytes, int, int, bool] | None = None  # what a group that takes every event gets
+        now = time.monotonic()
+        interval = self.send_interval
+        held_groups = self._held
         for topics, members in groups.items():
             matcher, takes_all = self._matcher(topics)
             if takes_all:
@@ -440,12 +450,54 @@ class GatewaySink(Sink):
                 wire, count, messages, _ = everything
             else:
                 wire, count, messages, _ = self._build(segments, matcher, False)
-            if messages:
+            if not messages:
+                continue
+            held = held_groups.get(topics)
+            if held is not None and held.members == members:
+                held.add(wire, count, messages)
+                continue
+            if held_groups:  # what waits for any of these clients goes first (this group's, or one a client left)
                 for client in members:
-                    self._offer(client, wire, count, messages)
+                    if client.held_in is not None:
+                        self._release_group(client.held_in, now)
+            if interval and now - self._sent_at.get(topics, -interval) < interval:
+                due = self._sent_at[topics] + interval
+                held_groups[topics] = _Held(members, wire, count, messages, due)
+                for client in members:
+                    client.held_in = topics
+                if self.due is None or due < self.due:
+                    self.due = due
+                continue
+            self._sent_at[topics] = now
+            self._send(members, wire, count, messages)
         if self._sent_frames:
             self.stats.add(frames_sent=self._sent_frames, events_sent=self._sent_events)
         self.observe_written(ingest_ms, len(records))
+
+    def _send(self, members: list[_Client], wire: bytes, count: int, messages: int) -> None:
+        self.stats.add(writes=len(members))
+        for client in members:
+            self._offer(client, wire, count, messages)
+
+    def _release_group(self, topics: tuple[str, ...], now: float) -> None:
+        held = self._held.pop(topics, None)
+        if held is None:
+            return
+        for client in held.members:
+            if client.held_in == topics:
+                client.held_in = None
+        self._sent_at[topics] = now
+        self._send(held.members, b"".join(held.parts), held.count, held.messages)
+
+    def release(self, now: float, everything: bool = False) -> None:
+        """What waited for its group's interval (GATEWAY_SEND_INTERVAL_MS), once due (or all of it: at a stop)."""
+        self._sent_frames = self._sent_events = 0
+        for topics, held in list(self._held.items()):
+            if held.due <= now or everything:
+                self._release_group(topics, now)
+        self.due = min((held.due for held in self._held.values()), default=None)
+        if self._sent_frames:
+            self.stats.add(frames_sent=self._sent_frames, events_sent=self._sent_events)
 
     def _build(self, segments: list["_Segment"], matcher: IncludeFilter, takes_all: bool
                ) -> tuple[bytes, int, int, bool]:
@@ -554,6 +606,9 @@ class GatewaySink(Sink):
         send (it reads nothing) is cut; a topic added upstream that no one held for its linger time goes, and one
         the server refused is refused to the clients that asked."""
         self._own()
+        if len(self._sent_at) > len(self._held):  # groups that had no write for an interval need no entry
+            self._sent_at = {topics: at for topics, at in self._sent_at.items()
+                             if now - at < self.send_interval or topics in self._held}
         if self._lingering or self._holders:
             self._upstream_housekeeping()
         for client in self._clients:
@@ -616,6 +671,7 @@ class GatewaySink(Sink):
         listener = self._listener
         if listener is None:
             return
+        self.release(time.monotonic(), everything=True)
         for client in self._clients:
             try:
                 client.outbox.put(_GOING_AWAY, timeout=0.1)
@@ -667,6 +723,9 @@ class GatewaySink(Sink):
             ("polygon_gateway_handshake_timeouts_total", "Gateway connections cut before their handshake was done",
              stats.handshake_timeouts),
             ("polygon_gateway_frames_sent_total", "Messages sent to gateway clients", stats.frames_sent),
+            ("polygon_gateway_writes_total",
+             "Writes of messages to gateway clients (those that come within GATEWAY_SEND_INTERVAL_MS go in one)",
+             stats.writes),
             ("polygon_gateway_events_sent_total", "Events sent to gateway clients (one per client it reached)",
              stats.events_sent),
             ("polygon_gateway_dropped_events_total",
@@ -685,6 +744,24 @@ class GatewaySink(Sink):
             ("polygon_gateway_drops_total", "Batches' events dropped at the gateway's own queue (full)",
              queue_stats.dropped),
         ]
+
+
+class _Held:
+    """Messages for a group of clients that wait for its next write (GATEWAY_SEND_INTERVAL_MS)."""
+
+    __slots__ = ("members", "parts", "count", "messages", "due")
+
+    def __init__(self, members: list[_Client], wire: bytes, count: int, messages: int, due: float):
+        self.members = members
+        self.parts = [wire]
+        self.count = count
+        self.messages = messages
+        self.due = due
+
+    def add(self, wire: bytes, count: int, messages: int) -> None:
+        self.parts.append(wire)
+        self.count += count
+        self.messages += messages
 
 
 class _Segment:
