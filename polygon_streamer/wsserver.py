@@ -24,12 +24,14 @@ from typing import Callable
 
 import ujson
 
+from . import logs
 from .normalize import IncludeFilter
 
 try:
     from wsproto import ConnectionType, WSConnection
     from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, Request,
                                 TextMessage)
+    from wsproto.utilities import RemoteProtocolError
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("serving the Polygon protocol (SINK=gateway, demo, replay) needs wsproto: apt install "
                       "python3-wsproto (or pip install 'polygon-streamer[gateway]')") from exc
@@ -57,6 +59,7 @@ class ServerStats:
     refused_clients: int = 0        # closed at accept: max_clients were being served
     accept_errors: int = 0          # accept() failed (out of descriptors): the loop backs off
     handshake_timeouts: int = 0     # cut: not through the handshake by its deadline
+    protocol_errors: int = 0        # cut: what it sent was not a WebSocket upgrade (TLS to a ws:// port, plain HTTP)
     discarded_messages: int = 0     # client messages beyond the unread bound, dropped
     pings: int = 0
 
@@ -144,8 +147,18 @@ class ServerConnection:
         data = self.sock.recv(65536)
         if not data:
             raise Closed()
-        self.ws.receive_data(data)
-        for event in self.ws.events():
+        try:
+            self.ws.receive_data(data)
+            events = list(self.ws.events())
+        except RemoteProtocolError as exc:  # not an upgrade: wsproto's answer (400 Bad Request), then the end
+            self.stats.add(protocol_errors=1)
+            if exc.event_hint is not None:
+                try:
+                    self.write(self.ws.send(exc.event_hint))
+                except Exception:
+                    pass
+            raise Closed() from None
+        for event in events:
             if isinstance(event, Request):
                 path = event.target.split("?", 1)[0].strip("/").split("/")[0]
                 if path not in self.paths:
@@ -254,6 +267,7 @@ class Listener:
         self.host, self.port = self._listener.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True)
         self._connections: list[threading.Thread] = []
+        self._unexpected = logs.RateLimitedWarning(logs.get(f"polygon_{name}"), 60.0)
 
     def start(self) -> None:
         self._thread.start()
@@ -298,12 +312,15 @@ class Listener:
             self._connections.append(thread)
             thread.start()
 
-    @staticmethod
-    def _run(connection: "ServerConnection", sock: socket.socket) -> None:
+    def _run(self, connection: "ServerConnection", sock: socket.socket) -> None:
         try:
             connection.serve()
         except (Closed, OSError):
             pass
+        except Exception as exc:  # a bug, not the client's doing: the connection ends, the server goes on
+            # (the exception's text is not logged: it may quote what the client sent, a key among it)
+            self._unexpected.warn(f"{self._name}: a connection ended by an unexpected {type(exc).__name__}",
+                                  error=type(exc).__name__)
         finally:
             try:
                 sock.close()

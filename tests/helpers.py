@@ -210,3 +210,10 @@ class Streamer:
 
     def all_output(self) -> str:
         return "".join(self.stdout_lines) + "".join(self.stderr_lines)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used (user + system), from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

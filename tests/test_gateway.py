@@ -4,16 +4,19 @@ service, the local server, the official client and websocket-client."""
 from __future__ import annotations
 
 import json
+import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import websocket
 
-from helpers import ROOT, TEST_KEY, free_port, records_in, report, wait_for
+from helpers import ROOT, TEST_KEY, cpu_seconds, free_port, records_in, report, wait_for
 
 from polygon_streamer.capture_format import CAPTURE_LINE
 
@@ -386,6 +389,77 @@ def test_strangers_are_bounded_a_big_message_a_wrong_cluster_and_the_client_cap(
     wrong = wait_for(lambda: connect(key=None, cluster="options"), what="a free slot")
     assert wrong.messages[0]["status"] == "error" and "/stocks" in wrong.messages[0]["message"]
     assert streamer.stop() == 0
+
+
+def closed_by_server(sock: socket.socket) -> bytes:
+    """What the server sends before it closes the connection (bounded: 64 KiB, the socket's timeout)."""
+    received = b""
+    while len(received) < 65536:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError("the server keeps sending")
+
+
+def test_no_auth_garbage_and_running_out_of_descriptors_end_only_that_connection(mock_server, spawn, tmp_path):
+    mock_server.options.rate = 200
+    port = free_port()
+    streamer = spawn(**gateway_env(tmp_path, port))
+    wait_for(lambda: listening(streamer), what="the gateway to listen")
+    reader = Client(port)
+    reader.send("subscribe", "T.*")
+    # A TLS ClientHello to the ws:// address (a wss:// client), plain HTTP: 400 and the end of that connection
+    tls = socket.create_connection(("127.0.0.1", port), timeout=10)
+    tls.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)) + b"\r\n\r\n")
+    assert closed_by_server(tls).startswith(b"HTTP/1.1 400")
+    plain = socket.create_connection(("127.0.0.1", port), timeout=10)
+    plain.sendall(b"GET /stocks HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert closed_by_server(plain).startswith(b"HTTP/1.1 400")
+    # Garbage frames after the upgrade: a reserved opcode, an unmasked frame, text that is not UTF-8: closed 1002/1007
+    for garbage, code in ((b"\x83\x80\x00\x00\x00\x00", 1002), (b"\x81\x05hello", 1002),
+                          (b"\x81\x85\x00\x00\x00\x00\xff\xfe\xfd\xfc\xfb", 1007)):
+        bad = Client(port, read=False)
+        bad.ws.sock.sendall(garbage)
+        opcode, data = bad.ws.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == code, (garbage, data)
+    # A client that never authenticates is cut at the handshake deadline (10 s)
+    silent = Client(port, key=None, read=False)
+    silent.ws.settimeout(20)
+    with pytest.raises((websocket.WebSocketException, OSError)):
+        while True:
+            silent.ws.recv()
+    assert streamer.metric("polygon_gateway_handshake_timeouts_total") == 1
+    assert streamer.metric("polygon_gateway_protocol_errors_total") == 2
+    # Out of descriptors: the service's limit lowered to what it has open, then 20 connections knock
+    pid = streamer.proc.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), limits[1]))
+    knocking = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+    try:
+        before, started = cpu_seconds(pid), time.monotonic()
+        seen = len(reader.events())
+        wait_for(lambda: len(reader.events()) >= seen + 200, timeout=20, what="the reader streaming meanwhile")
+        spent = cpu_seconds(pid) - before
+        assert spent < 0.5 * (time.monotonic() - started) + 0.2, f"{spent:.2f} s of CPU: the accept loop spins"
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        for sock in knocking:
+            sock.close()
+    assert streamer.metric("polygon_gateway_accept_errors_total") >= 1
+    late = wait_for(lambda: _connected(port), timeout=20, what="a client served once descriptors are free")
+    late.send("subscribe", "T.*")
+    wait_for(lambda: len(late.events()) >= 10, what="the late client's events")
+    assert reader.closed is None
+    assert "Traceback" not in streamer.all_output()
+    assert streamer.stop() == 0
+
+
+def _connected(port: int):
+    try:
+        return Client(port)
+    except (websocket.WebSocketException, OSError):
+        return None
 
 
 def test_two_hundred_clients_each_get_every_event_of_their_topic(mock_server, spawn, tmp_path):

@@ -18,7 +18,7 @@ import time
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import ROOT, TEST_KEY, Streamer, base_env, free_port, wait_for
+from helpers import ROOT, TEST_KEY, Streamer, base_env, cpu_seconds, free_port, wait_for
 from polygon_streamer.local.mockserver import MockOptions, MockServer
 from polygon_streamer.wsserver import ws_frame
 from test_capture import ReplayProcess, capture_lines, consume, reprocess
@@ -203,12 +203,6 @@ def test_replay_refuses_at_start_what_it_could_never_serve(tmp_path):
     statuses.write_bytes(b'{"recv_ns":1,"cluster":"stocks","session":1,"frame":[{"ev":"status","status":"connected"}]}\n')
     done = replay_run(statuses, "--loop")
     assert done.returncode == 2 and "no data frame" in done.stderr
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_replay_loop_with_nothing_for_the_subscription_stays_quiet(tmp_path):
