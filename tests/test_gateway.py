@@ -55,6 +55,7 @@ class Client:
                                               sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)] if not read
                                               else [])
         self.messages: list[dict] = []
+        self.texts: list[str] = []  # each text message as it came
         self.closed: tuple | None = None
         self.messages += json.loads(self.ws.recv())
         if key is not None:
@@ -75,6 +76,7 @@ class Client:
                 self.closed = (int.from_bytes(data[:2], "big") if len(data) >= 2 else None, data[2:].decode())
                 return
             if opcode == websocket.ABNF.OPCODE_TEXT:
+                self.texts.append(data.decode())
                 self.messages += json.loads(data)
 
     def send(self, action: str, params: str) -> None:
@@ -85,6 +87,18 @@ class Client:
 
     def events(self) -> list[dict]:
         return [message for message in list(self.messages) if message.get("ev") != "status"]
+
+    def data_texts(self) -> list[str]:
+        """The data messages' texts, as they came."""
+        return [text for text in list(self.texts) if '"ev":"status"' not in text]
+
+
+def try_client(port: int, **options) -> "Client | None":
+    """A client, or None while the gateway turns it away (a slot or a descriptor not free yet)."""
+    try:
+        return Client(port, **options)
+    except (websocket.WebSocketException, OSError):
+        return None
 
 
 def listening(streamer) -> bool:
@@ -146,30 +160,6 @@ def test_the_official_client_gets_every_event_of_its_topics_as_polygon_sent_them
     report("gateway: official client", events=len(events), gap_statuses=len(gaps))
 
 
-class RawClient:
-    """A gateway client that keeps each message's text as it came (websocket-client, a thread reading)."""
-
-    def __init__(self, port: int, topics: str):
-        self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}/stocks", timeout=10)
-        self.ws.recv()
-        self.ws.send(json.dumps({"action": "auth", "params": TEST_KEY}))
-        self.ws.recv()
-        self.ws.send(json.dumps({"action": "subscribe", "params": topics}))
-        self.texts: list[str] = []
-        self.ws.settimeout(None)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                self.texts.append(self.ws.recv())
-            except (websocket.WebSocketException, OSError):
-                return
-
-    def data(self) -> list[str]:
-        return [text for text in list(self.texts) if text and '"ev":"status"' not in text]  # ('': the close)
-
-
 def test_each_frame_goes_out_as_it_came_or_as_its_matching_events(mock_server, spawn, tmp_path):
     # Frames of 5 events, every 4th with a status object in its middle (not every element an event of the topics)
     mock_server.options.count = 1000
@@ -180,7 +170,9 @@ def test_each_frame_goes_out_as_it_came_or_as_its_matching_events(mock_server, s
     streamer = spawn(**gateway_env(tmp_path, port, SINK="ndjson,gateway,capture", CAPTURE_DEST=str(capture),
                                    SUBSCRIPTION="T.*,Q.*"))
     wait_for(lambda: listening(streamer), what="the gateway to listen")
-    everything, trades = RawClient(port, "T.*,Q.*"), RawClient(port, "T.*")
+    everything, trades = Client(port), Client(port)
+    everything.send("subscribe", "T.*,Q.*")
+    trades.send("subscribe", "T.*")
     wait_for(lambda: streamer.metric("polygon_gateway_client_topics") == 3, what="both subscribed")
     mock_server.streaming.set()
     wait_for(lambda: streamer.metric("polygon_ndjson_written_total") >= 1000, timeout=30, what="every event")
@@ -195,7 +187,7 @@ def test_each_frame_goes_out_as_it_came_or_as_its_matching_events(mock_server, s
     whole = [frame for frame in frames if b'"ev":"status"' not in frame]
     mixed = [frame for frame in frames if b'"ev":"status"' in frame]
     assert len(mixed) == 50
-    got = everything.data()
+    got = everything.data_texts()
     assert len(got) == len(frames), "one message per frame"
     for frame, text in zip(frames, got):
         if frame in whole:
@@ -205,7 +197,8 @@ def test_each_frame_goes_out_as_it_came_or_as_its_matching_events(mock_server, s
             assert text.encode() == b"[{" + b"},{".join(events) + b"}]"
     expected = [[e for e in json.loads(frame) if e["ev"] == "T"] for frame in frames]
     expected = [events for events in expected if events]
-    assert [json.loads(text) for text in trades.data()] == expected, "the matching events of each frame, one message"
+    assert [json.loads(text) for text in trades.data_texts()] == expected, \
+        "the matching events of each frame, one message"
     report("gateway: frames as received", frames=len(frames), same_bytes=len(whole), matching_events=len(mixed))
 
 
@@ -377,16 +370,12 @@ def test_strangers_are_bounded_a_big_message_a_wrong_cluster_and_the_client_cap(
     for client in held:
         client.ws.close()
 
-    def connect(**options):
-        try:
-            return Client(port, read=False, **options)
-        except (websocket.WebSocketException, OSError):
-            return None  # (a slot frees when the closed connection's thread ends)
-    big = wait_for(connect, what="a free slot")
+    # (a slot frees when the closed connection's thread ends)
+    big = wait_for(lambda: try_client(port, read=False), what="a free slot")
     big.ws.send("x" * 1_000_000)
     opcode, data = big.ws.recv_data(control_frame=True)
     assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 1009
-    wrong = wait_for(lambda: connect(key=None, cluster="options"), what="a free slot")
+    wrong = wait_for(lambda: try_client(port, read=False, key=None, cluster="options"), what="a free slot")
     assert wrong.messages[0]["status"] == "error" and "/stocks" in wrong.messages[0]["message"]
     assert streamer.stop() == 0
 
@@ -447,19 +436,12 @@ def test_no_auth_garbage_and_running_out_of_descriptors_end_only_that_connection
         for sock in knocking:
             sock.close()
     assert streamer.metric("polygon_gateway_accept_errors_total") >= 1
-    late = wait_for(lambda: _connected(port), timeout=20, what="a client served once descriptors are free")
+    late = wait_for(lambda: try_client(port), timeout=20, what="a client served once descriptors are free")
     late.send("subscribe", "T.*")
     wait_for(lambda: len(late.events()) >= 10, what="the late client's events")
     assert reader.closed is None
     assert "Traceback" not in streamer.all_output()
     assert streamer.stop() == 0
-
-
-def _connected(port: int):
-    try:
-        return Client(port)
-    except (websocket.WebSocketException, OSError):
-        return None
 
 
 def test_two_hundred_clients_each_get_every_event_of_their_topic(mock_server, spawn, tmp_path):
